@@ -1,0 +1,836 @@
+"""The pass: trace, find matches (with a reason for every rejection), rewrite, lint, recompile.
+
+Data flow: :func:`torch.fx.symbolic_trace` -> for each ConvTranspose3d anchor, :func:`match` grows the
+largest DAG of fusable elementwise nodes that ends in one node -> :func:`_rewrite` replaces it by one
+call of a :class:`FusedSite` (which calls ``torch.ops.ct3d.conv_transpose3d_epilogue``) whose
+tensor inputs are ``get_attr`` nodes of the original submodules -> ``graph.lint()`` ->
+``recompile()``. The result shares every submodule, Parameter and buffer with the original model.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import patterns
+from .config import Config, VerificationError
+from .ops import INSTR_WIDTH, Opcode
+from .report import RewriteReport, SiteRecord
+
+__all__ = ["optimize", "explain", "report", "FusedSite"]
+
+_SITES = "_ct3d_sites"
+
+# Elementwise ops the kernel does not implement (a different reason from "not elementwise").
+_ELEMENTWISE_UNSUPPORTED = {
+    "exp", "exp_", "log", "log_", "sqrt", "sqrt_", "rsqrt", "rsqrt_", "sin", "cos", "erf",
+    "floor", "ceil", "round", "trunc", "sign", "reciprocal", "where", "maximum", "minimum",
+    "float", "half", "bfloat16", "double", "to", "type", "logsigmoid", "softsign", "threshold",
+    "tanhshrink", "hardshrink", "softshrink", "rrelu", "glu", "log1p", "expm1", "fmod",
+    "remainder", "floor_divide", "lerp", "addcmul", "addcdiv",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing
+# --------------------------------------------------------------------------------------------
+class Untraceable(Exception):
+    """symbolic_trace failed on a module; the message says why."""
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as e:  # any failure inside user code while tracing
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise Untraceable(f"{type(e).__name__}: {msg}") from e
+
+
+def _modules(gm: fx.GraphModule) -> Dict[str, nn.Module]:
+    return dict(gm.named_modules(remove_duplicate=False))
+
+
+def _short(node: fx.Node, modules) -> str:
+    """Name of one chain element for the report: module class or function/method name."""
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _label(node: fx.Node, modules) -> str:
+    """How the report names a node: ``ReLU (up.2)`` for modules, ``mul`` for functions."""
+    if node.op == "call_module":
+        return f"{type(modules[node.target]).__name__} ({node.target})"
+    if node.op == "output":
+        return "the graph output"
+    return repr(node.name)
+
+
+def _site_fqn(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    path = ""
+    if stack:
+        last = list(stack.values())[-1]
+        path = last[0] if isinstance(last, tuple) else str(last)
+    return f"{path}.{node.name}" if path else node.name
+
+
+# --------------------------------------------------------------------------------------------
+# Matching
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Match:
+    """One site: the anchor, the fused chain (topological order, anchor first) and why it ends."""
+
+    anchor: fx.Node
+    nodes: List[fx.Node]
+    stop: Optional[str]
+    conv: Dict[str, Any]
+    reason: Optional[str] = None            # set when the whole site is left alone
+    specs: Dict[fx.Node, Tuple[Any, Dict[str, Any], Optional[nn.Module]]] = field(
+        default_factory=dict)
+
+    @property
+    def sink(self) -> fx.Node:
+        return self.nodes[-1]
+
+
+def _node_args(node: fx.Node) -> List[fx.Node]:
+    return list(node.all_input_nodes)
+
+
+def _downstream(anchor: fx.Node) -> set:
+    seen, todo = {anchor}, [anchor]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def _param_derived(node: fx.Node, cache: Dict[fx.Node, bool]) -> bool:
+    """True when ``node`` is computed from get_attr nodes and constants only (no model input)."""
+    if node in cache:
+        return cache[node]
+    if node.op == "get_attr":
+        r = True
+    elif node.op in ("placeholder", "output"):
+        r = False
+    else:
+        r = all(_param_derived(a, cache) for a in node.all_input_nodes)
+    cache[node] = r
+    return r
+
+
+def _conv_args(anchor: fx.Node, modules) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """The anchor's convolution parameters, or a reason why this call cannot be fused."""
+    if anchor.op == "call_module":
+        m = modules[anchor.target]
+        if m.padding_mode != "zeros":
+            return None, f"padding_mode={m.padding_mode!r} is not supported"
+        if not isinstance(m.padding, tuple) or any(not isinstance(p, int) for p in m.padding):
+            return None, f"padding={m.padding!r} is not an int triple"
+        osz = anchor.args[1] if len(anchor.args) > 1 else anchor.kwargs.get("output_size")
+        if isinstance(osz, fx.Node) or (isinstance(osz, (list, tuple)) and
+                                        any(isinstance(s, fx.Node) for s in osz)):
+            return None, "output_size is computed at run time"
+        return dict(module=m, input=anchor.args[0] if anchor.args else anchor.kwargs["input"],
+                    weight=None, bias=None, stride=list(m.stride), padding=list(m.padding),
+                    output_padding=list(m.output_padding), dilation=list(m.dilation),
+                    groups=int(m.groups), output_size=None if osz is None else list(osz)), None
+
+    def sig(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+            dilation=1):
+        ...
+    import inspect
+    try:
+        b = inspect.signature(sig).bind(*anchor.args, **anchor.kwargs)
+    except TypeError as e:
+        return None, f"cannot bind conv_transpose3d arguments: {e}"
+    b.apply_defaults()
+    a = b.arguments
+    out = dict(module=None, input=a["input"], weight=a["weight"], bias=a["bias"], output_size=None)
+    for k in ("stride", "padding", "output_padding", "dilation"):
+        v = a[k]
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = [v] * 3
+        if not (isinstance(v, (list, tuple)) and len(v) in (1, 3) and
+                all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+            return None, f"{k}={v!r} is not constant ints (e.g. computed at run time)"
+        out[k] = list(v) * (3 if len(v) == 1 else 1)
+    if not (isinstance(a["groups"], int) and not isinstance(a["groups"], bool)):
+        return None, f"groups={a['groups']!r} is not a constant int"
+    out["groups"] = a["groups"]
+    if not isinstance(a["weight"], fx.Node):
+        return None, "weight is not a graph value"
+    if a["bias"] is not None and not isinstance(a["bias"], fx.Node):
+        return None, "bias is not a graph value"
+    return out, None
+
+
+def _elementwise_reason(node: fx.Node, modules) -> str:
+    desc = patterns.describe(node, modules)
+    name = str(getattr(node.target, "__name__", node.target))
+    if node.op == "output":
+        return "the result is a graph output"
+    if name in _ELEMENTWISE_UNSUPPORTED:
+        return f"{desc} is elementwise but not supported by the fused kernel"
+    return f"{desc} is not elementwise"
+
+
+def _candidate(node: fx.Node, S: set, tainted: set, modules, config: Config, pcache):
+    """(spec, bound, module) when ``node`` can join the chain, else a reason string."""
+    spec = patterns.lookup(node, modules)
+    if spec is None:
+        return _elementwise_reason(node, modules)
+    m = modules.get(node.target) if node.op == "call_module" else None
+    try:
+        bound = spec.bind(*node.args, **node.kwargs)
+    except TypeError as e:
+        return f"{patterns.describe(node, modules)}: cannot bind arguments ({e})"
+    name = patterns.describe(node, modules)
+    if spec.family not in config.families:
+        return f"{name} (family {spec.family!r}) is disabled by Config.families"
+    if spec.check is not None:
+        r = spec.check(bound, m)
+        if r:
+            return r
+    if not isinstance(bound.get("input"), fx.Node) and node.op != "call_module":
+        # reversed operands such as operator.sub(2.0, x): the chain value is "other"
+        if not (spec.operands == ("input", "other") and bound.get("other") in S):
+            return f"{name}: first operand is not a tensor of the chain"
+    # every tensor argument is either a chain value (in an operand slot) or external
+    for k, v in bound.items():
+        vs = v if isinstance(v, (list, tuple)) else [v]
+        for x in vs:
+            if not isinstance(x, fx.Node):
+                continue
+            if x in S:
+                if k not in spec.operands:
+                    return f"{name}: chain value used as {k!r}"
+            elif x in tainted:
+                return f"{name}: operand {x.name!r} depends on the conv output outside the chain"
+            elif k in spec.operands and not _param_derived(x, pcache):
+                if "residual" not in config.families:
+                    return (f"{name}: side input {x.name!r} (family 'residual') is disabled "
+                            f"by Config.families")
+    inplace = spec.inplace or bound.get("inplace") is True or (
+        m is not None and patterns.module_inplace(m))
+    if inplace:
+        tgt = bound.get("input")
+        if not (isinstance(tgt, fx.Node) and tgt in S):
+            return f"in-place {name} mutates {getattr(tgt, 'name', tgt)!r}, outside the chain"
+        if len(tgt.users) > 1:
+            return (f"in-place {name} overwrites {tgt.name!r}, which has {len(tgt.users)} "
+                    f"users")
+    return spec, bound, m
+
+
+def _ancestors(t: fx.Node, S: set) -> set:
+    out, todo = {t}, [t]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a in S and a not in out:
+                out.add(a)
+                todo.append(a)
+    return out
+
+
+def _outside_users(C: set, sink: fx.Node) -> Optional[Tuple[fx.Node, List[fx.Node]]]:
+    for n in C:
+        if n is sink:
+            continue
+        outs = [u for u in n.users if u not in C]
+        if outs:
+            return n, outs
+    return None
+
+
+def match(anchor: fx.Node, modules, config: Config) -> Match:
+    """Grow the largest fusable epilogue DAG below ``anchor`` that ends in one node."""
+    conv, why = _conv_args(anchor, modules)
+    if conv is None:
+        return Match(anchor, [anchor], None, {}, reason=why)
+    order = {n: i for i, n in enumerate(anchor.graph.nodes)}
+    tainted = _downstream(anchor)
+    S = {anchor}
+    specs: Dict[fx.Node, Any] = {}
+    rejected: Dict[fx.Node, str] = {}
+    pcache: Dict[fx.Node, bool] = {}
+    for n in sorted(tainted - {anchor}, key=order.__getitem__):
+        ins = [a for a in n.all_input_nodes if a in tainted]
+        if not all(a in S for a in ins):
+            continue
+        r = _candidate(n, S, tainted, modules, config, pcache)
+        if isinstance(r, str):
+            rejected[n] = r
+        else:
+            S.add(n)
+            specs[n] = r
+    # the largest valid chain: a sink whose in-chain ancestors feed only each other
+    best, best_anc = anchor, {anchor}
+    for t in sorted(S, key=order.__getitem__):
+        anc = _ancestors(t, S)
+        if _outside_users(anc, t) is None and len(anc) >= len(best_anc):
+            best, best_anc = t, anc
+    nodes = sorted(best_anc, key=order.__getitem__)
+    # why the chain stops where it does
+    users = list(best.users)
+    if not users:
+        stop = None
+    elif len(users) > 1:
+        stop = (f"the output of {_label(best, modules)} has {len(users)} users "
+                f"({', '.join(_label(u, modules) for u in users)})")
+    else:
+        u = users[0]
+        if u in rejected:
+            stop = rejected[u]
+        elif u in S:
+            anc = _ancestors(u, S)
+            o = _outside_users(anc, u)
+            stop = (f"{patterns.describe(u, modules)} cannot join: intermediate "
+                    f"{_label(o[0], modules)} has {len(o[1])} user(s) outside the chain" if o else
+                    f"{patterns.describe(u, modules)} cannot join")
+        elif u.op == "output":
+            stop = None
+        elif patterns.is_anchor(u, modules):
+            stop = f"feeds another ConvTranspose3d ({_site_fqn(u)})"
+        else:
+            stop = _elementwise_reason(u, modules)
+    return Match(anchor, nodes, stop, conv, specs={n: specs[n] for n in nodes[1:]})
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------------
+class _Emitter:
+    """Builds the program, scalar table and extra-tensor list of one site."""
+
+    def __init__(self, fqn_of: Dict[int, str]):
+        self.program: List[int] = []
+        self.scalars: List[float] = []
+        self.extras: List[Tuple[str, Any]] = []   # ("node", Node) or ("attr", fqn)
+        self.values: Dict[fx.Node, int] = {}
+        self._fqn_of = fqn_of
+
+    def emit(self, opcode: Opcode, *fields: int) -> int:
+        f = list(fields) + [-1] * (INSTR_WIDTH - 1 - len(fields))
+        self.program += [int(opcode)] + [int(x) for x in f]
+        return len(self.program) // INSTR_WIDTH
+
+    def scalar(self, x) -> int:
+        x = float(x)
+        for i, s in enumerate(self.scalars):
+            if s == x and str(s) == str(x):
+                return i
+        self.scalars.append(x)
+        return len(self.scalars) - 1
+
+    def tensor(self, t) -> int:
+        key = ("node", t) if isinstance(t, fx.Node) else ("attr", self._fqn_of[id(t)])
+        # BATCH_NORM needs its 2 or 4 tensors consecutive, so tensors are never de-duplicated
+        self.extras.append(key)
+        return len(self.extras) - 1
+
+    def value(self, arg) -> int:
+        if isinstance(arg, fx.Node):
+            if arg in self.values:
+                return self.values[arg]
+            return self.emit(Opcode.LOAD_TENSOR, self.tensor(arg))
+        return self.emit(Opcode.LOAD_SCALAR, self.scalar(arg))
+
+
+def _encode(m: Match, fqn_of) -> _Emitter:
+    e = _Emitter(fqn_of)
+    e.values[m.anchor] = 0
+    for n in m.nodes[1:]:
+        spec, bound, mod = m.specs[n]
+        v = spec.encode(e, bound, mod)
+        if v is None:  # identity: the input value passes through
+            v = e.values[bound["input"]]
+        e.values[n] = v
+    assert e.values[m.sink] == len(e.program) // INSTR_WIDTH, "sink is not the last value"
+    return e
+
+
+# --------------------------------------------------------------------------------------------
+# The site module
+# --------------------------------------------------------------------------------------------
+class FusedSite(nn.Module):
+    """Runs one fused site: ``torch.ops.ct3d.conv_transpose3d_epilogue`` with a fixed program.
+
+    Holds no Parameters or buffers (so state_dict keys do not change); the tensors arrive as
+    arguments from ``get_attr`` nodes of the original submodules. The modules whose mode matters
+    (BatchNorm3d, Dropout) are referenced, not registered: when any is in training mode, or the
+    input is not 5-D, the site runs the original ops unfused (``self.unfused``), so the optimized
+    model follows ``train()`` / ``eval()`` like the original.
+    """
+
+    def __init__(self, fqn: str, conv: Dict[str, Any], program: List[int], scalars: List[float],
+                 mode_modules: Sequence[nn.Module], unfused: fx.GraphModule):
+        super().__init__()
+        self.fqn = fqn
+        self.stride, self.padding = conv["stride"], conv["padding"]
+        self.output_padding, self.dilation = conv["output_padding"], conv["dilation"]
+        self.groups = conv["groups"]
+        self.output_size = conv.get("output_size")
+        self.program, self.scalars = list(program), list(scalars)
+        # plain attributes (tuples are not registered as submodules)
+        self._refs = (conv.get("module"), tuple(mode_modules), unfused)
+
+    @property
+    def unfused(self) -> fx.GraphModule:
+        return self._refs[2]
+
+    def extra_repr(self) -> str:
+        from .ops import describe_program
+        return f"site={self.fqn!r}, program=[{describe_program(self.program, self.scalars)}]"
+
+    def forward(self, input, weight, bias, *extras):
+        conv, mode_modules, unfused = self._refs
+        if input.dim() != 5 or any(mm.training for mm in mode_modules):
+            return unfused(input, weight, bias, *extras)
+        out_pad = self.output_padding
+        if self.output_size is not None:
+            k = list(weight.shape[2:])
+            out_pad = conv._output_padding(input, self.output_size, self.stride, self.padding,
+                                           k, 3, self.dilation)
+        if input.size(1) != weight.size(0):
+            raise ValueError(f"ct3d_fx site {self.fqn!r}: input has {input.size(1)} channels, "
+                             f"expected {weight.size(0)}")
+        return torch.ops.ct3d.conv_transpose3d_epilogue(
+            input, weight, bias, self.stride, self.padding, out_pad, self.dilation,
+            self.groups, self.program, self.scalars, list(extras))
+
+
+def _build_unfused(m: Match, e: _Emitter, root: nn.Module) -> fx.GraphModule:
+    """A small GraphModule with the original ops of the site, inputs (input, weight, bias, *extras)."""
+    g = fx.Graph()
+    x = g.placeholder("input")
+    w = g.placeholder("weight")
+    b = g.placeholder("bias")
+    ex = [g.placeholder(f"extra{i}") for i in range(len(e.extras))]
+    env: Dict[fx.Node, fx.Node] = {}
+    for (kind, key), ph in zip(e.extras, ex):
+        if kind == "node":
+            env.setdefault(key, ph)
+    a = m.anchor
+    if a.op == "call_module":
+        args = (x,) + tuple(a.args[1:])
+        env[a] = g.call_module(a.target, args, dict(a.kwargs))
+    else:
+        c = m.conv
+        env[a] = g.call_function(F.conv_transpose3d, (x, w, b, c["stride"], c["padding"],
+                                                      c["output_padding"], c["groups"],
+                                                      c["dilation"]))
+    for n in m.nodes[1:]:
+        env[n] = g.node_copy(n, lambda v: env[v])
+    g.output(env[m.sink])
+    gm = fx.GraphModule(root, g, class_name="UnfusedSite")
+    return gm
+
+
+# --------------------------------------------------------------------------------------------
+# Rewriting
+# --------------------------------------------------------------------------------------------
+def _fqn_table(model: nn.Module) -> Dict[int, str]:
+    out = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        out.setdefault(id(t), n)
+    return out
+
+
+def _mode_modules(m: Match, modules) -> List[nn.Module]:
+    out = []
+    for n in m.nodes[1:]:
+        spec = m.specs[n][0]
+        if spec.mode_dependent:
+            out.append(modules[n.target])
+    return out
+
+
+def _rewrite(gm: fx.GraphModule, m: Match, e: _Emitter, site_name: str, fqn: str,
+             sites: nn.Module) -> None:
+    g = gm.graph
+    modules = _modules(gm)
+    sink = m.sink
+    with g.inserting_before(sink):
+        if m.conv["module"] is not None:
+            cm = m.conv["module"]
+            w = g.get_attr(f"{m.anchor.target}.weight")
+            b = g.get_attr(f"{m.anchor.target}.bias") if cm.bias is not None else None
+        else:
+            w, b = m.conv["weight"], m.conv["bias"]
+        extras = []
+        for kind, key in e.extras:
+            extras.append(key if kind == "node" else g.get_attr(key))
+        site = FusedSite(fqn, m.conv, e.program, e.scalars, _mode_modules(m, modules),
+                         _build_unfused(m, e, gm))
+        sites.add_module(site_name, site)
+        node = g.call_module(f"{_SITES}.{site_name}", (m.conv["input"], w, b, *extras))
+    node.meta.update({k: v for k, v in sink.meta.items() if k in ("tensor_meta", "val")})
+    sink.replace_all_uses_with(node)
+    for n in reversed(m.nodes):
+        g.erase_node(n)
+
+
+def _finish(gm: fx.GraphModule, model: nn.Module, sites: nn.Module) -> fx.GraphModule:
+    """Make ``gm`` share every submodule, Parameter and buffer of ``model`` at its FQN."""
+    gm.graph.lint()
+    out = fx.GraphModule(gm, gm.graph, class_name=f"Optimized{type(model).__name__}")
+    # root-level attributes that are not state (tensor constants created by tracing) stay plain
+    plain = {k: v for k, v in out._buffers.items() if k not in model._buffers}
+    out._modules = collections.OrderedDict(model._modules)
+    out._parameters = collections.OrderedDict(model._parameters)
+    out._buffers = collections.OrderedDict(model._buffers)
+    out._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
+    for k, v in plain.items():
+        object.__setattr__(out, k, v)
+    if len(sites._modules):
+        out._modules[_SITES] = sites
+    out.training = model.training
+    out.recompile()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Shape propagation and verification
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _preserved_state(model: nn.Module):
+    """Restore buffers (BatchNorm statistics) and the RNG after running the model."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    with torch.random.fork_rng(devices=[]):
+        yield
+    with torch.no_grad():
+        for b, s in saved:
+            b.copy_(s)
+
+
+def _as_tuple(example_inputs) -> Optional[tuple]:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _run(model, inputs, seed=0):
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def _flat_tensors(x) -> List[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _flat_tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _flat_tensors(v)]
+    return []
+
+
+def _max_rel_err(out, ref) -> float:
+    a, b = _flat_tensors(out), _flat_tensors(ref)
+    if len(a) != len(b):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return float("inf")
+        if x.numel() == 0:
+            continue
+        x, y = x.double(), y.double()
+        if not torch.isfinite(x).eq(torch.isfinite(y)).all():
+            return float("inf")
+        fin = torch.isfinite(y)
+        d = (x[fin] - y[fin]).abs().max().item() if fin.any() else 0.0
+        s = y[fin].abs().max().item() if fin.any() else 0.0
+        worst = max(worst, d / max(s, 1e-30))
+    return worst
+
+
+def _default_tol(inputs, model) -> float:
+    dt = None
+    for t in _flat_tensors(list(inputs)) + list(model.parameters()):
+        if t.is_floating_point():
+            dt = t.dtype
+            break
+    if dt == torch.float64:
+        return 1e-9
+    if dt in (torch.float16, torch.bfloat16):
+        return 5e-2
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    if on_cuda and torch.backends.cudnn.allow_tf32:
+        return 1e-2
+    return 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+def _shape_meta(gm: fx.GraphModule, inputs) -> None:
+    from torch.fx.passes.shape_prop import ShapeProp
+    with _preserved_state(gm), torch.no_grad():
+        ShapeProp(gm).propagate(*inputs)
+
+
+def _meta_of(node: fx.Node):
+    tm = node.meta.get("tensor_meta")
+    if tm is None or not hasattr(tm, "shape"):
+        return None, None
+    return list(tm.shape), str(tm.dtype)
+
+
+def _implementation(model: nn.Module, dtype: Optional[str]) -> str:
+    from . import _build
+    dev = None
+    for p in model.parameters():
+        dev = p.device
+        break
+    dev = dev or torch.device("cpu")
+    name = getattr(_build, "implementation_name", None)
+    if name is not None:
+        dt = getattr(torch, dtype.split(".")[-1]) if dtype else None
+        return name(dev, dt)
+    return "fused CUDA kernel" if dev.type == "cuda" else "reference (CPU)"
+
+
+def _process(model: nn.Module, inputs, config: Config, prefix: str, rewrite: bool,
+             rep: RewriteReport) -> Optional[fx.GraphModule]:
+    """Trace ``model``, match and (if ``rewrite``) rewrite every site. None when untraceable."""
+    gm = _trace(model)
+    if inputs is not None:
+        try:
+            _shape_meta(gm, inputs)
+        except Exception as e:  # shape propagation is informative only
+            rep.notes.append(f"{prefix or '<root>'}: shape propagation failed: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    modules = _modules(gm)
+    fqn_of = _fqn_table(model)
+    anchors = [n for n in gm.graph.nodes if patterns.is_anchor(n, modules)]
+    sites = nn.Module()
+    if rewrite:
+        gm.add_module(_SITES, sites)
+    used = set()
+    for i, a in enumerate(anchors):
+        fqn = _site_fqn(a)
+        full = f"{prefix}.{fqn}" if prefix else fqn
+        kind = "module" if a.op == "call_module" else "function"
+        mod = modules.get(a.target) if kind == "module" else None
+        in_shape = out_shape = dtype = None
+        arg0 = a.args[0] if a.args else None
+        if isinstance(arg0, fx.Node):
+            in_shape, dtype = _meta_of(arg0)
+        rec = SiteRecord(fqn=full, kind=kind, chain=[_short(a, modules)], input_shape=in_shape,
+                         dtype=dtype)
+        rep.sites.append(rec)
+        if config.filter_fn is not None and not config.filter_fn(mod, full):
+            rec.status, rec.reason = "skipped", "Config.filter_fn returned False"
+            rec.implementation = "original (unfused)"
+            rec.output_shape = _meta_of(a)[0]
+            continue
+        m = match(a, _modules(gm), config)
+        if m.reason is not None:
+            rec.status, rec.reason = "skipped", m.reason
+            rec.implementation = "original (unfused)"
+            rec.output_shape = _meta_of(a)[0]
+            continue
+        rec.chain = [_short(n, modules) for n in m.nodes]
+        rec.stop = m.stop
+        rec.output_shape = _meta_of(m.sink)[0]
+        rec.ops_fused = len(m.nodes) - 1
+        rec.status = "fused"
+        rec.implementation = _implementation(model, dtype)
+        try:
+            e = _encode(m, fqn_of)
+        except KeyError as ex:  # a tensor we cannot name (not a parameter/buffer of the model)
+            rec.status, rec.reason = "skipped", f"cannot name tensor for get_attr: {ex}"
+            continue
+        rec.program = e.program
+        rec.scalars = e.scalars
+        if rewrite:
+            name = fqn.replace(".", "_") or f"site{i}"
+            while name in used:
+                name += "_"
+            used.add(name)
+            _rewrite(gm, m, e, name, full, sites)
+    if not rewrite:
+        return gm
+    return _finish(gm, model, sites)
+
+
+def _has_anchor_module(m: nn.Module) -> bool:
+    return any(isinstance(x, nn.ConvTranspose3d) for x in m.modules())
+
+
+def _capture_inputs(model: nn.Module, inputs) -> Dict[str, tuple]:
+    """Inputs each submodule saw on its first call (for shape propagation of submodules)."""
+    seen: Dict[str, tuple] = {}
+    hooks = []
+    for name, sub in model.named_modules():
+        if not name:
+            continue
+
+        def hook(mod, args, _name=name):
+            if _name not in seen:
+                seen[_name] = tuple(args)
+        hooks.append(sub.register_forward_pre_hook(hook))
+    try:
+        with _preserved_state(model):
+            _run(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _walk(model: nn.Module, inputs, config: Config, rewrite: bool, rep: RewriteReport,
+          prefix: str, captured: Optional[Dict[str, tuple]], replaced: list) -> Optional[nn.Module]:
+    try:
+        return _process(model, inputs, config, prefix, rewrite, rep)
+    except Untraceable as e:
+        rep.untraced.append({"fqn": prefix or "<root>", "reason": str(e)})
+    for name, child in model.named_children():
+        if not _has_anchor_module(child) and not _maybe_functional(child):
+            continue
+        path = f"{prefix}.{name}" if prefix else name
+        sub_inputs = captured.get(path) if captured is not None else None
+        res = _walk(child, sub_inputs, config, rewrite, rep, path, captured, replaced)
+        if res is not None and rewrite and res is not child and _any_fused(rep, path):
+            replaced.append((model, name, child))
+            setattr(model, name, res)
+    return None
+
+
+def _maybe_functional(m: nn.Module) -> bool:
+    # Functional conv_transpose3d calls are invisible without tracing; try children with params.
+    return any(p.dim() == 5 for p in m.parameters())
+
+
+def _any_fused(rep: RewriteReport, path: str) -> bool:
+    return any(s.status == "fused" and (s.fqn == path or s.fqn.startswith(path + "."))
+               for s in rep.sites)
+
+
+def _analyze(model: nn.Module, example_inputs, config: Optional[Config], rewrite: bool):
+    config = config or Config()
+    inputs = _as_tuple(example_inputs)
+    rep = RewriteReport(model=type(model).__name__)
+    replaced: list = []
+    try:
+        result = _process(model, inputs, config, "", rewrite, rep)
+    except Untraceable as e:
+        rep.untraced.append({"fqn": "<root>", "reason": str(e)})
+        captured = _capture_inputs(model, inputs) if inputs is not None else None
+        for name, child in model.named_children():
+            if not _has_anchor_module(child) and not _maybe_functional(child):
+                continue
+            sub_inputs = captured.get(name) if captured is not None else None
+            res = _walk(child, sub_inputs, config, rewrite, rep, name, captured, replaced)
+            if res is not None and rewrite and _any_fused(rep, name):
+                replaced.append((model, name, child))
+                setattr(model, name, res)
+        result = model
+    return result, rep, replaced
+
+
+def optimize(model: nn.Module, example_inputs=None, *, config: Optional[Config] = None):
+    """Fuse every ConvTranspose3d and the elementwise ops after it into one op per site.
+
+    Args:
+        model: any ``nn.Module``. Put it in eval mode first for BatchNorm3d/Dropout to fuse.
+        example_inputs: optional tensor or tuple of tensors, the model's positional inputs
+            (any shape, dtype and device the model takes). Enables shape propagation in the report
+            and verification (optimized vs original on these inputs).
+        config: a :class:`ct3d_fx.Config`.
+
+    Returns:
+        A ``torch.fx.GraphModule`` with the model's forward signature, sharing every submodule,
+        Parameter and buffer with ``model`` (same objects, same FQNs; ``state_dict()`` keys are
+        equal), with ``ct3d_report`` set. If ``model`` cannot be traced as a whole, the largest
+        traceable submodules are replaced by optimized ones *in place* and ``model`` itself is
+        returned (with ``ct3d_report`` set). With ``config.on_verify_failure ==
+        "keep_original"``, a rewrite that changes results is undone and ``model`` is returned.
+
+    Raises:
+        VerificationError: with example_inputs and ``on_verify_failure == "raise"``, when the
+            optimized model's max relative error (max |opt - orig| / max |orig|) exceeds
+            ``config.verify_tol``.
+
+    Limitations:
+        - Models that ``torch.fx.symbolic_trace`` cannot trace are optimized per submodule.
+        - BatchNorm3d in training mode, training-mode Dropout, and ops outside the supported
+          table end a chain (the report says which and why).
+        - Module hyperparameters (stride, eps, negative_slope, ...) are read once; parameters and
+          buffers (weights, BatchNorm statistics) are read at every call.
+    """
+    config = config or Config()
+    inputs = _as_tuple(example_inputs)
+    ref = None
+    if inputs is not None and config.verify:
+        with _preserved_state(model):
+            ref = _run(model, inputs)
+    result, rep, replaced = _analyze(model, inputs, config, rewrite=True)
+    if ref is not None and rep.totals()["fused"]:
+        with _preserved_state(model):
+            out = _run(result, inputs)
+        tol = config.verify_tol if config.verify_tol is not None else _default_tol(inputs, model)
+        err = _max_rel_err(out, ref)
+        rep.verification = {"max_rel_err": err, "tol": tol, "passed": err <= tol}
+        if err > tol:
+            msg = (f"ct3d_fx: the optimized {type(model).__name__} differs from the original on "
+                   f"example_inputs: max relative error {err:.3g} > verify_tol {tol:.3g} "
+                   f"(the traced graph may not compute what eager does, e.g. Python control "
+                   f"flow on tensors)")
+            for parent, name, child in reversed(replaced):
+                setattr(parent, name, child)
+            if config.on_verify_failure == "raise":
+                raise VerificationError(msg)
+            for s in rep.sites:
+                if s.status == "fused":
+                    s.status, s.reason = "refused", f"verification failed: max relative error " \
+                                                    f"{err:.3g} > {tol:.3g}"
+                    s.implementation = "original (unfused)"
+            result = model
+    result.ct3d_report = rep
+    return result
+
+
+def explain(model: nn.Module, example_inputs=None, *, config: Optional[Config] = None
+            ) -> RewriteReport:
+    """The report :func:`optimize` would produce, without rewriting anything.
+
+    Args/Raises: as :func:`optimize` (no verification is run).
+    """
+    _, rep, _ = _analyze(model, _as_tuple(example_inputs), config, rewrite=False)
+    return rep
+
+
+def report(model: nn.Module) -> RewriteReport:
+    """The :class:`RewriteReport` of a module returned by :func:`optimize`.
+
+    Raises:
+        ValueError: when ``model`` was not produced by :func:`optimize`.
+    """
+    rep = getattr(model, "ct3d_report", None)
+    if rep is None:
+        raise ValueError(f"{type(model).__name__} has no ct3d_report: pass a module returned by "
+                         f"ct3d_fx.optimize")
+    return rep
