@@ -191,6 +191,8 @@ def _elementwise_reason(node: fx.Node, modules) -> str:
 
 def _candidate(node: fx.Node, S: set, tainted: set, modules, config: Config, pcache):
     """(spec, bound, module) when ``node`` can join the chain, else a reason string."""
+    if patterns.is_anchor(node, modules):
+        return f"feeds another ConvTranspose3d ({_site_fqn(node)})"
     spec = patterns.lookup(node, modules)
     if spec is None:
         return _elementwise_reason(node, modules)
@@ -305,8 +307,6 @@ def match(anchor: fx.Node, modules, config: Config) -> Match:
                     f"{patterns.describe(u, modules)} cannot join")
         elif u.op == "output":
             stop = None
-        elif patterns.is_anchor(u, modules):
-            stop = f"feeds another ConvTranspose3d ({_site_fqn(u)})"
         else:
             stop = _elementwise_reason(u, modules)
     return Match(anchor, nodes, stop, conv, specs={n: specs[n] for n in nodes[1:]})
