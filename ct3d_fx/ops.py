@@ -86,13 +86,17 @@ def _split(program: Sequence[int]) -> List[List[int]]:
 
 
 def check_program(program: Sequence[int], n_scalars: int, n_extras: int) -> None:
-    """Validate an encoded epilogue program; raise ValueError naming the bad instruction."""
+    """Validate an encoded epilogue program; raise ValueError naming the bad instruction.
+
+    Besides the field ranges, every value is typed: the convolution output and what is computed
+    from it ("conv"), extra tensors ("tensor") and scalars ("scalar"). Unary ops and the first
+    operand of PRELU/BATCH_NORM need a tensor value, a binary op needs at least one tensor
+    operand, and the last value must be computed from the convolution output.
+    """
     if len(program) % INSTR_WIDTH:
         raise ValueError(f"ct3d: program length must be a multiple of {INSTR_WIDTH}, "
                          f"got {len(program)}")
-    if program and program[-INSTR_WIDTH] in (Opcode.LOAD_SCALAR, Opcode.LOAD_TENSOR):
-        raise ValueError("ct3d: program must not end with a LOAD instruction (its result must "
-                         "be computed from the convolution output)")
+    kinds_of = ["conv"]                      # kind of each value number
     for i, ins in enumerate(_split(program)):
         try:
             op = Opcode(ins[0])
@@ -119,6 +123,25 @@ def check_program(program: Sequence[int], n_scalars: int, n_extras: int) -> None
                 raise ValueError(f"{what}: flag must be 0 or 1, got {x}")
             if kind == "-" and x != -1:
                 raise ValueError(f"{what}: unused field must be -1, got {x}")
+        if op == Opcode.LOAD_SCALAR:
+            kinds_of.append("scalar")
+            continue
+        if op == Opcode.LOAD_TENSOR:
+            kinds_of.append("tensor")
+            continue
+        operands = [kinds_of[ins[1]]]
+        if kinds == "vv":
+            operands.append(kinds_of[ins[2]])
+            if "conv" not in operands and "tensor" not in operands:
+                raise ValueError(f"ct3d: program instruction {i} ({op.name}): both operands are "
+                                 f"scalars, expected at least one tensor value")
+        elif operands[0] == "scalar":
+            raise ValueError(f"ct3d: program instruction {i} ({op.name}): operand v{ins[1]} is "
+                             f"a scalar, expected a tensor value")
+        kinds_of.append("conv" if "conv" in operands else "tensor")
+    if kinds_of[-1] != "conv":
+        raise ValueError("ct3d: program's last value must be computed from the convolution output "
+                         f"(value 0), got a {kinds_of[-1]} value")
 
 
 def describe_program(program: Sequence[int], scalars: Sequence[float]) -> str:
@@ -282,6 +305,8 @@ def check_args(input, weight, bias, stride, padding, output_padding, dilation, g
                          f"padding {pa}, output_padding {op}, dilation {di}")
     check_program(program, len(scalars), len(extras))
     for i, t in enumerate(extras):
+        if not t.is_floating_point():
+            raise TypeError(f"ct3d: extras[{i}] must be a floating-point tensor, got {t.dtype}")
         if t.device != input.device and not (t.dim() == 0 and t.device.type == "cpu"):
             raise RuntimeError(f"ct3d: extras[{i}] is on {t.device}, expected {input.device} "
                                f"(only 0-d CPU tensors may stay on the CPU)")
@@ -358,6 +383,8 @@ def _fake(input, weight, bias, stride, padding, output_padding, dilation, groups
                  lambda: f"ct3d: input has {input.size(1)} channels, expected {weight.size(0)}")
     torch._check(groups >= 1 and weight.size(0) % groups == 0,
                  lambda: f"ct3d: groups={groups} must divide C_in={weight.size(0)}")
+    torch._check(bias is None or (bias.dim() == 1 and bias.numel() == weight.size(1) * groups),
+                 lambda: f"ct3d: bias must be 1-D with {weight.size(1) * groups} elements (C_out)")
     check_program(program, len(scalars), len(extras))
     return reference(input, weight, bias, stride, padding, output_padding, dilation, groups,
                      program, scalars, extras)
@@ -366,3 +393,4 @@ def _fake(input, weight, bias, stride, padding, output_padding, dilation, groups
 # The CUDA implementation registers itself for the "cuda" dispatch key; it builds the
 # extension lazily at its first call and falls back to ``reference`` when it cannot.
 from . import _cuda  # noqa: E402,F401
+from . import _autograd  # noqa: E402,F401
