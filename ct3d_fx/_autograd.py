@@ -3,10 +3,11 @@
 Forward saves no convolution output. Backward works in three steps:
 
 1. Recompute the convolution output ``y = conv_transpose3d(input, weight, bias)`` with the fused
-   op itself and an empty program (on CUDA that is the fused kernel), unless the gradients that
-   are needed do not depend on the values of ``y`` (a linear epilogue, e.g. ``y * scale + shift``
-   with only ``scale``/``shift`` fixed); then a zero stand-in of ``y``'s shape is used and
-   ``input``, ``weight`` and ``bias`` are not saved for it.
+   op itself and an empty program (on CUDA that is the fused kernel), unless no needed
+   gradient reads the values of ``y`` (e.g. ``y * scale + shift`` when ``scale`` needs no
+   gradient, or an empty program); then a zero-strided stand-in of ``y``'s shape is used and
+   ``input``, ``weight`` and ``bias`` are saved only where ``convolution_backward`` needs them
+   (the input for the weight gradient, the weight for the input gradient).
 2. Differentiate the epilogue: interpret the program on ``y`` with the same PyTorch ops as the
    reference (``ops._run_program``) under ``torch.enable_grad`` and take ``torch.autograd.grad``
    with respect to ``y`` and to every extra tensor that requires grad. Autograd reduces each
@@ -19,10 +20,17 @@ Every step is made of differentiable ops, so double backward (``create_graph=Tru
 ``torch.autograd.gradgradcheck``) works: when backward runs with grad mode on, step 1 records the
 recomputation through this same autograd formula and steps 2-3 keep their graphs.
 
+Saved for backward (only when some gradient is needed): the input if the weight gradient
+is needed or ``y`` must be recomputed; the weight if the input gradient is needed or ``y`` must
+be recomputed; the bias only to recompute ``y``; the extras when the program is not empty.
+
 Limitations:
     - The epilogue derivative runs as separate PyTorch ops (one kernel per instruction), not
       as one fused kernel, and the recomputation of ``y`` costs one extra transposed
       convolution per backward (it saves memory: ``y`` is never stored).
+    - When only the input (weight) gradient is needed, ``convolution_backward`` receives a
+      zero-strided stand-in for the weight (input), which it reads for its shape only; the
+      backend's memory-format choice then follows the saved tensor alone.
     - As in PyTorch, BatchNorm is not differentiable with respect to its running statistics:
       a ``BATCH_NORM`` instruction whose running_mean/running_var extra requires grad raises
       ``RuntimeError`` in the forward.
@@ -162,7 +170,7 @@ def _no_grad(arg):
 def _stand_in(shape, ctx, requires_grad: bool = False) -> torch.Tensor:
     """A zero of ``shape`` (dtype and device of the input) that allocates one element."""
     z = torch.zeros((), dtype=ctx.y_dtype, device=ctx.y_device)
-    return z.requires_grad_(requires_grad).expand(shape)
+    return z.expand(shape).detach().requires_grad_(requires_grad)
 
 
 def _use(t: torch.Tensor, needs_grad: bool, create_graph: bool) -> torch.Tensor:
