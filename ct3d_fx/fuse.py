@@ -46,8 +46,17 @@ class Untraceable(Exception):
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
+    """symbolic_trace, with buffers traced as get_attr values like parameters.
+
+    Plain symbolic_trace evaluates expressions of buffers at trace time (``self.scale.view(...)``
+    would become a frozen constant); proxied buffers keep them live, so later changes to a
+    buffer or a loaded checkpoint show in the optimized model.
+    """
+    tracer = fx.Tracer()
+    tracer.proxy_buffer_attributes = True
     try:
-        return fx.symbolic_trace(model)
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as e:  # any failure inside user code while tracing
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise Untraceable(f"{type(e).__name__}: {msg}") from e
@@ -142,13 +151,15 @@ def _conv_args(anchor: fx.Node, modules) -> Tuple[Optional[Dict[str, Any]], Opti
         if not isinstance(m.padding, tuple) or any(not isinstance(p, int) for p in m.padding):
             return None, f"padding={m.padding!r} is not an int triple"
         osz = anchor.args[1] if len(anchor.args) > 1 else anchor.kwargs.get("output_size")
-        if isinstance(osz, fx.Node) or (isinstance(osz, (list, tuple)) and
-                                        any(isinstance(s, fx.Node) for s in osz)):
-            return None, "output_size is computed at run time"
+        # output_size computed at run time (``skip.shape``) becomes an argument of the site
+        dynamic = isinstance(osz, fx.Node) or (isinstance(osz, (list, tuple)) and
+                                               any(isinstance(s, fx.Node) for s in osz))
         return dict(module=m, input=anchor.args[0] if anchor.args else anchor.kwargs["input"],
                     weight=None, bias=None, stride=list(m.stride), padding=list(m.padding),
                     output_padding=list(m.output_padding), dilation=list(m.dilation),
-                    groups=int(m.groups), output_size=None if osz is None else list(osz)), None
+                    groups=int(m.groups),
+                    output_size=None if osz is None or dynamic else list(osz),
+                    output_size_arg=osz if dynamic else None), None
 
     def sig(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
             dilation=1):
@@ -160,7 +171,8 @@ def _conv_args(anchor: fx.Node, modules) -> Tuple[Optional[Dict[str, Any]], Opti
         return None, f"cannot bind conv_transpose3d arguments: {e}"
     b.apply_defaults()
     a = b.arguments
-    out = dict(module=None, input=a["input"], weight=a["weight"], bias=a["bias"], output_size=None)
+    out = dict(module=None, input=a["input"], weight=a["weight"], bias=a["bias"], output_size=None,
+               output_size_arg=None)
     for k in ("stride", "padding", "output_padding", "dilation"):
         v = a[k]
         if isinstance(v, int) and not isinstance(v, bool):
@@ -227,16 +239,83 @@ def _candidate(node: fx.Node, S: set, tainted: set, modules, config: Config, pca
                 if "residual" not in config.families:
                     return (f"{name}: side input {x.name!r} (family 'residual') is disabled "
                             f"by Config.families")
-    inplace = spec.inplace or bound.get("inplace") is True or (
-        m is not None and patterns.module_inplace(m))
-    if inplace:
+    if _is_inplace(spec, bound, m):
         tgt = bound.get("input")
         if not (isinstance(tgt, fx.Node) and tgt in S):
             return f"in-place {name} mutates {getattr(tgt, 'name', tgt)!r}, outside the chain"
-        if len(tgt.users) > 1:
-            return (f"in-place {name} overwrites {tgt.name!r}, which has {len(tgt.users)} "
-                    f"users")
+        # the storage it overwrites is also that of every value tgt aliases (y.detach().relu_())
+        for a in _alias_chain(tgt, modules):
+            if len(a.users) > 1:
+                return (f"in-place {name} overwrites {a.name!r}, which has {len(a.users)} "
+                        f"users")
     return spec, bound, m
+
+
+def _is_inplace(spec, bound, m) -> bool:
+    return spec.inplace or bound.get("inplace") is True or (
+        m is not None and patterns.module_inplace(m))
+
+
+def _spec_of(node: fx.Node, modules):
+    """(spec, bound arguments, module) of a fusable node, else None."""
+    spec = patterns.lookup(node, modules)
+    if spec is None:
+        return None
+    try:
+        bound = spec.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    return spec, bound, modules.get(node.target) if node.op == "call_module" else None
+
+
+def _alias_chain(t: fx.Node, modules) -> List[fx.Node]:
+    """``t`` and the values it shares storage with through ops that return their input.
+
+    Those ops are identities such as detach or eval-mode Dropout, and in-place ops (which return
+    the tensor they changed). The last element is the value that owns the storage.
+    """
+    out = [t]
+    while True:
+        r = _spec_of(out[-1], modules)
+        if r is None:
+            return out
+        spec, bound, m = r
+        src = bound.get("input")
+        if not (isinstance(src, fx.Node) and (spec.alias or _is_inplace(spec, bound, m))):
+            return out
+        out.append(src)
+
+
+def _fold_inplace(gm: fx.GraphModule, modules) -> None:
+    """Make later readers of a tensor changed in place read the in-place op's result.
+
+    ``y.relu_(); return y + 1`` traces to ``relu_(y)`` with an unused result and ``add(y, 1)``;
+    it computes the same as ``y = y.relu_(); return y + 1``, the form the matcher can fuse.
+    Done only when it cannot change results: every other reader of ``y`` comes after the
+    in-place op, and ``y`` shares its storage only with values that have no other reader,
+    back to a value that owns its storage (a ConvTranspose3d or a fusable op's fresh result).
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for n in list(gm.graph.nodes):
+        r = _spec_of(n, modules)
+        if r is None or not _is_inplace(*r):
+            continue
+        t = r[1].get("input")
+        if not isinstance(t, fx.Node):
+            continue
+        later = [u for u in t.users if u is not n]
+        if not later or any(order[u] < order[n] for u in later):
+            continue
+        chain = _alias_chain(t, modules)
+        if any(len(a.users) != 1 for a in chain[1:]):
+            continue
+        root = chain[-1]
+        if not patterns.is_anchor(root, modules):
+            rr = _spec_of(root, modules)
+            if rr is None or rr[0].alias or _is_inplace(*rr):
+                continue
+        for u in later:
+            u.replace_input_with(t, n)
 
 
 def _ancestors(t: fx.Node, S: set) -> set:
@@ -375,7 +454,12 @@ class FusedSite(nn.Module):
     arguments from ``get_attr`` nodes of the original submodules. The modules whose mode matters
     (BatchNorm3d, Dropout) are referenced, not registered: when any is in training mode, or the
     input is not 5-D, the site runs the original ops unfused (``self.unfused``), so the optimized
-    model follows ``train()`` / ``eval()`` like the original.
+    model follows ``train()`` / ``eval()`` like the original. ``output_size`` (keyword) is the
+    ConvTranspose3d ``output_size`` when the model computes it at run time.
+
+    Raises:
+        ValueError, TypeError, RuntimeError: the fused op's argument errors, prefixed with the
+            site's FQN.
     """
 
     def __init__(self, fqn: str, conv: Dict[str, Any], program: List[int], scalars: List[float],
@@ -398,21 +482,29 @@ class FusedSite(nn.Module):
         from .ops import describe_program
         return f"site={self.fqn!r}, program=[{describe_program(self.program, self.scalars)}]"
 
-    def forward(self, input, weight, bias, *extras):
+    def forward(self, input, weight, bias, *extras, output_size=None):
         conv, mode_modules, unfused = self._refs
         if input.dim() != 5 or any(mm.training for mm in mode_modules):
+            if output_size is not None:
+                return unfused(input, weight, bias, *extras, output_size)
             return unfused(input, weight, bias, *extras)
         out_pad = self.output_padding
-        if self.output_size is not None:
-            k = list(weight.shape[2:])
-            out_pad = conv._output_padding(input, self.output_size, self.stride, self.padding,
-                                           k, 3, self.dilation)
+        size = self.output_size if output_size is None else output_size
         if input.size(1) != weight.size(0):
             raise ValueError(f"ct3d_fx site {self.fqn!r}: input has {input.size(1)} channels, "
                              f"expected {weight.size(0)}")
-        return torch.ops.ct3d.conv_transpose3d_epilogue(
-            input, weight, bias, self.stride, self.padding, out_pad, self.dilation,
-            self.groups, self.program, self.scalars, list(extras))
+        try:
+            if size is not None:
+                k = list(weight.shape[2:])
+                out_pad = conv._output_padding(input, size, self.stride, self.padding, k, 3,
+                                               self.dilation)
+            return torch.ops.ct3d.conv_transpose3d_epilogue(
+                input, weight, bias, self.stride, self.padding, out_pad, self.dilation,
+                self.groups, self.program, self.scalars, list(extras))
+        except (ValueError, TypeError, RuntimeError) as e:
+            if type(e) not in (ValueError, TypeError, RuntimeError):
+                raise  # subclasses (torch.OutOfMemoryError, ...) keep their type and message
+            raise type(e)(f"ct3d_fx site {self.fqn!r}: {e}") from e
 
 
 def _build_unfused(m: Match, e: _Emitter, root: nn.Module) -> fx.GraphModule:
@@ -428,8 +520,10 @@ def _build_unfused(m: Match, e: _Emitter, root: nn.Module) -> fx.GraphModule:
             env.setdefault(key, ph)
     a = m.anchor
     if a.op == "call_module":
-        args = (x,) + tuple(a.args[1:])
-        env[a] = g.call_module(a.target, args, dict(a.kwargs))
+        c = m.conv
+        osz = g.placeholder("output_size") if c.get("output_size_arg") is not None else \
+            c.get("output_size")
+        env[a] = g.call_module(a.target, (x,), {} if osz is None else {"output_size": osz})
     else:
         c = m.conv
         env[a] = g.call_function(F.conv_transpose3d, (x, w, b, c["stride"], c["padding"],
@@ -480,7 +574,9 @@ def _rewrite(gm: fx.GraphModule, m: Match, e: _Emitter, site_name: str, fqn: str
         site = FusedSite(fqn, m.conv, e.program, e.scalars, _mode_modules(m, modules),
                          _build_unfused(m, e, gm))
         sites.add_module(site_name, site)
-        node = g.call_module(f"{_SITES}.{site_name}", (m.conv["input"], w, b, *extras))
+        osz = m.conv.get("output_size_arg")
+        node = g.call_module(f"{_SITES}.{site_name}", (m.conv["input"], w, b, *extras),
+                             {} if osz is None else {"output_size": osz})
     node.meta.update({k: v for k, v in sink.meta.items() if k in ("tensor_meta", "val")})
     sink.replace_all_uses_with(node)
     for n in reversed(m.nodes):
@@ -493,10 +589,11 @@ def _finish(gm: fx.GraphModule, model: nn.Module, sites: nn.Module) -> fx.GraphM
     out = fx.GraphModule(gm, gm.graph, class_name=f"Optimized{type(model).__name__}")
     # root-level attributes that are not state (tensor constants created by tracing) stay plain
     plain = {k: v for k, v in out._buffers.items() if k not in model._buffers}
-    out._modules = collections.OrderedDict(model._modules)
-    out._parameters = collections.OrderedDict(model._parameters)
-    out._buffers = collections.OrderedDict(model._buffers)
-    out._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
+    out._modules = collections.OrderedDict(model._modules)   # a copy: it gains _ct3d_sites
+    # the same dicts, not copies: .to()/.float() put new buffer tensors in place, in both
+    out._parameters = model._parameters
+    out._buffers = model._buffers
+    out._non_persistent_buffers_set = model._non_persistent_buffers_set
     for k, v in plain.items():
         object.__setattr__(out, k, v)
     if len(sites._modules):
@@ -528,12 +625,18 @@ def _as_tuple(example_inputs) -> Optional[tuple]:
     return tuple(example_inputs)
 
 
+def _fresh(inputs) -> tuple:
+    """Copies of the tensors in ``inputs``: a model that changes its inputs in place must see
+    the same values at every run, and the caller's example inputs must not change."""
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
+
+
 def _run(model, inputs, seed=0):
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
     with torch.no_grad():
-        return model(*inputs)
+        return model(*_fresh(inputs))
 
 
 def _flat_tensors(x) -> List[torch.Tensor]:
@@ -588,7 +691,7 @@ def _default_tol(inputs, model) -> float:
 def _shape_meta(gm: fx.GraphModule, inputs) -> None:
     from torch.fx.passes.shape_prop import ShapeProp
     with _preserved_state(gm), torch.no_grad():
-        ShapeProp(gm).propagate(*inputs)
+        ShapeProp(gm).propagate(*_fresh(inputs))
 
 
 def _meta_of(node: fx.Node):
@@ -624,6 +727,7 @@ def _process(model: nn.Module, inputs, config: Config, prefix: str, rewrite: boo
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     modules = _modules(gm)
     fqn_of = _fqn_table(model)
+    _fold_inplace(gm, modules)
     anchors = [n for n in gm.graph.nodes if patterns.is_anchor(n, modules)]
     sites = nn.Module()
     if rewrite:
@@ -662,6 +766,7 @@ def _process(model: nn.Module, inputs, config: Config, prefix: str, rewrite: boo
             e = _encode(m, fqn_of)
         except KeyError as ex:  # a tensor we cannot name (not a parameter/buffer of the model)
             rec.status, rec.reason = "skipped", f"cannot name tensor for get_attr: {ex}"
+            rec.implementation = "original (unfused)"
             continue
         rec.program = e.program
         rec.scalars = e.scalars
@@ -690,7 +795,7 @@ def _capture_inputs(model: nn.Module, inputs) -> Dict[str, tuple]:
 
         def hook(mod, args, _name=name):
             if _name not in seen:
-                seen[_name] = tuple(args)
+                seen[_name] = _fresh(args)
         hooks.append(sub.register_forward_pre_hook(hook))
     try:
         with _preserved_state(model):
@@ -701,22 +806,46 @@ def _capture_inputs(model: nn.Module, inputs) -> Dict[str, tuple]:
     return seen
 
 
-def _walk(model: nn.Module, inputs, config: Config, rewrite: bool, rep: RewriteReport,
-          prefix: str, captured: Optional[Dict[str, tuple]], replaced: list) -> Optional[nn.Module]:
+def _walk(module: nn.Module, inputs, config: Config, rewrite: bool, rep: RewriteReport,
+          prefix: str, captured: Optional[Dict[str, tuple]], replaced: list, done: set) -> None:
+    """Optimize ``module`` in place when it traces, else each of its children (recursively)."""
+    if id(module) in done:  # one module object under two names: optimized once
+        return
+    done.add(id(module))
     try:
-        return _process(model, inputs, config, prefix, rewrite, rep)
+        gm = _process(module, inputs, config, prefix, rewrite, rep)
     except Untraceable as e:
-        rep.untraced.append({"fqn": prefix or "<root>", "reason": str(e)})
-    for name, child in model.named_children():
+        rep.untraced.append({"fqn": prefix, "reason": str(e)})
+    else:
+        if rewrite and _any_fused(rep, prefix):
+            _install(module, gm, replaced)
+        return
+    for name, child in module.named_children():
         if not _has_anchor_module(child) and not _maybe_functional(child):
             continue
-        path = f"{prefix}.{name}" if prefix else name
+        path = f"{prefix}.{name}"
         sub_inputs = captured.get(path) if captured is not None else None
-        res = _walk(child, sub_inputs, config, rewrite, rep, path, captured, replaced)
-        if res is not None and rewrite and res is not child and _any_fused(rep, path):
-            replaced.append((model, name, child))
-            setattr(model, name, res)
-    return None
+        _walk(child, sub_inputs, config, rewrite, rep, path, captured, replaced, done)
+
+
+def _install(module: nn.Module, gm: fx.GraphModule, replaced: list) -> None:
+    """Make ``gm`` (the optimized ``module``) the forward of ``module`` itself.
+
+    The module object stays where it is, with its class, attributes, methods, hooks and
+    submodules, so the untraced code around it (which may index a Sequential or read an
+    attribute) runs unchanged. ``gm`` shares every submodule, Parameter and buffer with it.
+    """
+    replaced.append((module, module.__dict__.get("forward")))
+    module.forward = gm.forward
+
+
+def _uninstall(replaced: list) -> None:
+    for module, previous in reversed(replaced):
+        if previous is None:
+            del module.__dict__["forward"]
+        else:
+            module.__dict__["forward"] = previous
+    replaced.clear()
 
 
 def _maybe_functional(m: nn.Module) -> bool:
@@ -739,14 +868,12 @@ def _analyze(model: nn.Module, example_inputs, config: Optional[Config], rewrite
     except Untraceable as e:
         rep.untraced.append({"fqn": "<root>", "reason": str(e)})
         captured = _capture_inputs(model, inputs) if inputs is not None else None
+        done = {id(model)}
         for name, child in model.named_children():
             if not _has_anchor_module(child) and not _maybe_functional(child):
                 continue
             sub_inputs = captured.get(name) if captured is not None else None
-            res = _walk(child, sub_inputs, config, rewrite, rep, name, captured, replaced)
-            if res is not None and rewrite and _any_fused(rep, name):
-                replaced.append((model, name, child))
-                setattr(model, name, res)
+            _walk(child, sub_inputs, config, rewrite, rep, name, captured, replaced, done)
         result = model
     return result, rep, replaced
 
@@ -765,8 +892,9 @@ def optimize(model: nn.Module, example_inputs=None, *, config: Optional[Config] 
         A ``torch.fx.GraphModule`` with the model's forward signature, sharing every submodule,
         Parameter and buffer with ``model`` (same objects, same FQNs; ``state_dict()`` keys are
         equal), with ``ct3d_report`` set. If ``model`` cannot be traced as a whole, the largest
-        traceable submodules are replaced by optimized ones *in place* and ``model`` itself is
-        returned (with ``ct3d_report`` set). With ``config.on_verify_failure ==
+        traceable submodules are optimized *in place* (each keeps its object, class and FQN;
+        its ``forward`` becomes the optimized graph's) and ``model`` itself is returned (with
+        ``ct3d_report`` set). With ``config.on_verify_failure ==
         "keep_original"``, a rewrite that changes results is undone and ``model`` is returned.
 
     Raises:
@@ -799,8 +927,7 @@ def optimize(model: nn.Module, example_inputs=None, *, config: Optional[Config] 
                    f"example_inputs: max relative error {err:.3g} > verify_tol {tol:.3g} "
                    f"(the traced graph may not compute what eager does, e.g. Python control "
                    f"flow on tensors)")
-            for parent, name, child in reversed(replaced):
-                setattr(parent, name, child)
+            _uninstall(replaced)
             if config.on_verify_failure == "raise":
                 raise VerificationError(msg)
             for s in rep.sites:

@@ -42,6 +42,7 @@ class OpSpec:
     check: Optional[Callable[[Dict[str, Any], Optional[nn.Module]], Optional[str]]] = None
     inplace: bool = False
     mode_dependent: bool = False   # reads module.training at run time (BatchNorm, Dropout)
+    alias: bool = False            # may return its input itself (detach, eval Dropout, Identity)
 
 
 def _binder(fn):
@@ -91,13 +92,16 @@ def _identity(e, b, m):
 
 
 def _binary(opcode, reverse=False):
+    """``input (op) alpha * other``; reversed (rsub): ``other (op) alpha * input``."""
     def enc(e, b, m):
-        x, y = e.value(b["input"]), b["other"]
+        x, y = e.value(b["input"]), e.value(b["other"])
         alpha = b.get("alpha", 1)
-        yv = e.value(y)
-        if alpha != 1:
-            yv = e.emit(Opcode.MUL, yv, e.scalar(alpha))
-        return e.emit(opcode, yv, x) if reverse else e.emit(opcode, x, yv)
+        if alpha != 1:  # MUL takes two value numbers: the scalar is loaded first
+            if reverse:
+                x = e.emit(Opcode.MUL, x, e.value(alpha))
+            else:
+                y = e.emit(Opcode.MUL, y, e.value(alpha))
+        return e.emit(opcode, y, x) if reverse else e.emit(opcode, x, y)
     return enc
 
 
@@ -304,17 +308,18 @@ _both("div", "arithmetic", _binder(_s_div), ("input", "other"), _binary(Opcode.D
       fns=(torch.div, torch.divide, torch.true_divide, operator.truediv),
       inplace_fns=(operator.itruediv,), meths=("div", "divide", "true_divide"),
       inplace_meths=("div_", "divide_", "true_divide_"))
-_add(_fn(torch.rsub) + _meth("rsub"),
+_add(_fn(torch.rsub),
      OpSpec("rsub", "arithmetic", _binder(_s_rsub), ("input", "other"),
             _binary(Opcode.SUB, reverse=True), _check_binary))
 _both("neg", "arithmetic", _binder(_s_unary_noinplace), ("input",), _unary(Opcode.NEG),
-      fns=(torch.neg, torch.negative, operator.neg), meths=("neg", "negative"),
-      inplace_meths=("neg_", "negative_"))
+      fns=(torch.neg, torch.negative, operator.neg), inplace_fns=(torch.neg_, torch.negative_),
+      meths=("neg", "negative"), inplace_meths=("neg_", "negative_"))
 _both("abs", "arithmetic", _binder(_s_unary_noinplace), ("input",), _unary(Opcode.ABS),
-      fns=(torch.abs, torch.absolute, operator.abs), meths=("abs", "absolute"),
-      inplace_meths=("abs_", "absolute_"))
+      fns=(torch.abs, torch.absolute, operator.abs), inplace_fns=(torch.abs_,),
+      meths=("abs", "absolute"), inplace_meths=("abs_", "absolute_"))
 _both("square", "arithmetic", _binder(_s_unary_noinplace), ("input",), _unary(Opcode.SQUARE),
-      fns=(torch.square,), meths=("square",), inplace_meths=("square_",))
+      fns=(torch.square,), inplace_fns=(torch.square_,), meths=("square",),
+      inplace_meths=("square_",))
 _both("pow", "arithmetic", _binder(_s_pow), ("input",), _enc_pow, _check_pow,
       fns=(torch.pow, operator.pow), inplace_fns=(operator.ipow,), meths=("pow",),
       inplace_meths=("pow_",))
@@ -329,7 +334,8 @@ for _name, _opc, _fns, _ifns, _meths, _imeths, _bindf in [
     ("mish", Opcode.MISH, (F.mish,), (), (), (), _un),
     ("hardswish", Opcode.HARDSWISH, (F.hardswish,), (), (), (), _un),
     ("hardsigmoid", Opcode.HARDSIGMOID, (F.hardsigmoid,), (), (), (), _un),
-    ("sigmoid", Opcode.SIGMOID, (torch.sigmoid, F.sigmoid), (torch.sigmoid_,), ("sigmoid",),
+    ("sigmoid", Opcode.SIGMOID, (torch.sigmoid, F.sigmoid, torch.special.expit),
+     (torch.sigmoid_,), ("sigmoid",),
      ("sigmoid_",), _un1),
     ("tanh", Opcode.TANH, (torch.tanh, F.tanh), (torch.tanh_,), ("tanh",), ("tanh_",), _un1),
 ]:
@@ -344,7 +350,7 @@ _both("leaky_relu", "activation", _binder(_s_leaky), ("input",),
 _both("elu", "activation", _binder(_s_elu), ("input",), _enc_scalar_op(Opcode.ELU, "alpha"),
       _check_scalars("alpha"), fns=(F.elu,), inplace_fns=(F.elu_,))
 _both("celu", "activation", _binder(_s_elu), ("input",), _enc_scalar_op(Opcode.CELU, "alpha"),
-      _check_scalars("alpha"), fns=(F.celu,), inplace_fns=(F.celu_,))
+      _check_scalars("alpha"), fns=(F.celu, torch.celu), inplace_fns=(F.celu_,))
 _both("gelu", "activation", _binder(_s_gelu), ("input",), _enc_gelu, _check_gelu,
       fns=(F.gelu,))
 _both("hardtanh", "activation", _binder(_s_hardtanh), ("input",),
@@ -354,7 +360,7 @@ _both("softplus", "activation", _binder(_s_softplus), ("input",),
       _enc_scalar_op(Opcode.SOFTPLUS, "beta", "threshold"), _check_scalars("beta", "threshold"),
       fns=(F.softplus,))
 _both("prelu", "activation", _binder(_s_prelu), ("input",), _enc_prelu, _check_prelu,
-      fns=(F.prelu, torch.prelu))
+      fns=(F.prelu, torch.prelu), meths=("prelu",))
 
 # clamp
 _both("clamp", "clamp", _binder(_s_clamp), ("input",), _enc_clamp, _check_clamp,
@@ -373,9 +379,12 @@ _both("clamp_max", "clamp", _binder(_s_clamp_max), ("input",),
 
 # identities: dropout in eval mode, clone/detach/contiguous
 _add(_fn(F.dropout, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout),
-     OpSpec("dropout", "dropout", _binder(_s_dropout), ("input",), _identity, _check_dropout_fn))
-_add(_meth("clone", "detach", "contiguous") + _fn(torch.clone, torch.detach),
+     OpSpec("dropout", "dropout", _binder(_s_dropout), ("input",), _identity, _check_dropout_fn,
+            alias=True))
+_add(_meth("clone") + _fn(torch.clone),
      OpSpec("identity", "dropout", _binder(_s_identity), ("input",), _identity))
+_add(_meth("detach", "contiguous") + _fn(torch.detach, operator.pos),
+     OpSpec("identity", "dropout", _binder(_s_identity), ("input",), _identity, alias=True))
 
 # batch norm (functional, eval)
 _add(_fn(F.batch_norm),
@@ -407,9 +416,9 @@ _add(_mod(nn.BatchNorm3d, nn.SyncBatchNorm),
 _add(_mod(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
           nn.FeatureAlphaDropout),
      OpSpec("Dropout", "dropout", _m, ("input",), _identity, _check_dropout_mod,
-            mode_dependent=True))
+            mode_dependent=True, alias=True))
 _add(_mod(nn.Identity), OpSpec("Identity", "dropout", _binder(_s_identity), ("input",),
-                               _identity))
+                               _identity, alias=True))
 
 # ReLU(inplace=True) and friends are in-place modules but their input is overwritten only when
 # inplace is set; the matcher asks `module_inplace(m)`.
@@ -460,9 +469,21 @@ def is_anchor(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
 def _fmt(v) -> str:
     if isinstance(v, torch.fx.Node):
         return v.name
-    if isinstance(v, (list, tuple)):
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_fmt(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+    if isinstance(v, list):
         return "[" + ", ".join(_fmt(x) for x in v) + "]"
     return repr(v)
+
+
+def _defaults(fn) -> Dict[str, Any]:
+    """Keyword defaults of a Python function (empty for builtins without a signature)."""
+    import inspect
+    try:
+        ps = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in ps if p.default is not inspect.Parameter.empty}
 
 
 def describe(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> str:
@@ -479,8 +500,19 @@ def describe(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> str:
     else:
         return node.name
     extra = [_fmt(a) for a in node.args[1:] if not isinstance(a, torch.fx.Node)]
-    extra += [f"{k}={_fmt(v)}" for k, v in node.kwargs.items()]
+    # F.softmax(x, dim=1) traces with every keyword (_stacklevel=3, dtype=None): show only
+    # the ones the caller changed
+    dflt = _defaults(node.target) if node.op == "call_function" else {}
+    extra += [f"{k}={_fmt(v)}" for k, v in node.kwargs.items()
+              if not k.startswith("_") and not (k in dflt and _same(dflt[k], v))]
     return f"{name}({', '.join(extra)})" if extra else name
+
+
+def _same(a, b) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # tensors and other values without a plain truth value
+        return False
 
 
 def supported_table():
@@ -488,13 +520,14 @@ def supported_table():
     rows: Dict[Tuple[str, str], list] = {}
     for (kind, target), spec in _SPECS.items():
         if kind == "call_module":
-            sp = f"nn.{target.__name__}"
+            sps = [f"nn.{target.__name__}"]
         elif kind == "call_method":
-            sp = f"Tensor.{target}"
-        else:
+            sps = [f"Tensor.{target}"]
+        else:  # every public name of the function (F.relu_ and torch.relu_ are one object)
             name = getattr(target, "__name__", str(target))
-            pre = ("operator" if getattr(operator, name, None) is target else
-                   "F" if getattr(F, name, None) is target else "torch")
-            sp = f"{pre}.{name}"
-        rows.setdefault((spec.family, spec.name.rstrip("_")), []).append(sp)
+            homes = [("operator", operator, name), ("F", F, name), ("torch", torch, name),
+                     ("torch.special", torch.special, name.replace("special_", "", 1))]
+            sps = [f"{pre}.{n}" for pre, mod, n in homes if getattr(mod, n, None) is target]
+            sps = sps or [f"torch.{name}"]
+        rows.setdefault((spec.family, spec.name.rstrip("_")), []).extend(sps)
     return [(f, n, ", ".join(sorted(set(s)))) for (f, n), s in sorted(rows.items())]

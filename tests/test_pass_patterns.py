@@ -1,0 +1,512 @@
+"""Every spelling of every fusable op, every anchor spelling and geometry, every operand kind.
+
+Each case builds ``ConvTranspose3d -> <one op>``, optimizes it with example inputs, checks that the
+report fused exactly that chain, that one fused site replaced it in ``opt.graph`` and runs the
+fused op, and that the optimized model equals the original (float64: to 1e-12; float32: no worse
+than eager PyTorch against a float64 reference).
+"""
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import assert_matches, optimize_checked, randn, randomize_
+
+# nn.Dropout2d on a 5-D tensor works (channel-wise) but warns that it is deprecated
+pytestmark = pytest.mark.filterwarnings("ignore:dropout2d.*5-D input:UserWarning")
+
+C_IN, C = 3, 4
+X_SHAPE = (2, C_IN, 3, 4, 5)
+Y_SHAPE = (2, C, 6, 8, 10)   # stride 2, padding 1, output_padding 1, kernel 3
+DTYPES = [torch.float64, torch.float32]
+
+
+class Site(nn.Module):
+    """``epilogue(self, up(x), skip)``; ``skip`` is a full-shape second input.
+
+    Holds a per-channel Parameter ``pc`` (C,1,1,1), a per-channel buffer ``bc`` (1,C,1,1,1), a
+    vector Parameter ``vec`` (C,), a 0-d buffer ``s0`` and a 0-d Parameter ``p0``, and the
+    modules of ``mods``.
+    """
+
+    def __init__(self, epilogue, mods=None, conv=None):
+        super().__init__()
+        self.up = conv if conv is not None else nn.ConvTranspose3d(
+            C_IN, C, 3, stride=2, padding=1, output_padding=1)
+        self.mods = nn.ModuleDict(mods or {})
+        self.pc = nn.Parameter(torch.empty(C, 1, 1, 1))
+        self.register_buffer("bc", torch.empty(1, C, 1, 1, 1))
+        self.vec = nn.Parameter(torch.empty(C))
+        self.register_buffer("s0", torch.empty(()))
+        self.p0 = nn.Parameter(torch.empty(()))
+        self.epilogue = epilogue
+
+    def forward(self, x, skip):
+        return self.epilogue(self, self.up(x), skip)
+
+
+def build(epilogue, mods=None, dtype=torch.float64, seed=0, conv=None):
+    m = randomize_(Site(epilogue, mods, conv), seed).to(dtype).eval()
+    x = randn(*X_SHAPE, dtype=dtype, seed=seed + 1)
+    skip = randn(*Y_SHAPE, dtype=dtype, seed=seed + 2)
+    return m, (x, skip)
+
+
+# (id, modules factory or None, epilogue(m, y, skip), the op's name in the report's chain, or the
+# list of names after the conv when the epilogue has more than one op)
+ARITH = [
+    ("operator.add", None, lambda m, y, s: y + 0.5, "add"),
+    ("operator.add-reversed", None, lambda m, y, s: 0.5 + y, "add"),
+    ("operator.add-int", None, lambda m, y, s: y + 2, "add"),
+    ("torch.add", None, lambda m, y, s: torch.add(y, 0.5), "add"),
+    ("torch.add-alpha", None, lambda m, y, s: torch.add(y, m.pc, alpha=2), "add"),
+    ("Tensor.add", None, lambda m, y, s: y.add(m.bc), "add"),
+    ("Tensor.add_", None, lambda m, y, s: y.add_(0.25), "add_"),
+    ("Tensor.add_-alpha", None, lambda m, y, s: y.add_(m.pc, alpha=-1.5), "add_"),
+    ("operator.sub", None, lambda m, y, s: y - 0.5, "sub"),
+    ("operator.sub-reversed", None, lambda m, y, s: 0.5 - y, "sub"),
+    ("torch.sub", None, lambda m, y, s: torch.sub(y, m.pc), "sub"),
+    ("torch.sub-alpha", None, lambda m, y, s: torch.sub(y, m.bc, alpha=0.5), "sub"),
+    ("torch.subtract", None, lambda m, y, s: torch.subtract(y, 1.5), "subtract"),
+    ("Tensor.sub", None, lambda m, y, s: y.sub(m.s0), "sub"),
+    ("Tensor.subtract", None, lambda m, y, s: y.subtract(0.75), "subtract"),
+    ("Tensor.sub_", None, lambda m, y, s: y.sub_(m.pc), "sub_"),
+    ("Tensor.subtract_", None, lambda m, y, s: y.subtract_(1.0), "subtract_"),
+    ("torch.rsub", None, lambda m, y, s: torch.rsub(y, 2.0), "rsub"),
+    ("torch.rsub-alpha", None, lambda m, y, s: torch.rsub(y, m.pc, alpha=3), "rsub"),
+    ("operator.mul", None, lambda m, y, s: y * 1.5, "mul"),
+    ("operator.mul-reversed", None, lambda m, y, s: 1.5 * y, "mul"),
+    ("torch.mul", None, lambda m, y, s: torch.mul(y, m.pc), "mul"),
+    ("torch.multiply", None, lambda m, y, s: torch.multiply(y, m.p0), "multiply"),
+    ("Tensor.mul", None, lambda m, y, s: y.mul(m.bc), "mul"),
+    ("Tensor.multiply", None, lambda m, y, s: y.multiply(0.5), "multiply"),
+    ("Tensor.mul_", None, lambda m, y, s: y.mul_(m.s0), "mul_"),
+    ("Tensor.multiply_", None, lambda m, y, s: y.multiply_(3.0), "multiply_"),
+    ("operator.truediv", None, lambda m, y, s: y / 1.5, "truediv"),
+    ("operator.truediv-reversed", None, lambda m, y, s: 1.5 / y, "truediv"),
+    ("torch.div", None, lambda m, y, s: torch.div(y, m.pc), "div"),
+    ("torch.divide", None, lambda m, y, s: torch.divide(y, 3.0), "divide"),
+    ("torch.true_divide", None, lambda m, y, s: torch.true_divide(y, m.bc), "true_divide"),
+    ("Tensor.div", None, lambda m, y, s: y.div(m.p0), "div"),
+    ("Tensor.divide", None, lambda m, y, s: y.divide(2.0), "divide"),
+    ("Tensor.true_divide", None, lambda m, y, s: y.true_divide(2.0), "true_divide"),
+    ("Tensor.div_", None, lambda m, y, s: y.div_(m.pc), "div_"),
+    ("Tensor.divide_", None, lambda m, y, s: y.divide_(4.0), "divide_"),
+    ("Tensor.true_divide_", None, lambda m, y, s: y.true_divide_(4.0), "true_divide_"),
+    ("operator.neg", None, lambda m, y, s: -y, "neg"),
+    ("torch.neg", None, lambda m, y, s: torch.neg(y), "neg"),
+    ("torch.negative", None, lambda m, y, s: torch.negative(y), "negative"),
+    ("torch.neg_", None, lambda m, y, s: torch.neg_(y), "neg_"),
+    ("torch.negative_", None, lambda m, y, s: torch.negative_(y), "negative_"),
+    ("Tensor.neg", None, lambda m, y, s: y.neg(), "neg"),
+    ("Tensor.negative", None, lambda m, y, s: y.negative(), "negative"),
+    ("Tensor.neg_", None, lambda m, y, s: y.neg_(), "neg_"),
+    ("Tensor.negative_", None, lambda m, y, s: y.negative_(), "negative_"),
+    ("operator.abs", None, lambda m, y, s: abs(y), "abs"),
+    ("torch.abs", None, lambda m, y, s: torch.abs(y), "abs"),
+    ("torch.absolute", None, lambda m, y, s: torch.absolute(y), "absolute"),
+    ("torch.abs_", None, lambda m, y, s: torch.abs_(y), "abs_"),
+    ("Tensor.abs", None, lambda m, y, s: y.abs(), "abs"),
+    ("Tensor.absolute", None, lambda m, y, s: y.absolute(), "absolute"),
+    ("Tensor.abs_", None, lambda m, y, s: y.abs_(), "abs_"),
+    ("Tensor.absolute_", None, lambda m, y, s: y.absolute_(), "absolute_"),
+    ("torch.square", None, lambda m, y, s: torch.square(y), "square"),
+    ("torch.square_", None, lambda m, y, s: torch.square_(y), "square_"),
+    ("Tensor.square", None, lambda m, y, s: y.square(), "square"),
+    ("Tensor.square_", None, lambda m, y, s: y.square_(), "square_"),
+    ("operator.pow", None, lambda m, y, s: y ** 2, "pow"),
+    # augmented assignment (y += 1) on a Proxy falls back to the plain operator when traced
+    ("operator.iadd", None, lambda m, y, s: operator.iadd(y, m.pc), "add"),
+    ("operator.isub", None, lambda m, y, s: operator.isub(y, 0.5), "sub"),
+    ("operator.imul", None, lambda m, y, s: operator.imul(y, m.bc), "mul"),
+    ("operator.itruediv", None, lambda m, y, s: operator.itruediv(y, 3.0), "truediv"),
+    ("operator.ipow", None, lambda m, y, s: operator.ipow(y, 2), "pow"),
+    ("torch.pow", None, lambda m, y, s: torch.pow(y, 2), "pow"),
+    ("Tensor.pow", None, lambda m, y, s: y.pow(2.0), "pow"),
+    ("Tensor.pow_", None, lambda m, y, s: y.pow_(2), "pow_"),
+]
+
+ACT = [
+    ("nn.ReLU", lambda: {"a": nn.ReLU()}, lambda m, y, s: m.mods.a(y), "ReLU"),
+    ("nn.ReLU-inplace", lambda: {"a": nn.ReLU(inplace=True)}, lambda m, y, s: m.mods.a(y), "ReLU"),
+    ("F.relu", None, lambda m, y, s: F.relu(y), "relu"),
+    ("F.relu-inplace", None, lambda m, y, s: F.relu(y, inplace=True), "relu"),
+    ("F.relu_", None, lambda m, y, s: F.relu_(y), "relu_"),
+    ("torch.relu", None, lambda m, y, s: torch.relu(y), "relu"),
+    ("torch.relu_", None, lambda m, y, s: torch.relu_(y), "relu_"),
+    ("Tensor.relu", None, lambda m, y, s: y.relu(), "relu"),
+    ("Tensor.relu_", None, lambda m, y, s: y.relu_(), "relu_"),
+    ("nn.ReLU6", lambda: {"a": nn.ReLU6()}, lambda m, y, s: m.mods.a(y * 8), ["mul", "ReLU6"]),
+    ("nn.ReLU6-inplace", lambda: {"a": nn.ReLU6(inplace=True)},
+     lambda m, y, s: m.mods.a(y * 8), ["mul", "ReLU6"]),
+    ("F.relu6", None, lambda m, y, s: F.relu6(y * 8), ["mul", "relu6"]),
+    ("F.relu6-inplace", None, lambda m, y, s: F.relu6(y * 8, inplace=True), ["mul", "relu6"]),
+    ("nn.LeakyReLU", lambda: {"a": nn.LeakyReLU(0.2)}, lambda m, y, s: m.mods.a(y), "LeakyReLU"),
+    ("nn.LeakyReLU-inplace", lambda: {"a": nn.LeakyReLU(0.3, inplace=True)},
+     lambda m, y, s: m.mods.a(y), "LeakyReLU"),
+    ("F.leaky_relu", None, lambda m, y, s: F.leaky_relu(y, 0.05), "leaky_relu"),
+    ("F.leaky_relu-default", None, lambda m, y, s: F.leaky_relu(y), "leaky_relu"),
+    ("F.leaky_relu-inplace", None,
+     lambda m, y, s: F.leaky_relu(y, negative_slope=0.3, inplace=True), "leaky_relu"),
+    ("F.leaky_relu_", None, lambda m, y, s: F.leaky_relu_(y, 0.1), "leaky_relu_"),
+    ("nn.PReLU-1", lambda: {"a": nn.PReLU()}, lambda m, y, s: m.mods.a(y), "PReLU"),
+    ("nn.PReLU-C", lambda: {"a": nn.PReLU(C)}, lambda m, y, s: m.mods.a(y), "PReLU"),
+    ("F.prelu", None, lambda m, y, s: F.prelu(y, m.vec), "prelu"),
+    ("F.prelu-1", None, lambda m, y, s: F.prelu(y, m.p0.reshape(1)), "prelu"),
+    ("torch.prelu", None, lambda m, y, s: torch.prelu(y, m.vec), "prelu"),
+    ("Tensor.prelu", None, lambda m, y, s: y.prelu(m.vec), "prelu"),
+    ("nn.ELU", lambda: {"a": nn.ELU(0.7)}, lambda m, y, s: m.mods.a(y), "ELU"),
+    ("nn.ELU-inplace", lambda: {"a": nn.ELU(1.2, inplace=True)}, lambda m, y, s: m.mods.a(y),
+     "ELU"),
+    ("F.elu", None, lambda m, y, s: F.elu(y, 0.7), "elu"),
+    ("F.elu-inplace", None, lambda m, y, s: F.elu(y, alpha=0.4, inplace=True), "elu"),
+    ("F.elu_", None, lambda m, y, s: F.elu_(y, 1.5), "elu_"),
+    ("nn.CELU", lambda: {"a": nn.CELU(1.3)}, lambda m, y, s: m.mods.a(y), "CELU"),
+    ("nn.CELU-inplace", lambda: {"a": nn.CELU(0.6, inplace=True)}, lambda m, y, s: m.mods.a(y),
+     "CELU"),
+    ("F.celu", None, lambda m, y, s: F.celu(y, 1.3), "celu"),
+    ("F.celu-inplace", None, lambda m, y, s: F.celu(y, 0.8, inplace=True), "celu"),
+    ("F.celu_", None, lambda m, y, s: F.celu_(y, 0.8), "celu_"),
+    ("torch.celu", None, lambda m, y, s: torch.celu(y, 0.9), "celu"),
+    ("nn.SELU", lambda: {"a": nn.SELU()}, lambda m, y, s: m.mods.a(y), "SELU"),
+    ("nn.SELU-inplace", lambda: {"a": nn.SELU(inplace=True)}, lambda m, y, s: m.mods.a(y), "SELU"),
+    ("F.selu", None, lambda m, y, s: F.selu(y), "selu"),
+    ("F.selu-inplace", None, lambda m, y, s: F.selu(y, inplace=True), "selu"),
+    ("F.selu_", None, lambda m, y, s: F.selu_(y), "selu_"),
+    ("torch.selu", None, lambda m, y, s: torch.selu(y), "selu"),
+    ("nn.GELU", lambda: {"a": nn.GELU()}, lambda m, y, s: m.mods.a(y), "GELU"),
+    ("nn.GELU-tanh", lambda: {"a": nn.GELU(approximate="tanh")}, lambda m, y, s: m.mods.a(y),
+     "GELU"),
+    ("F.gelu", None, lambda m, y, s: F.gelu(y), "gelu"),
+    ("F.gelu-none", None, lambda m, y, s: F.gelu(y, approximate="none"), "gelu"),
+    ("F.gelu-tanh", None, lambda m, y, s: F.gelu(y, approximate="tanh"), "gelu"),
+    ("nn.SiLU", lambda: {"a": nn.SiLU()}, lambda m, y, s: m.mods.a(y), "SiLU"),
+    ("nn.SiLU-inplace", lambda: {"a": nn.SiLU(inplace=True)}, lambda m, y, s: m.mods.a(y), "SiLU"),
+    ("F.silu", None, lambda m, y, s: F.silu(y), "silu"),
+    ("F.silu-inplace", None, lambda m, y, s: F.silu(y, inplace=True), "silu"),
+    ("nn.Mish", lambda: {"a": nn.Mish()}, lambda m, y, s: m.mods.a(y), "Mish"),
+    ("nn.Mish-inplace", lambda: {"a": nn.Mish(inplace=True)}, lambda m, y, s: m.mods.a(y), "Mish"),
+    ("F.mish", None, lambda m, y, s: F.mish(y), "mish"),
+    ("F.mish-inplace", None, lambda m, y, s: F.mish(y, inplace=True), "mish"),
+    ("nn.Hardswish", lambda: {"a": nn.Hardswish()}, lambda m, y, s: m.mods.a(y * 4),
+     ["mul", "Hardswish"]),
+    ("nn.Hardswish-inplace", lambda: {"a": nn.Hardswish(inplace=True)},
+     lambda m, y, s: m.mods.a(y * 4), ["mul", "Hardswish"]),
+    ("F.hardswish", None, lambda m, y, s: F.hardswish(y * 4), ["mul", "hardswish"]),
+    ("F.hardswish-inplace", None, lambda m, y, s: F.hardswish(y * 4, inplace=True),
+     ["mul", "hardswish"]),
+    ("nn.Hardsigmoid", lambda: {"a": nn.Hardsigmoid()}, lambda m, y, s: m.mods.a(y * 4),
+     ["mul", "Hardsigmoid"]),
+    ("nn.Hardsigmoid-inplace", lambda: {"a": nn.Hardsigmoid(inplace=True)},
+     lambda m, y, s: m.mods.a(y * 4), ["mul", "Hardsigmoid"]),
+    ("F.hardsigmoid", None, lambda m, y, s: F.hardsigmoid(y * 4), ["mul", "hardsigmoid"]),
+    ("F.hardsigmoid-inplace", None, lambda m, y, s: F.hardsigmoid(y * 4, inplace=True),
+     ["mul", "hardsigmoid"]),
+    ("nn.Hardtanh", lambda: {"a": nn.Hardtanh(-0.5, 0.7)}, lambda m, y, s: m.mods.a(y),
+     "Hardtanh"),
+    ("nn.Hardtanh-inplace", lambda: {"a": nn.Hardtanh(-0.3, 0.2, inplace=True)},
+     lambda m, y, s: m.mods.a(y), "Hardtanh"),
+    ("F.hardtanh", None, lambda m, y, s: F.hardtanh(y, -0.5, 0.7), "hardtanh"),
+    ("F.hardtanh-default", None, lambda m, y, s: F.hardtanh(y * 3), ["mul", "hardtanh"]),
+    ("F.hardtanh-inplace", None, lambda m, y, s: F.hardtanh(y, min_val=-0.1, inplace=True),
+     "hardtanh"),
+    ("F.hardtanh_", None, lambda m, y, s: F.hardtanh_(y, -0.2, 0.4), "hardtanh_"),
+    ("nn.Sigmoid", lambda: {"a": nn.Sigmoid()}, lambda m, y, s: m.mods.a(y), "Sigmoid"),
+    ("torch.sigmoid", None, lambda m, y, s: torch.sigmoid(y), "sigmoid"),
+    ("F.sigmoid", None, lambda m, y, s: F.sigmoid(y), "sigmoid"),
+    ("torch.special.expit", None, lambda m, y, s: torch.special.expit(y), "special_expit"),
+    ("torch.sigmoid_", None, lambda m, y, s: torch.sigmoid_(y), "sigmoid_"),
+    ("Tensor.sigmoid", None, lambda m, y, s: y.sigmoid(), "sigmoid"),
+    ("Tensor.sigmoid_", None, lambda m, y, s: y.sigmoid_(), "sigmoid_"),
+    ("nn.Tanh", lambda: {"a": nn.Tanh()}, lambda m, y, s: m.mods.a(y), "Tanh"),
+    ("torch.tanh", None, lambda m, y, s: torch.tanh(y), "tanh"),
+    ("F.tanh", None, lambda m, y, s: F.tanh(y), "tanh"),
+    ("torch.tanh_", None, lambda m, y, s: torch.tanh_(y), "tanh_"),
+    ("Tensor.tanh", None, lambda m, y, s: y.tanh(), "tanh"),
+    ("Tensor.tanh_", None, lambda m, y, s: y.tanh_(), "tanh_"),
+    ("nn.Softplus", lambda: {"a": nn.Softplus()}, lambda m, y, s: m.mods.a(y), "Softplus"),
+    ("nn.Softplus-beta", lambda: {"a": nn.Softplus(beta=2.0, threshold=0.5)},
+     lambda m, y, s: m.mods.a(y), "Softplus"),
+    ("F.softplus", None, lambda m, y, s: F.softplus(y, beta=0.5, threshold=0.3), "softplus"),
+]
+
+CLAMP = [
+    ("torch.clamp", None, lambda m, y, s: torch.clamp(y, -0.5, 0.4), "clamp"),
+    ("torch.clamp-min", None, lambda m, y, s: torch.clamp(y, min=-0.2), "clamp"),
+    ("torch.clamp-max", None, lambda m, y, s: torch.clamp(y, max=0.3), "clamp"),
+    ("torch.clip", None, lambda m, y, s: torch.clip(y, -0.1, 0.1), "clip"),
+    ("torch.clamp_", None, lambda m, y, s: torch.clamp_(y, -0.3, 0.6), "clamp_"),
+    ("torch.clip_", None, lambda m, y, s: torch.clip_(y, min=0.1), "clip_"),
+    ("Tensor.clamp", None, lambda m, y, s: y.clamp(-0.5, 0.5), "clamp"),
+    ("Tensor.clamp-max", None, lambda m, y, s: y.clamp(max=0.0), "clamp"),
+    ("Tensor.clip", None, lambda m, y, s: y.clip(0.0, 0.2), "clip"),
+    ("Tensor.clamp_", None, lambda m, y, s: y.clamp_(min=-0.25), "clamp_"),
+    ("Tensor.clip_", None, lambda m, y, s: y.clip_(-0.4, 0.4), "clip_"),
+    ("torch.clamp_min", None, lambda m, y, s: torch.clamp_min(y, 0.1), "clamp_min"),
+    ("torch.clamp_min_", None, lambda m, y, s: torch.clamp_min_(y, -0.1), "clamp_min_"),
+    ("torch.clamp_max", None, lambda m, y, s: torch.clamp_max(y, 0.1), "clamp_max"),
+    ("torch.clamp_max_", None, lambda m, y, s: torch.clamp_max_(y, -0.1), "clamp_max_"),
+    ("Tensor.clamp_min", None, lambda m, y, s: y.clamp_min(0.2), "clamp_min"),
+    ("Tensor.clamp_min_", None, lambda m, y, s: y.clamp_min_(0.2), "clamp_min_"),
+    ("Tensor.clamp_max", None, lambda m, y, s: y.clamp_max(0.2), "clamp_max"),
+    ("Tensor.clamp_max_", None, lambda m, y, s: y.clamp_max_(0.2), "clamp_max_"),
+]
+
+NORM_DROPOUT = [
+    ("nn.BatchNorm3d", lambda: {"a": nn.BatchNorm3d(C)}, lambda m, y, s: m.mods.a(y),
+     "BatchNorm3d"),
+    ("nn.BatchNorm3d-no-affine", lambda: {"a": nn.BatchNorm3d(C, affine=False, eps=1e-3)},
+     lambda m, y, s: m.mods.a(y), "BatchNorm3d"),
+    ("F.batch_norm", lambda: {"a": nn.BatchNorm3d(C, eps=1e-2)},
+     lambda m, y, s: F.batch_norm(y, m.mods.a.running_mean, m.mods.a.running_var,
+                                  m.mods.a.weight, m.mods.a.bias, False, 0.1, 1e-2),
+     "batch_norm"),
+    ("F.batch_norm-no-affine", lambda: {"a": nn.BatchNorm3d(C)},
+     lambda m, y, s: F.batch_norm(y, m.mods.a.running_mean, m.mods.a.running_var,
+                                  training=False), "batch_norm"),
+    ("nn.Dropout", lambda: {"a": nn.Dropout(0.3)}, lambda m, y, s: m.mods.a(y), "Dropout"),
+    ("nn.Dropout-inplace", lambda: {"a": nn.Dropout(0.3, inplace=True)},
+     lambda m, y, s: m.mods.a(y), "Dropout"),
+    ("nn.Dropout3d", lambda: {"a": nn.Dropout3d(0.5)}, lambda m, y, s: m.mods.a(y), "Dropout3d"),
+    ("nn.Dropout2d", lambda: {"a": nn.Dropout2d(0.5)}, lambda m, y, s: m.mods.a(y), "Dropout2d"),
+    ("nn.SyncBatchNorm", lambda: {"a": nn.SyncBatchNorm(C)}, lambda m, y, s: m.mods.a(y),
+     "SyncBatchNorm"),
+    ("nn.AlphaDropout", lambda: {"a": nn.AlphaDropout(0.2)}, lambda m, y, s: m.mods.a(y),
+     "AlphaDropout"),
+    ("nn.FeatureAlphaDropout", lambda: {"a": nn.FeatureAlphaDropout(0.2)},
+     lambda m, y, s: m.mods.a(y), "FeatureAlphaDropout"),
+    ("F.dropout", None, lambda m, y, s: F.dropout(y, 0.3, training=False), "dropout"),
+    ("F.dropout3d", None, lambda m, y, s: F.dropout3d(y, 0.3, training=False), "dropout3d"),
+    ("F.alpha_dropout", None, lambda m, y, s: F.alpha_dropout(y, 0.3, training=False),
+     "alpha_dropout"),
+    ("F.feature_alpha_dropout", None,
+     lambda m, y, s: F.feature_alpha_dropout(y, 0.3, training=False), "feature_alpha_dropout"),
+    ("nn.Identity", lambda: {"a": nn.Identity()}, lambda m, y, s: m.mods.a(y), "Identity"),
+    ("Tensor.clone", None, lambda m, y, s: y.clone() * 2, ["clone", "mul"]),
+    ("torch.clone", None, lambda m, y, s: torch.clone(y) * 2, ["clone", "mul"]),
+    ("Tensor.detach", None, lambda m, y, s: y.detach() * 2, ["detach", "mul"]),
+    ("torch.detach", None, lambda m, y, s: torch.detach(y) * 2, ["detach", "mul"]),
+    ("Tensor.contiguous", None, lambda m, y, s: y.contiguous() * 2, ["contiguous", "mul"]),
+    ("operator.pos", None, lambda m, y, s: (+y) * 2, ["pos", "mul"]),
+]
+
+SPELLINGS = ARITH + ACT + CLAMP + NORM_DROPOUT
+
+
+def _chain(case):
+    tail = case[3]
+    return ["ConvTranspose3d", *([tail] if isinstance(tail, str) else tail)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SPELLINGS, ids=[c[0] for c in SPELLINGS])
+def test_spelling_fused_and_equal(case, dtype):
+    cid, mods, fn, _ = case
+    m, inputs = build(fn, mods() if mods else None, dtype)
+    if "BatchNorm" in cid or "batch_norm" in cid:   # random statistics, not the init values
+        randomize_(m.mods, seed=7)
+    opt = optimize_checked(m, inputs, chain=_chain(case))
+    site = opt.ct3d_report.sites[0]
+    assert site.fqn == "up" and site.kind == "module"
+    assert site.ops_fused == len(site.chain) - 1
+    assert site.output_shape == list(Y_SHAPE) and site.dtype == str(dtype)
+    assert site.stop == "the result is a graph output", site.stop
+    assert_matches(opt, m, inputs, what=cid)
+    # fresh inputs, not only the example inputs the pass verified with
+    fresh = (randn(*X_SHAPE, dtype=dtype, seed=11), randn(*Y_SHAPE, dtype=dtype, seed=12))
+    assert_matches(opt, m, fresh, what=f"{cid} (fresh inputs)")
+
+
+# --------------------------------------------------------------------------------------------
+# Operands of binary ops
+# --------------------------------------------------------------------------------------------
+OPERANDS = {
+    "python-float": lambda m, s: 0.75,
+    "python-int": lambda m, s: 3,
+    "0-d-buffer": lambda m, s: m.s0,
+    "0-d-parameter": lambda m, s: m.p0,
+    "param-(C,1,1,1)": lambda m, s: m.pc,
+    "buffer-(1,C,1,1,1)": lambda m, s: m.bc,
+    "vec-view-(C,1,1,1)": lambda m, s: m.vec.view(C, 1, 1, 1),
+    "vec-view-(1,C,1,1,1)": lambda m, s: m.vec.view(1, -1, 1, 1, 1),
+    "vec-reshape": lambda m, s: m.vec.reshape(1, C, 1, 1, 1),
+    "vec-indexed": lambda m, s: m.vec[:, None, None, None],
+    "param-expression": lambda m, s: m.pc * 2 + 1,
+    "side-input-full": lambda m, s: s,
+    "side-input-channel-slice": lambda m, s: s[:, :, :1, :1, :1],
+}
+BINOPS = {
+    "add": (operator.add, "add"), "sub": (operator.sub, "sub"), "mul": (operator.mul, "mul"),
+    "div": (operator.truediv, "truediv"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reverse", [False, True], ids=["conv-first", "operand-first"])
+@pytest.mark.parametrize("op", list(BINOPS))
+@pytest.mark.parametrize("operand", list(OPERANDS))
+def test_binary_operand(operand, op, reverse, dtype):
+    fn, name = BINOPS[op]
+    get = OPERANDS[operand]
+    if reverse:
+        epi = lambda m, y, s: fn(get(m, s), y)  # noqa: E731
+    else:
+        epi = lambda m, y, s: fn(y, get(m, s))  # noqa: E731
+    m, inputs = build(epi, dtype=dtype, seed=3)
+    opt = optimize_checked(m, inputs, chain=["ConvTranspose3d", name])
+    assert_matches(opt, m, inputs, what=f"{operand} {op} reverse={reverse}")
+
+
+# --------------------------------------------------------------------------------------------
+# Anchors: spellings and geometry
+# --------------------------------------------------------------------------------------------
+# (kernel, stride, padding, output_padding, dilation, groups, C_in, C_out, input spatial)
+GEOMETRY = [
+    (1, 1, 0, 0, 1, 1, 2, 3, (3, 3, 3)),
+    (2, 2, 0, 0, 1, 1, 3, 2, (2, 3, 4)),
+    (3, 2, 1, 1, 1, 1, 3, 4, (3, 2, 3)),
+    ((2, 3, 1), (1, 2, 3), (0, 1, 0), (0, 1, 2), 1, 1, 2, 2, (3, 3, 2)),
+    (3, 1, 2, 0, 2, 1, 2, 3, (4, 3, 3)),
+    (2, 2, (1, 0, 1), 1, 2, 1, 2, 2, (3, 3, 3)),
+    (3, 2, 1, 0, 1, 2, 4, 6, (2, 3, 3)),
+    ((1, 3, 2), 3, (0, 1, 1), (2, 0, 1), (1, 1, 2), 3, 6, 3, (2, 2, 3)),
+    (4, 1, 0, 0, 1, 4, 4, 4, (1, 2, 3)),
+]
+
+
+class Functional(nn.Module):
+    """conv_transpose3d through ``fn`` (F.conv_transpose3d or torch.conv_transpose3d)."""
+
+    def __init__(self, fn, conv, kwargs_style):
+        super().__init__()
+        self.fn, self.conv, self.kwargs_style = fn, conv, kwargs_style
+        self.scale = nn.Parameter(torch.empty(conv.out_channels, 1, 1, 1))
+
+    def forward(self, x):
+        c = self.conv
+        if self.kwargs_style:
+            y = self.fn(x, c.weight, bias=c.bias, stride=c.stride, padding=c.padding,
+                        output_padding=c.output_padding, groups=c.groups, dilation=c.dilation)
+        else:
+            y = self.fn(x, c.weight, c.bias, c.stride, c.padding, c.output_padding, c.groups,
+                        c.dilation)
+        return F.silu(y * self.scale)
+
+
+class Module(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+        self.scale = nn.Parameter(torch.empty(conv.out_channels, 1, 1, 1))
+
+    def forward(self, x):
+        return F.silu(self.conv(x) * self.scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("anchor", ["nn.ConvTranspose3d", "F.conv_transpose3d",
+                                    "F.conv_transpose3d-kwargs", "torch.conv_transpose3d"])
+@pytest.mark.parametrize("geom", GEOMETRY, ids=[f"g{i}" for i in range(len(GEOMETRY))])
+def test_anchor_geometry(geom, anchor, bias, dtype):
+    k, st, pa, op, di, g, cin, cout, sp = geom
+    conv = nn.ConvTranspose3d(cin, cout, k, stride=st, padding=pa, output_padding=op, groups=g,
+                              dilation=di, bias=bias)
+    if anchor == "nn.ConvTranspose3d":
+        m, chain0, kind = Module(conv), "ConvTranspose3d", "module"
+    else:
+        fn = torch.conv_transpose3d if anchor.startswith("torch") else F.conv_transpose3d
+        m, chain0, kind = Functional(fn, conv, anchor.endswith("kwargs")), "conv_transpose3d", \
+            "function"
+    m = randomize_(m, seed=5).to(dtype).eval()
+    x = randn(2, cin, *sp, dtype=dtype, seed=6)
+    opt = optimize_checked(m, (x,), chain=[chain0, "mul", "silu"])
+    assert opt.ct3d_report.sites[0].kind == kind
+    assert_matches(opt, m, (x,), what=f"{anchor} {geom}")
+    assert_matches(opt, m, (randn(1, cin, *sp, dtype=dtype, seed=8),), what="batch 1")
+
+
+class OutputSize(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(3, 2, 3, stride=(2, 3, 2), padding=1)
+        self.size = size
+
+    def forward(self, x):
+        return torch.relu(self.up(x, output_size=self.size))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("size", [[5, 7, 7], [6, 9, 8], [2, 2, 6, 8, 7], (5, 8, 8)], ids=str)
+def test_anchor_output_size(size, dtype):
+    m = randomize_(OutputSize(size)).to(dtype).eval()
+    x = randn(2, 3, 3, 3, 4, dtype=dtype, seed=2)
+    opt = optimize_checked(m, (x,), chain=["ConvTranspose3d", "relu"])
+    out = opt(x)
+    assert list(out.shape[2:]) == list(size)[-3:]
+    assert opt.ct3d_report.sites[0].output_shape == [2, 2, *list(size)[-3:]]
+    assert_matches(opt, m, (x,), what=f"output_size={size}")
+
+
+class OutputSizeFromSkip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(3, 2, 3, stride=2, padding=1)
+
+    def forward(self, x, skip):
+        return torch.relu(self.up(x, output_size=skip.shape)) + skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_anchor_output_size_from_tensor_shape(dtype):
+    """``output_size=skip.shape`` (the U-Net idiom) is only known at run time."""
+    m = randomize_(OutputSizeFromSkip()).to(dtype).eval()
+    x = randn(2, 3, 3, 3, 4, dtype=dtype, seed=2)
+    for spatial in [(5, 5, 7), (6, 6, 8), (5, 6, 8)]:
+        skip = randn(2, 2, *spatial, dtype=dtype, seed=sum(spatial))
+        opt = optimize_checked(m, (x, skip), chain=["ConvTranspose3d", "relu", "add"])
+        assert_matches(opt, m, (x, skip), what=f"output_size={spatial}")
+    # the same optimized module serves every output size
+    for spatial in [(5, 5, 7), (6, 6, 8)]:
+        skip = randn(2, 2, *spatial, dtype=dtype, seed=1)
+        assert_matches(opt, m, (x, skip), what=f"reused at output_size={spatial}")
+
+
+def test_several_sites_and_shared_conv():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.ConvTranspose3d(3, 3, 2, stride=2)
+            self.b = nn.ConvTranspose3d(3, 2, 3, padding=1)
+
+        def forward(self, x):
+            y = torch.tanh(self.a(x))
+            y = F.gelu(self.a(y) - 0.5)      # the same module twice
+            return self.b(y) * 2.0
+
+    m = randomize_(Net()).double().eval()
+    x = randn(1, 3, 2, 2, 3)
+    opt = optimize_checked(m, (x,), sites=3)
+    chains = [s.chain for s in opt.ct3d_report.sites]
+    assert chains == [["ConvTranspose3d", "tanh"], ["ConvTranspose3d", "sub", "gelu"],
+                      ["ConvTranspose3d", "mul"]]
+    assert [s.fqn for s in opt.ct3d_report.sites] == ["a", "a", "b"]
+    assert_matches(opt, m, (x,))
+
+
+def test_every_table_spelling_is_tested():
+    """Each row of patterns.supported_table() has a case above (new spellings need a test)."""
+    from ct3d_fx import patterns
+    tested = {c[0].split("-")[0] for c in SPELLINGS}
+    # nn.Dropout1d takes 2-D/3-D inputs only: it cannot follow a ConvTranspose3d in eager either
+    tested.add("nn.Dropout1d")
+    spellings = {sp for _, _, sps in patterns.supported_table() for sp in sps.split(", ")}
+    aliases = {"F.relu_": "torch.relu_", "F.selu_": "torch.selu_", "F.celu_": "torch.celu_",
+               "F.sigmoid": "torch.sigmoid", "F.tanh": "torch.tanh"}
+    tested |= {aliases.get(t, t) for t in tested}
+    missing = sorted(spellings - tested)
+    assert not missing, f"spellings without a test: {missing}"
