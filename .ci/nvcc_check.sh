@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# CI step (no GPU needed): compile the fused kernel's headers with nvcc for sm_80 and sm_90a.
+#
+# Every csrc/kernels_*.cu is a standalone translation unit that instantiates the kernels of
+# csrc/ct3d_conv.cuh and includes no torch header, so nvcc alone compiles it. The flags are
+# those torch.utils.cpp_extension passes (the __CUDA_NO_HALF*__ defines included), so code that
+# compiles here compiles in the extension. Fails on any compile error or warning, and on
+# register spills; prints each kernel's registers and stack frame.
+#
+#   .ci/nvcc_check.sh            # uses nvcc from PATH or $CUDA_HOME/bin
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NVCC=${NVCC:-$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")}
+[ -x "$NVCC" ] || { echo "nvcc_check: nvcc not found (set NVCC or CUDA_HOME)"; exit 2; }
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+FLAGS=(-std=c++17 -O3 -lineinfo --expt-relaxed-constexpr
+       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
+       -Werror all-warnings -Xptxas -v -Xptxas -warn-spills -Icsrc)
+ARCHS=("-gencode=arch=compute_80,code=sm_80" "-gencode=arch=compute_90a,code=sm_90a")
+"$NVCC" --version | tail -n 1
+status=0
+for src in csrc/kernels_*.cu; do
+  for arch in "${ARCHS[@]}"; do
+    log="$OUT/$(basename "$src" .cu).${arch##*=}.log"
+    if "$NVCC" "${FLAGS[@]}" "$arch" -c "$src" -o "$OUT/k.o" >"$log" 2>&1; then
+      if grep -Eq "[1-9][0-9]* bytes spill (stores|loads)" "$log"; then
+        echo "FAIL  $src ${arch##*=}: register spills"; grep "spill" "$log" | sort | uniq -c; status=1
+      else
+        regs=$(grep -o "Used [0-9]* registers" "$log" | awk '{print $2}' | sort -n | tr '\n' ' ')
+        stack=$(grep -o "[0-9]* bytes stack frame" "$log" | awk '{print $1}' | sort -n | uniq | tr '\n' ' ')
+        echo "ok    $src ${arch##*=}: registers per kernel: ${regs}; stack frames (bytes): ${stack}"
+      fi
+    else
+      echo "FAIL  $src ${arch##*=}"; cat "$log"; status=1
+    fi
+  done
+done
+# The translation units must link together (no symbol defined twice by the headers).
+objs=()
+for src in csrc/kernels_*.cu; do
+  "$NVCC" "${FLAGS[@]}" "${ARCHS[1]}" -Xcompiler -fPIC -c "$src" -o "$OUT/$(basename "$src" .cu).o" \
+    >/dev/null 2>&1 && objs+=("$OUT/$(basename "$src" .cu).o")
+done
+if ! "$NVCC" -shared "${objs[@]}" -o "$OUT/libct3d_check.so" >"$OUT/link.log" 2>&1; then
+  echo "FAIL  the kernel objects do not link together"; cat "$OUT/link.log"; status=1
+else
+  echo "ok    the ${#objs[@]} kernel objects link into one shared library"
+fi
+# The headers must not need torch: compile them alone, each included first.
+for hdr in csrc/*.cuh csrc/*.h; do
+  printf '#include "%s"\n' "$(basename "$hdr")" >"$OUT/only.cu"
+  if ! "$NVCC" -std=c++17 --expt-relaxed-constexpr -Icsrc -c "$OUT/only.cu" -o "$OUT/only.o" \
+      >"$OUT/only.log" 2>&1; then
+    echo "FAIL  $hdr does not compile on its own"; cat "$OUT/only.log"; status=1
+  fi
+done
+[ $status -eq 0 ] && echo "nvcc_check: all kernels compile for sm_80 and sm_90a"
+exit $status

@@ -1,0 +1,1 @@
+"""CUDA C++ sources of the fused kernel (package data; compiled by ct3d_fx._build)."""

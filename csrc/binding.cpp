@@ -1,0 +1,222 @@
+// The one torch-facing file: checks arguments, fills ct3d::ConvParams, launches the fused
+// kernel on the current stream of the input's device, checks the launch.
+//
+// Python (ct3d_fx/_cuda.py) has already validated the op's arguments, allocated the output
+// with the fake kernel's shape/strides/dtype, repacked the weight and decoded the epilogue;
+// the checks here guard the ABI between the two sides.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstring>
+#include <vector>
+
+#include "ct3d_launch.h"
+#include "ct3d_params.h"
+
+namespace {
+
+int32_t dtype_code(at::ScalarType t, const char* what) {
+  switch (t) {
+    case at::kFloat:
+      return ct3d::kF32;
+    case at::kHalf:
+      return ct3d::kF16;
+    case at::kBFloat16:
+      return ct3d::kBF16;
+    case at::kDouble:
+      return ct3d::kF64;
+    default:
+      TORCH_CHECK(false, "ct3d: ", what, " must be float32, float16, bfloat16 or float64, got ",
+                  t);
+  }
+  return -1;
+}
+
+void check_cuda_on(const at::Tensor& t, const at::Device& dev, const char* what) {
+  TORCH_CHECK(t.is_cuda(), "ct3d: ", what, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == dev, "ct3d: ", what, " is on ", t.device(), ", expected ", dev,
+              " (the input's device)");
+}
+
+// x: (N, C_in, D, H, W); w: (C_in, C_out/groups, kD, kH, kW), any strides; bias: (C_out,)
+// contiguous or None; y: (N, C_out, D_out, H_out, W_out) preallocated; slots: the epilogue's
+// device tensors; slot_strides: CPU int64 (len(slots), 5), strides of each slot expanded to
+// y's shape; prog_i: CPU int32 (n_instr, 5) = op, a, b, c, d; prog_f: CPU float32 (n_instr, 2);
+// regs: (registers the program uses, register of the result); conv: stride(3), padding(3),
+// dilation(3), groups; mode: 0 exact FP32, 1 tensor cores.
+void launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+            at::Tensor& y, const std::vector<at::Tensor>& slots, const at::Tensor& slot_strides,
+            const at::Tensor& prog_i, const at::Tensor& prog_f, const std::vector<int64_t>& regs,
+            const std::vector<int64_t>& conv, int64_t mode) {
+  const at::Device dev = x.device();
+  check_cuda_on(x, dev, "input");
+  check_cuda_on(w, dev, "weight");
+  check_cuda_on(y, dev, "output");
+  TORCH_CHECK(x.dim() == 5, "ct3d: input must be 5-D, got ", x.dim(), "-D");
+  TORCH_CHECK(w.dim() == 5, "ct3d: weight must be 5-D, got ", w.dim(), "-D");
+  TORCH_CHECK(y.dim() == 5, "ct3d: output must be 5-D, got ", y.dim(), "-D");
+  TORCH_CHECK(conv.size() == 10, "ct3d: conv must hold 10 ints (stride, padding, dilation, "
+              "groups), got ", conv.size());
+  const int32_t in_dt = dtype_code(x.scalar_type(), "input");
+  TORCH_CHECK(in_dt != ct3d::kF64, "ct3d: the fused kernel does not take float64 input");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "ct3d: weight dtype ", w.scalar_type(),
+              " must match input dtype ", x.scalar_type());
+  const int32_t y_dt = dtype_code(y.scalar_type(), "output");
+  TORCH_CHECK(y_dt != ct3d::kF64, "ct3d: the fused kernel does not write float64 output");
+  TORCH_CHECK(mode == ct3d::kModeFfma || mode == ct3d::kModeTensorCore,
+              "ct3d: mode must be 0 (exact FP32) or 1 (tensor cores), got ", mode);
+  TORCH_CHECK(mode == ct3d::kModeTensorCore || in_dt == ct3d::kF32,
+              "ct3d: mode 0 (exact FP32) needs float32 input, got ", x.scalar_type());
+
+  const int64_t groups = conv[9];
+  TORCH_CHECK(groups >= 1, "ct3d: groups must be >= 1, got ", groups);
+  TORCH_CHECK(x.size(1) == w.size(0), "ct3d: input has ", x.size(1), " channels, expected ",
+              w.size(0), " (weight.size(0))");
+  TORCH_CHECK(w.size(0) % groups == 0, "ct3d: C_in=", w.size(0), " must be divisible by groups=",
+              groups);
+  TORCH_CHECK(y.size(0) == x.size(0), "ct3d: output batch ", y.size(0), " must equal input batch ",
+              x.size(0));
+  TORCH_CHECK(y.size(1) == w.size(1) * groups, "ct3d: output has ", y.size(1),
+              " channels, expected ", w.size(1) * groups, " (weight.size(1) * groups)");
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK(conv[i] >= 1 && conv[6 + i] >= 1 && conv[3 + i] >= 0,
+                "ct3d: stride and dilation must be positive and padding non-negative");
+  }
+  for (int64_t s : x.sizes()) TORCH_CHECK(s <= INT32_MAX, "ct3d: input dimension too large");
+  for (int64_t s : y.sizes()) TORCH_CHECK(s <= INT32_MAX, "ct3d: output dimension too large");
+
+  ct3d::ConvParams p;
+  std::memset(&p, 0, sizeof(p));
+  p.x = x.data_ptr();
+  for (int i = 0; i < 5; ++i) p.xs[i] = x.stride(i);
+  p.N = static_cast<int32_t>(x.size(0));
+  p.Cin = static_cast<int32_t>(x.size(1));
+  p.Di = static_cast<int32_t>(x.size(2));
+  p.Hi = static_cast<int32_t>(x.size(3));
+  p.Wi = static_cast<int32_t>(x.size(4));
+  p.w = w.data_ptr();
+  for (int i = 0; i < 5; ++i) p.ws[i] = w.stride(i);
+  p.kD = static_cast<int32_t>(w.size(2));
+  p.kH = static_cast<int32_t>(w.size(3));
+  p.kW = static_cast<int32_t>(w.size(4));
+  p.bias = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    check_cuda_on(*bias, dev, "bias");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "ct3d: bias dtype ", bias->scalar_type(),
+                " must match input dtype ", x.scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == y.size(1) && bias->is_contiguous(),
+                "ct3d: bias must be contiguous 1-D with ", y.size(1), " elements, got shape ",
+                bias->sizes());
+    p.bias = bias->data_ptr();
+  }
+  p.y = y.data_ptr();
+  for (int i = 0; i < 5; ++i) p.ys[i] = y.stride(i);
+  p.Cout = static_cast<int32_t>(y.size(1));
+  p.Do = static_cast<int32_t>(y.size(2));
+  p.Ho = static_cast<int32_t>(y.size(3));
+  p.Wo = static_cast<int32_t>(y.size(4));
+  p.y_dtype = y_dt;
+  p.groups = static_cast<int32_t>(groups);
+  p.cin_g = static_cast<int32_t>(w.size(0) / groups);
+  p.cout_g = static_cast<int32_t>(w.size(1));
+  for (int i = 0; i < 3; ++i) {
+    p.st[i] = static_cast<int32_t>(conv[i]);
+    p.pad[i] = static_cast<int32_t>(conv[3 + i]);
+    p.dil[i] = static_cast<int32_t>(conv[6 + i]);
+  }
+
+  // ---- epilogue ----
+  const int64_t n_slots = static_cast<int64_t>(slots.size());
+  TORCH_CHECK(n_slots <= ct3d::kMaxSlots, "ct3d: at most ", ct3d::kMaxSlots,
+              " epilogue tensors, got ", n_slots);
+  TORCH_CHECK(slot_strides.device().is_cpu() && slot_strides.scalar_type() == at::kLong &&
+                  slot_strides.is_contiguous() && slot_strides.dim() == 2 &&
+                  slot_strides.size(0) == n_slots && slot_strides.size(1) == 5,
+              "ct3d: slot_strides must be a contiguous CPU int64 tensor of shape (", n_slots,
+              ", 5), got ", slot_strides.sizes());
+  const int64_t* ss = slot_strides.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n_slots; ++i) {
+    const at::Tensor& t = slots[i];
+    check_cuda_on(t, dev, "epilogue tensor");
+    p.epi.slot[i].ptr = t.data_ptr();
+    for (int j = 0; j < 5; ++j) p.epi.slot[i].s[j] = ss[i * 5 + j];
+    p.epi.slot[i].dtype = dtype_code(t.scalar_type(), "epilogue tensor");
+  }
+  p.epi.n_slots = static_cast<int32_t>(n_slots);
+  TORCH_CHECK(regs.size() == 2, "ct3d: regs must hold 2 ints (count, result register), got ",
+              regs.size());
+  const int64_t n_regs = regs[0];
+  TORCH_CHECK(n_regs >= 1 && n_regs <= ct3d::kMaxRegs, "ct3d: the program must use 1 to ",
+              ct3d::kMaxRegs, " registers, got ", n_regs);
+  TORCH_CHECK(regs[1] >= 0 && regs[1] < n_regs, "ct3d: result register must be in [0, ", n_regs,
+              "), got ", regs[1]);
+  TORCH_CHECK(prog_i.device().is_cpu() && prog_i.scalar_type() == at::kInt &&
+                  prog_i.is_contiguous() && prog_i.dim() == 2 && prog_i.size(1) == 5,
+              "ct3d: prog_i must be a contiguous CPU int32 tensor of shape (n, 5), got ",
+              prog_i.sizes());
+  const int64_t n_instr = prog_i.size(0);
+  TORCH_CHECK(n_instr <= ct3d::kMaxInstr, "ct3d: at most ", ct3d::kMaxInstr,
+              " epilogue instructions, got ", n_instr);
+  TORCH_CHECK(prog_f.device().is_cpu() && prog_f.scalar_type() == at::kFloat &&
+                  prog_f.is_contiguous() && prog_f.dim() == 2 && prog_f.size(0) == n_instr &&
+                  prog_f.size(1) == 2,
+              "ct3d: prog_f must be a contiguous CPU float32 tensor of shape (", n_instr,
+              ", 2), got ", prog_f.sizes());
+  const int32_t* pi = prog_i.data_ptr<int32_t>();
+  const float* pf = prog_f.data_ptr<float>();
+  for (int64_t i = 0; i < n_instr; ++i) {
+    ct3d::Instr& I = p.epi.ins[i];
+    I.op = pi[5 * i];
+    I.a = pi[5 * i + 1];
+    I.b = pi[5 * i + 2];
+    I.c = pi[5 * i + 3];
+    I.d = pi[5 * i + 4];
+    I.f0 = pf[2 * i];
+    I.f1 = pf[2 * i + 1];
+    const bool binary = I.op == ct3d::OP_ADD || I.op == ct3d::OP_SUB || I.op == ct3d::OP_MUL ||
+                        I.op == ct3d::OP_DIV;
+    const bool loads = I.op == ct3d::OP_LOAD_SCALAR || I.op == ct3d::OP_LOAD_TENSOR;
+    TORCH_CHECK(I.d >= 0 && I.d < n_regs, "ct3d: epilogue instruction ", i,
+                ": destination register must be in [0, ", n_regs, "), got ", I.d);
+    TORCH_CHECK(loads || (I.a >= (binary ? -1 : 0) && I.a < n_regs), "ct3d: epilogue "
+                "instruction ", i, ": source register out of range: ", I.a);
+    TORCH_CHECK(!binary || (I.b >= -1 && I.b < n_regs), "ct3d: epilogue instruction ", i,
+                ": second source register out of range: ", I.b);
+    const int need = I.op == ct3d::OP_BATCH_NORM ? (I.b ? 4 : 2)
+                     : (I.op == ct3d::OP_LOAD_TENSOR || I.op == ct3d::OP_PRELU) ? 1 : 0;
+    TORCH_CHECK(need == 0 || (I.c >= 0 && I.c + need <= n_slots), "ct3d: epilogue instruction ",
+                i, ": slot ", I.c, " out of range for ", n_slots, " epilogue tensors");
+  }
+  p.epi.n_regs = static_cast<int32_t>(n_regs);
+  p.epi.out_reg = static_cast<int32_t>(regs[1]);
+  p.epi.n_instr = static_cast<int32_t>(n_instr);
+
+  if (y.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(dev);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  cudaError_t err;
+  if (in_dt == ct3d::kF32) {
+    err = mode == ct3d::kModeTensorCore ? ct3d::launch_f32_tf32(p, stream)
+                                        : ct3d::launch_f32_ffma(p, stream);
+  } else if (in_dt == ct3d::kF16) {
+    err = ct3d::launch_f16_tc(p, stream);
+  } else {
+    err = ct3d::launch_bf16_tc(p, stream);
+  }
+  TORCH_CHECK(err == cudaSuccess, "ct3d: fused conv_transpose3d kernel launch failed: ",
+              cudaGetErrorString(err));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ct3d_fx fused ConvTranspose3d + epilogue CUDA kernel";
+  m.def("launch", &launch, "Launch the fused kernel (see csrc/binding.cpp)", py::arg("x"),
+        py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("slots"), py::arg("slot_strides"),
+        py::arg("prog_i"), py::arg("prog_f"), py::arg("regs"), py::arg("conv"), py::arg("mode"));
+  m.attr("MAX_INSTR") = ct3d::kMaxInstr;
+  m.attr("MAX_SLOTS") = ct3d::kMaxSlots;
+  m.attr("MAX_REGS") = ct3d::kMaxRegs;
+}

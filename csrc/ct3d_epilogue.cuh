@@ -1,0 +1,213 @@
+// The epilogue interpreter: runs a decoded program (ct3d_params.h, struct Epilogue) on a tile
+// of output elements in FP32, with shared-memory tiles as registers. No torch header.
+//
+// Each function mirrors the PyTorch op the reference runs (ct3d_fx/ops.py, _run_program),
+// computed in float32 the way PyTorch's CUDA kernels compute float/half/bfloat16 inputs
+// ("opmath" float): the result differs from the unfused model only by the rounding of
+// intermediates to a half dtype, which the fused kernel does not do.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "ct3d_params.h"
+
+namespace ct3d {
+
+__device__ __forceinline__ float load_as_float(const void* ptr, int64_t off, int dtype) {
+  switch (dtype) {
+    case kF16:
+      return __half2float(static_cast<const __half*>(ptr)[off]);
+    case kBF16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(ptr)[off]);
+    case kF64:
+      return static_cast<float>(static_cast<const double*>(ptr)[off]);
+    default:
+      return static_cast<const float*>(ptr)[off];
+  }
+}
+
+__device__ __forceinline__ void store_from_float(void* ptr, int64_t off, float v, int dtype) {
+  switch (dtype) {
+    case kF16:
+      static_cast<__half*>(ptr)[off] = __float2half_rn(v);
+      break;
+    case kBF16:
+      static_cast<__nv_bfloat16*>(ptr)[off] = __float2bfloat16_rn(v);
+      break;
+    default:
+      static_cast<float*>(ptr)[off] = v;
+      break;
+  }
+}
+
+// Element (n, c, d, h, w) of an epilogue tensor (its strides are those of the expanded view).
+__device__ __forceinline__ float load_slot(const Slot& s, int n, int c, int d, int h, int w) {
+  const int64_t off = static_cast<int64_t>(n) * s.s[0] + static_cast<int64_t>(c) * s.s[1] +
+                      static_cast<int64_t>(d) * s.s[2] + static_cast<int64_t>(h) * s.s[3] +
+                      static_cast<int64_t>(w) * s.s[4];
+  return load_as_float(s.ptr, off, s.dtype);
+}
+
+// Where element i of this thread's share of the output tile lives, and whether it is a real
+// output element (tiles are partial at the edges).
+struct ElemPos {
+  int idx;   // index into a tile register
+  bool ok;   // inside the output
+  int n, c, d, h, w;  // output coordinates (c: global output channel)
+};
+
+// Runs the decoded program on the output tile. `buf` holds E.n_regs tile registers of `tile`
+// floats each; register 0 holds the convolution output plus bias. Every thread handles the
+// same PER elements (pos(i), i < PER) for every instruction, so no barrier is needed between
+// instructions. Instruction-outer, element-inner: the opcode switch runs once per instruction
+// and the loads of PER elements are independent, so they overlap in flight.
+#define CT3D_EACH(...)                   \
+  _Pragma("unroll 4")                    \
+  for (int i_ = 0; i_ < PER; ++i_) {     \
+    const ElemPos q = pos(i_);           \
+    __VA_ARGS__;                         \
+  }
+
+template <int PER, class Pos>
+__device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int tile, Pos pos) {
+  const int count = E.n_instr;
+  for (int k = 0; k < count; ++k) {
+    const Instr I = E.ins[k];
+    float* D = buf + I.d * tile;
+    const float* A = buf + (I.a > 0 ? I.a : 0) * tile;
+    const float* B = buf + (I.b > 0 ? I.b : 0) * tile;
+    const bool imm_a = I.a < 0, imm_b = I.b < 0;
+    const float f0 = I.f0, f1 = I.f1;
+    switch (I.op) {
+      case OP_LOAD_SCALAR:
+        CT3D_EACH(D[q.idx] = f0);
+        break;
+      case OP_LOAD_TENSOR: {
+        const Slot s = E.slot[I.c];
+        CT3D_EACH(D[q.idx] = q.ok ? load_slot(s, q.n, q.c, q.d, q.h, q.w) : 0.0f);
+        break;
+      }
+      case OP_ADD:
+        CT3D_EACH(D[q.idx] = (imm_a ? f0 : A[q.idx]) + (imm_b ? f1 : B[q.idx]));
+        break;
+      case OP_SUB:
+        CT3D_EACH(D[q.idx] = (imm_a ? f0 : A[q.idx]) - (imm_b ? f1 : B[q.idx]));
+        break;
+      case OP_MUL:
+        CT3D_EACH(D[q.idx] = (imm_a ? f0 : A[q.idx]) * (imm_b ? f1 : B[q.idx]));
+        break;
+      case OP_DIV:
+        CT3D_EACH(D[q.idx] = (imm_a ? f0 : A[q.idx]) / (imm_b ? f1 : B[q.idx]));
+        break;
+      case OP_NEG:
+        CT3D_EACH(D[q.idx] = -A[q.idx]);
+        break;
+      case OP_ABS:
+        CT3D_EACH(D[q.idx] = fabsf(A[q.idx]));
+        break;
+      case OP_SQUARE:
+        CT3D_EACH(const float x = A[q.idx]; D[q.idx] = x * x);
+        break;
+      case OP_RELU:  // keeps NaN, like torch.relu
+        CT3D_EACH(const float x = A[q.idx]; D[q.idx] = x < 0.0f ? 0.0f : x);
+        break;
+      case OP_LEAKY_RELU:
+        CT3D_EACH(const float x = A[q.idx]; D[q.idx] = x > 0.0f ? x : x * f0);
+        break;
+      case OP_PRELU: {
+        const Slot s = E.slot[I.c];
+        CT3D_EACH(const float x = A[q.idx];
+                  const float wt = q.ok ? load_slot(s, q.n, q.c, q.d, q.h, q.w) : 0.0f;
+                  D[q.idx] = x > 0.0f ? x : wt * x);
+        break;
+      }
+      case OP_ELU:
+        CT3D_EACH(const float x = A[q.idx]; D[q.idx] = x > 0.0f ? x : f0 * expm1f(x));
+        break;
+      case OP_CELU:
+        CT3D_EACH(const float x = A[q.idx]; D[q.idx] = x > 0.0f ? x : f0 * expm1f(x / f0));
+        break;
+      case OP_SELU: {
+        const float alpha = 1.6732632423543772848170429916717f;
+        const float scale = 1.0507009873554804934193349852946f;
+        CT3D_EACH(const float x = A[q.idx];
+                  D[q.idx] = x > 0.0f ? scale * x : scale * alpha * expm1f(x));
+        break;
+      }
+      case OP_GELU:
+        if (I.b) {
+          const float k0 = 0.7978845608028654f;  // sqrt(2 / pi)
+          CT3D_EACH(const float x = A[q.idx];
+                    D[q.idx] = 0.5f * x * (1.0f + tanhf(k0 * (x + 0.044715f * x * x * x))));
+        } else {
+          CT3D_EACH(const float x = A[q.idx];
+                    D[q.idx] = 0.5f * x * (1.0f + erff(x * 0.7071067811865476f)));
+        }
+        break;
+      case OP_SILU:
+        CT3D_EACH(const float x = A[q.idx]; D[q.idx] = x / (1.0f + expf(-x)));
+        break;
+      case OP_MISH:
+        CT3D_EACH(const float x = A[q.idx]; D[q.idx] = x * tanhf(log1pf(expf(x))));
+        break;
+      case OP_HARDSWISH:
+        CT3D_EACH(const float x = A[q.idx];
+                  D[q.idx] = x * fminf(fmaxf(x + 3.0f, 0.0f), 6.0f) / 6.0f);
+        break;
+      case OP_HARDSIGMOID:
+        CT3D_EACH(const float x = A[q.idx]; D[q.idx] = fminf(fmaxf(x + 3.0f, 0.0f), 6.0f) / 6.0f);
+        break;
+      case OP_HARDTANH:
+        CT3D_EACH(const float x = A[q.idx]; D[q.idx] = x < f0 ? f0 : (x > f1 ? f1 : x));
+        break;
+      case OP_SIGMOID:
+        CT3D_EACH(D[q.idx] = 1.0f / (1.0f + expf(-A[q.idx])));
+        break;
+      case OP_TANH:
+        CT3D_EACH(D[q.idx] = tanhf(A[q.idx]));
+        break;
+      case OP_SOFTPLUS:
+        CT3D_EACH(const float x = A[q.idx];
+                  D[q.idx] = (x * f0 > f1) ? x : log1pf(expf(x * f0)) / f0);
+        break;
+      case OP_CLAMP:  // NaN passes through; min wins over max, like torch.clamp
+        CT3D_EACH(const float x = A[q.idx]; const float r = x < f0 ? f0 : x;
+                  D[q.idx] = r > f1 ? f1 : r);
+        break;
+      case OP_BATCH_NORM: {
+        const Slot sm = E.slot[I.c], sv = E.slot[I.c + 1];
+        if (I.b) {
+          const Slot sw = E.slot[I.c + 2], sb = E.slot[I.c + 3];
+          CT3D_EACH(const float x = A[q.idx];
+                    float mean = 0.0f, var = 1.0f, wt = 0.0f, bs = 0.0f;
+                    if (q.ok) {
+                      mean = load_slot(sm, q.n, q.c, q.d, q.h, q.w);
+                      var = load_slot(sv, q.n, q.c, q.d, q.h, q.w);
+                      wt = load_slot(sw, q.n, q.c, q.d, q.h, q.w);
+                      bs = load_slot(sb, q.n, q.c, q.d, q.h, q.w);
+                    }
+                    D[q.idx] = (x - mean) * rsqrtf(var + f0) * wt + bs);
+        } else {
+          CT3D_EACH(const float x = A[q.idx];
+                    float mean = 0.0f, var = 1.0f;
+                    if (q.ok) {
+                      mean = load_slot(sm, q.n, q.c, q.d, q.h, q.w);
+                      var = load_slot(sv, q.n, q.c, q.d, q.h, q.w);
+                    }
+                    D[q.idx] = (x - mean) * rsqrtf(var + f0));
+        }
+        break;
+      }
+      default:  // the Python side validates opcodes; an unknown one poisons the result
+        CT3D_EACH(D[q.idx] = __int_as_float(0x7fc00000));
+        break;
+    }
+  }
+}
+
+#undef CT3D_EACH
+
+}  // namespace ct3d

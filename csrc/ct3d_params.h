@@ -1,0 +1,125 @@
+// Plain-data launch parameters shared by the host binding (g++) and the kernels (nvcc).
+//
+// No CUDA and no torch header here: the binding fills a ConvParams from tensors, the
+// kernels read it as a __grid_constant__ parameter (about 2.6 KB, under the 4 KB limit of
+// kernel parameters).
+//
+// Units and layouts:
+//   * every stride is in elements (not bytes) and is 64-bit, so tensors over 2^31 elements work;
+//   * x is read as (N, C_in, D, H, W) with arbitrary strides (NCDHW, channels_last_3d,
+//     sliced views);
+//   * w is read as (C_in, C_out/groups, kD, kH, kW) with arbitrary strides (the Python side
+//     passes a repacked copy whose C_out dimension is contiguous);
+//   * y is written as (N, C_out, D_out, H_out, W_out) with arbitrary non-overlapping strides;
+//   * every epilogue tensor ("slot") is read through 5 strides of its view expanded to the
+//     output shape (0 for broadcast dimensions).
+#pragma once
+
+#include <stdint.h>
+
+namespace ct3d {
+
+constexpr int kMaxInstr = 48;  // epilogue instructions per program (Python: _cuda.MAX_INSTR)
+constexpr int kMaxSlots = 16;  // epilogue tensors per program (Python: _cuda.MAX_SLOTS)
+constexpr int kMaxRegs = 6;    // epilogue tile registers (Python: _cuda.MAX_REGS)
+
+// Element types, as codes (Python: _cuda._DTYPE_CODE).
+enum DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+
+// Main-loop arithmetic. kModeFfma: exact FP32 (float32 input only). kModeTensorCore: TF32
+// mma.sync m16n8k8 for float32 input, FP16/BF16 mma.sync m16n8k16 for half inputs; FP32
+// accumulation in every mode.
+enum Mode : int32_t { kModeFfma = 0, kModeTensorCore = 1 };
+
+// Opcodes: the numbers of ct3d_fx.ops.Opcode (the Python side checks they agree).
+enum OpCode : int32_t {
+  OP_LOAD_SCALAR = 1,
+  OP_LOAD_TENSOR = 2,
+  OP_ADD = 10,
+  OP_SUB = 11,
+  OP_MUL = 12,
+  OP_DIV = 13,
+  OP_NEG = 20,
+  OP_ABS = 21,
+  OP_SQUARE = 22,
+  OP_RELU = 23,
+  OP_LEAKY_RELU = 24,
+  OP_PRELU = 25,
+  OP_ELU = 26,
+  OP_CELU = 27,
+  OP_SELU = 28,
+  OP_GELU = 29,
+  OP_SILU = 30,
+  OP_MISH = 31,
+  OP_HARDSWISH = 32,
+  OP_HARDSIGMOID = 33,
+  OP_HARDTANH = 34,
+  OP_SIGMOID = 35,
+  OP_TANH = 36,
+  OP_SOFTPLUS = 37,
+  OP_CLAMP = 38,
+  OP_BATCH_NORM = 39,
+};
+
+// One decoded epilogue instruction. The program runs on a small register file of output
+// tiles (kMaxRegs at most); the Python side allocates the registers (value 0, the convolution
+// output plus bias, starts in register 0) and folds scalar operands of binary ops into
+// immediates:
+//   d                      destination register
+//   ADD/SUB/MUL/DIV        a, b = source registers, or -1 for the immediates f0 (a), f1 (b)
+//   other ops              a = source register
+//   LOAD_SCALAR            f0 = the scalar
+//   LOAD_TENSOR            c = slot
+//   LEAKY_RELU/ELU/CELU    f0 = slope / alpha
+//   PRELU                  c = slot of the weight (1 or C elements)
+//   GELU                   b = 1 for the tanh approximation, 0 for erf
+//   HARDTANH/SOFTPLUS      f0, f1 = (min, max) / (beta, threshold)
+//   CLAMP                  f0, f1 = min, max (-inf / +inf when absent)
+//   BATCH_NORM             c = slot of running_mean (var, weight, bias follow), b = affine,
+//                          f0 = eps
+struct Instr {
+  int32_t op, a, b, c, d;
+  float f0, f1;
+};
+
+// One epilogue tensor: data pointer, 5 strides (elements) of its view expanded to
+// (N, C_out, D_out, H_out, W_out), element type.
+struct Slot {
+  const void* ptr;
+  int64_t s[5];
+  int32_t dtype;
+  int32_t pad_;
+};
+
+struct Epilogue {
+  int32_t n_instr;
+  int32_t n_slots;
+  int32_t n_regs;   // tile registers the program uses (>= 1)
+  int32_t out_reg;  // register holding the result
+  Instr ins[kMaxInstr];
+  Slot slot[kMaxSlots];
+};
+
+struct ConvParams {
+  // input (N, C_in, D, H, W)
+  const void* x;
+  int64_t xs[5];
+  int32_t N, Cin, Di, Hi, Wi;
+  // weight (C_in, C_out/groups, kD, kH, kW), same dtype as x
+  const void* w;
+  int64_t ws[5];
+  int32_t kD, kH, kW;
+  // bias (C_out,) contiguous, same dtype as x, or nullptr
+  const void* bias;
+  // output (N, C_out, D_out, H_out, W_out)
+  void* y;
+  int64_t ys[5];
+  int32_t Cout, Do, Ho, Wo;
+  int32_t y_dtype;
+  // convolution
+  int32_t groups, cin_g, cout_g;
+  int32_t st[3], pad[3], dil[3];
+  Epilogue epi;
+};
+
+}  // namespace ct3d

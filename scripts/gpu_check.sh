@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# One-shot check of the fused CUDA kernel on a fresh GPU machine.
+#
+#   scripts/gpu_check.sh LOGDIR [STEP ...]
+#
+# Steps (default: all, in this order; each writes LOGDIR/<step>.log):
+#   install   pip install -e . (no dependencies, no build isolation: the machine is offline)
+#   build     build the extension (prints the build time, fails if it does not build)
+#   test      pytest tests/test_cuda_kernel.py tests/test_build.py (GPU and CPU tests);
+#             the sweep's per-configuration errors go to LOGDIR/sweep.json (CT3D_TEST_REPORT=
+#             to skip that file: at most 8 files come back from the device)
+#   sanitize  compute-sanitizer memcheck over the edge-tile tests
+#   example   python examples/quickstart.py, when it exists
+#   time      fused op vs eager (ConvTranspose3d + epilogue) on suite problems, TF32 / exact
+#             FP32 / BF16 (set CT3D_TIME_MODES="tf32" to shorten); LOGDIR/time.json
+#   profile   ncu (Nsight Compute) on one launch each of two suite shapes
+#   bench     python -m ct3d_fx.bench (suite, no torch.compile), when ct3d_fx/bench.py exists;
+#             LOGDIR/bench.json (CT3D_BENCH_BUDGET_S, default 240: the runner's --budget-s)
+# Exit status: 0 when every step passed. The last lines printed are a summary.
+set -u -o pipefail
+LOG=${1:?usage: scripts/gpu_check.sh LOGDIR [install build test sanitize example time bench]}
+shift
+STEPS=${*:-install build test sanitize example time bench}
+mkdir -p "$LOG"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/ct3d_fx_extensions}
+PY=${PYTHON:-python3}
+SUMMARY=""
+FAILED=0
+
+run_step() {  # run_step NAME TIMEOUT_S: runs the function step_NAME in a child bash
+  local name=$1 limit=$2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" bash -c "step_$name" >"$LOG/$name.log" 2>&1
+  local rc=$?
+  local dt=$((SECONDS - t0))
+  tail -n 12 "$LOG/$name.log"
+  echo "=== $name: exit $rc after ${dt}s"
+  SUMMARY="$SUMMARY\n$(printf '%-9s exit %3d  %4ds' "$name" "$rc" "$dt")"
+  [ "$rc" -eq 0 ] || FAILED=1
+}
+
+step_install() {
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    nvcc --version | tail -n 2
+    "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+    "$PY" -m pip install --no-deps --no-build-isolation -q -e .
+  }
+}
+
+step_build() {
+  "$PY" - <<'EOF'
+import time, torch
+from ct3d_fx import _build
+t = time.perf_counter()
+mod = _build.load()
+print(f"load() took {time.perf_counter() - t:.1f} s; module {mod}; why_not: {_build.why_not()}")
+print("implementation:", _build.implementation_name("cuda", torch.float32))
+raise SystemExit(0 if mod is not None else 1)
+EOF
+}
+
+step_test() {
+  CT3D_TEST_REPORT="${CT3D_TEST_REPORT-$LOG/sweep.json}" "$PY" -m pytest -p no:cacheprovider -q -rfE \
+    tests/test_cuda_kernel.py tests/test_build.py
+}
+
+step_sanitize() {
+  compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+    --report-api-errors no \
+    "$PY" -m pytest -p no:cacheprovider -q tests/test_cuda_kernel.py -k edge_tiles
+}
+
+step_time() {
+  "$PY" - "$LOG/time.json" <<'EOF'
+import json, math, os, sys
+import torch
+from ct3d_fx import _build, ops
+from ct3d_fx.ops import Opcode
+
+OP = torch.ops.ct3d.conv_transpose3d_epilogue.default
+try:
+    from triton.testing import do_bench
+except ImportError:
+    do_bench = None
+
+
+def bench(fn):
+    if do_bench is not None:
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); fn(); b.record(); torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return sorted(ts)[len(ts) // 2]
+
+
+def prog(*rows):
+    out = []
+    for r in rows:
+        out += list(r) + [-1] * (6 - len(r))
+    return [int(v) for v in out]
+
+
+# (id, input shape, C_out, kernel, stride, padding, output_padding, dilation, groups, bias,
+#  epilogue: (program, scalars, extras(device, dtype, out_shape)))  -- suite.json problems; the
+# epilogue is the fusable prefix of each problem's "post" list.
+P = [
+    ("l1_58", [16, 32, 16, 32, 64], 16, [3, 5, 7], 1, 0, 0, 1, 1, False, None),
+    ("l1_61", [8, 48, 64, 64, 64], 48, [3, 3, 3], 1, 0, 0, 1, 1, False, None),
+    ("l1_68", [16, 32, 64, 64, 64], 64, [3, 5, 5], 1, 0, 0, 1, 1, False, None),
+    ("l1_70", [8, 48, 96, 96, 96], 24, [3, 3, 3], 1, 0, 0, 1, 1, False, None),
+    ("l1_72", [8, 32, 12, 24, 48], 32, [3, 5, 7], 2, [1, 2, 3], 1, 1, 4, False, None),
+    ("l1_73", [4, 32, 32, 64, 128], 32, [3, 3, 3], 2, 1, 0, 1, 1, False, None),
+    ("l1_77", [16, 32, 16, 32, 32], 64, [3, 3, 3], 2, 1, 0, 2, 1, False, None),
+    ("l2_100", [16, 64, 24, 48, 48], 128, [3, 3, 3], 2, 1, 0, 1, 1, True,
+     lambda dev, dt, shp: (prog((Opcode.CLAMP, 0, 0, -1), (Opcode.LOAD_SCALAR, 1),
+                                (Opcode.DIV, 1, 2)), [-1.0, 2.0], [])),
+    ("l2_20", [16, 32, 16, 32, 32], 64, [3, 3, 3], 2, 1, 1, 1, 1, True,
+     lambda dev, dt, shp: (prog((Opcode.LOAD_TENSOR, 0), (Opcode.ADD, 0, 1), (Opcode.ADD, 2, 0),
+                                (Opcode.MUL, 3, 0), (Opcode.ADD, 4, 0)), [],
+                           [torch.randn(shp[1], 1, 1, 1, device=dev, dtype=dt)])),
+    ("l2_26", [128, 32, 16, 16, 16], 64, [3, 3, 3], 2, 1, 1, 1, 1, True,
+     lambda dev, dt, shp: (prog((Opcode.LOAD_TENSOR, 0), (Opcode.ADD, 0, 1), (Opcode.HARDSWISH, 2),
+                                (Opcode.MUL, 2, 3)), [],
+                           [torch.randn(shp, device=dev, dtype=dt)])),
+    ("l2_50", [128, 3, 16, 32, 32], 16, [3, 3, 3], 2, 1, 0, 1, 1, True,
+     lambda dev, dt, shp: (prog((Opcode.LOAD_SCALAR, 0), (Opcode.MUL, 0, 1)), [0.5], [])),
+    ("l2_72", [64, 3, 32, 32, 32], 16, [3, 3, 3], 2, 1, 0, 1, 1, True,
+     lambda dev, dt, shp: (prog((Opcode.BATCH_NORM, 0, 0, 1, 0)), [1e-5],
+                           [torch.randn(shp[1], device=dev) * 0.3,
+                            torch.rand(shp[1], device=dev) + 0.5,
+                            torch.randn(shp[1], device=dev), torch.randn(shp[1], device=dev)])),
+]
+MODES = os.environ.get("CT3D_TIME_MODES", "tf32 fp32 bf16").split()
+DT = {"tf32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
+name = torch.cuda.get_device_name(0)
+rows = []
+print(f"device: {name}; torch {torch.__version__}")
+for mode in MODES:
+    torch.backends.cudnn.allow_tf32 = mode != "fp32"
+    dt = DT[mode]
+    for pid, xs, cout, k, s, p, op, d, g, bias, epi in P:
+        torch.manual_seed(0)
+        x = torch.randn(xs, device="cuda", dtype=dt)
+        cin = xs[1]
+        w = (torch.randn(cin, cout // g, *k, device="cuda") / math.sqrt(cin / g * math.prod(k))).to(dt)
+        b = torch.randn(cout, device="cuda", dtype=dt) if bias else None
+        st, pa, opd, di = [s] * 3, (p if isinstance(p, list) else [p] * 3), [op] * 3, [d] * 3
+        shp = ops.output_shape(x, w, st, pa, opd, di, g)
+        program, scalars, extras = epi("cuda", dt, shp) if epi else ([], [], [])
+        args = (x, w, b, st, pa, opd, di, g, program, scalars, extras)
+        out = OP(*args)
+        ref = ops.reference(*args)
+        err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+        t_fused = bench(lambda: OP(*args))
+        t_eager = bench(lambda: ops.reference(*args))
+        row = dict(id=pid, mode=mode, fused_ms=t_fused, eager_ms=t_eager,
+                   speedup=t_eager / t_fused, rel_err_vs_eager=err, device=name)
+        rows.append(row)
+        print(f"{mode:5s} {pid:7s} fused {t_fused:9.3f} ms  eager {t_eager:9.3f} ms  "
+              f"x{t_eager / t_fused:6.2f}  rel.err vs eager {err:.2e}", flush=True)
+        del x, w, b, out, ref, args, extras
+        torch.cuda.empty_cache()
+        with open(sys.argv[1], "w") as f:
+            json.dump(rows, f, indent=1)
+for mode in MODES:
+    sp = [r["speedup"] for r in rows if r["mode"] == mode]
+    if sp:
+        print(f"{mode}: geomean speedup of the fused op over eager: "
+              f"{math.exp(sum(map(math.log, sp)) / len(sp)):.2f}x over {len(sp)} problems")
+EOF
+}
+
+step_example() {
+  if [ ! -f examples/quickstart.py ]; then echo "examples/quickstart.py not present; skipped"; return 0; fi
+  "$PY" examples/quickstart.py
+}
+
+step_profile() {
+  # Nsight Compute on one launch of each of two suite shapes: l2_50 (C_in 3 -> 16, stride 2,
+  # memory-bound) and l2_100 (64 -> 128, stride 2, math-bound); clocks left alone.
+  cat >/tmp/ct3d_profile.py <<'PROF'
+import math, torch
+from ct3d_fx.ops import Opcode
+OP = torch.ops.ct3d.conv_transpose3d_epilogue.default
+prog = [int(v) for v in (Opcode.LOAD_SCALAR, 0, -1, -1, -1, -1, Opcode.MUL, 0, 1, -1, -1, -1)]
+for xs, cout in (([128, 3, 16, 32, 32], 16), ([16, 64, 24, 48, 48], 128)):
+    x = torch.randn(xs, device="cuda")
+    w = torch.randn(xs[1], cout, 3, 3, 3, device="cuda") / math.sqrt(xs[1] * 27)
+    b = torch.randn(cout, device="cuda")
+    OP(x, w, b, [2] * 3, [1] * 3, [0] * 3, [1] * 3, 1, prog, [0.5], [])
+torch.cuda.synchronize()
+PROF
+  ncu --clock-control none -k regex:conv_transpose3d_fused --launch-count 2 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    "$PY" /tmp/ct3d_profile.py
+  if [ -n "${CT3D_PROFILE_SOURCE:-}" ]; then  # per source line: executed instructions, stalls
+    ncu --clock-control none -k regex:conv_transpose3d_fused --launch-count 1 \
+      --section SourceCounters --page source --print-source cuda,sass --csv \
+      "$PY" /tmp/ct3d_profile.py >"$LOG/profile_source.csv" 2>"$LOG/profile_source.err"
+    echo "source-level profile: exit $? ($(wc -l <"$LOG/profile_source.csv") lines)"
+  fi
+}
+
+step_bench() {
+  if [ ! -f ct3d_fx/bench.py ]; then echo "ct3d_fx/bench.py not present; skipped"; return 0; fi
+  "$PY" -m ct3d_fx.bench --no-compile --networks none --budget-s "${CT3D_BENCH_BUDGET_S:-240}" \
+    --json "$LOG/bench.json"
+}
+
+export LOG PY
+export -f step_install step_build step_test step_sanitize step_example step_time step_profile \
+  step_bench
+for s in $STEPS; do
+  case $s in
+    install) run_step install 300 ;;
+    build) run_step build 400 ;;
+    test) run_step test 420 ;;
+    sanitize) run_step sanitize 300 ;;
+    example) run_step example 120 ;;
+    time) run_step time 420 ;;
+    profile) run_step profile 240 ;;
+    bench) run_step bench $(( ${CT3D_BENCH_BUDGET_S:-240} + 120 )) ;;
+    *) echo "unknown step $s"; FAILED=1 ;;
+  esac
+done
+echo -e "=== summary ($LOG)$SUMMARY"
+exit $FAILED

@@ -1,0 +1,807 @@
+"""Tests of the fused CUDA kernel: ct3d_fx/_cuda.py and csrc/.
+
+GPU tests carry the ``cuda`` marker and skip without a GPU; on a GPU they fail (not skip) when
+the extension does not build, and each checks that the call really took the fused path
+(``_cuda.fallback_reason(...) is None``), so a silent fallback to the reference cannot pass.
+
+Accuracy bar (the sweep): relative L2 error against a float64 reference
+``||out - ref|| / ||ref||`` at most twice the larger of
+  * PyTorch eager's own error at the same precision setting (``ops.reference``: cuDNN's
+    ConvTranspose3d, then the epilogue op by op, same dtypes, same ``allow_tf32``), and
+  * the error of exact arithmetic on operands rounded to the precision's input format and a
+    result rounded to the output dtype (TF32-rounded input and weight for TF32; for the other
+    precisions the inputs are exact and only the output rounding remains).
+The second term matters where cuDNN picks a non-TF32 algorithm although TF32 is allowed:
+then eager is more exact than any TF32 kernel can be. Exact FP32 must in addition stay at or
+below 1e-5. Outputs are poisoned with NaN before every launch (``_cuda.POISON_OUTPUT``) and
+must come back NaN-free; two runs must be bitwise equal.
+
+CPU tests check the pieces that need no GPU: the phase decomposition (a float64 model of the
+kernel's index arithmetic against F.conv_transpose3d) and the decoding of epilogue programs
+(an interpreter of the decoded program, mirroring csrc/ct3d_epilogue.cuh, against the
+reference).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import List, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ct3d_fx import _build, _cuda, ops
+from ct3d_fx.ops import INSTR_WIDTH, Opcode
+
+OP = torch.ops.ct3d.conv_transpose3d_epilogue.default
+HAS_CUDA = torch.cuda.is_available()
+
+
+def cuda_test(fn):
+    fn = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(fn)
+    return pytest.mark.cuda(fn)
+
+
+DTYPES = {"tf32": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
+          "bf16": torch.bfloat16}
+
+# ------------------------------------------------------------------------------------------
+# Random configurations
+
+
+@dataclass
+class Case:
+    seed: int
+    precision: str
+    N: int
+    cin_g: int
+    cout_g: int
+    groups: int
+    spatial: List[int]
+    kernel: List[int]
+    stride: List[int]
+    padding: List[int]
+    output_padding: List[int]
+    dilation: List[int]
+    bias: bool
+    x_layout: str
+    w_layout: str
+    n_ops: int
+
+    def out_spatial(self) -> List[int]:
+        return [(self.spatial[i] - 1) * self.stride[i] - 2 * self.padding[i]
+                + self.dilation[i] * (self.kernel[i] - 1) + self.output_padding[i] + 1
+                for i in range(3)]
+
+    def __str__(self):
+        return (f"seed={self.seed} {self.precision} N={self.N} C_in={self.cin_g}x{self.groups} "
+                f"C_out={self.cout_g}x{self.groups} in={self.spatial} k={self.kernel} "
+                f"s={self.stride} p={self.padding} op={self.output_padding} d={self.dilation} "
+                f"bias={self.bias} x={self.x_layout} w={self.w_layout} ops={self.n_ops}")
+
+
+def make_case(seed: int) -> Case:
+    r = random.Random(7919 * seed + 1)
+    precision = r.choice(["tf32"] * 7 + ["fp32"] * 4 + ["fp16"] * 4 + ["bf16"] * 4)
+    if r.random() < 0.12:  # depthwise
+        groups, cin_g, cout_g = r.choice([3, 4, 8, 13]), 1, r.choice([1, 1, 2])
+    else:
+        groups = r.choice([1, 1, 1, 1, 2, 3, 4])
+        cin_g = r.choice([1, 2, 3, 5, 8, 16, 17, 24, 33])
+        cout_g = r.choice([1, 3, 8, 16, 17, 20, 32, 40, 64, 70])
+    kernel = [r.choice([1, 2, 3, 3, 4, 5]) for _ in range(3)]
+    stride = [r.choice([1, 1, 2, 2, 3]) for _ in range(3)]
+    dilation = [r.choice([1, 1, 1, 2, 3]) for _ in range(3)]
+    padding = [r.randint(0, dilation[i] * (kernel[i] - 1)) for i in range(3)]
+    output_padding = [r.randint(0, max(stride[i], dilation[i]) - 1) for i in range(3)]
+    big = r.random() < 0.12
+    spatial = [r.randint(1, 18 if big else 9) for _ in range(3)]
+    case = Case(seed, precision, r.choice([1, 1, 2, 3]), cin_g, cout_g, groups, spatial, kernel,
+                stride, padding, output_padding, dilation, r.random() < 0.7,
+                r.choice(["contiguous", "contiguous", "channels_last", "sliced", "permuted"]),
+                r.choice(["contiguous", "contiguous", "contiguous", "channels_last", "permuted"]),
+                r.choice([0, 1, 2, 3, 4, 6, 8]))
+    # keep each configuration to a few milliseconds
+    while True:
+        out = case.out_spatial()
+        work = (case.N * case.cout_g * case.groups * math.prod(out) * case.cin_g
+                * math.prod(kernel) / math.prod(stride))
+        if work < 4e7 or max(case.spatial) == 1:
+            break
+        j = case.spatial.index(max(case.spatial))
+        case.spatial[j] = max(1, case.spatial[j] // 2)
+    for i, o in enumerate(case.out_spatial()):
+        if o < 1:
+            case.padding[i] = 0
+    return case
+
+
+def _layout(make, shape, layout: str) -> torch.Tensor:
+    """A tensor of ``shape`` with the given memory layout; ``make(shape)`` draws values."""
+    if layout == "channels_last":
+        return make(shape).contiguous(memory_format=torch.channels_last_3d)
+    if layout == "sliced":  # every other element along W, offset by one
+        wide = make((*shape[:-1], 2 * shape[-1] + 1))
+        return wide[..., 1::2]
+    if layout == "permuted":  # fully reversed strides
+        return make(tuple(reversed(shape))).permute(4, 3, 2, 1, 0)
+    return make(shape)
+
+
+class _Draw:
+    """Fresh random values (never zeros) from a seeded CPU generator, moved to ``device``."""
+
+    def __init__(self, seed: int, device, dtype):
+        self.g = torch.Generator().manual_seed(seed)
+        self.device, self.dtype = device, dtype
+
+    def normal(self, shape, scale=1.0, dtype=None, device=None):
+        t = torch.randn(tuple(shape), generator=self.g, dtype=torch.float64) * scale
+        return t.to(dtype=dtype or self.dtype, device=device or self.device)
+
+    def uniform(self, shape, lo, hi, dtype=None, device=None):
+        t = torch.rand(tuple(shape), generator=self.g, dtype=torch.float64) * (hi - lo) + lo
+        return t.to(dtype=dtype or self.dtype, device=device or self.device)
+
+
+_UNARY_OPS = [Opcode.NEG, Opcode.ABS, Opcode.RELU, Opcode.SELU, Opcode.SILU, Opcode.MISH,
+              Opcode.HARDSWISH, Opcode.HARDSIGMOID, Opcode.SIGMOID, Opcode.TANH, Opcode.GELU,
+              Opcode.SQUARE]
+_KINDS = ["unary", "unary", "scalar", "tensor", "tensor", "tensor", "self", "cpu_scalar",
+          "prelu", "param_act", "clamp", "batch_norm"]
+
+
+def random_program(r: random.Random, draw: _Draw, out_shape, n_ops: int):
+    """A random epilogue (program, scalars, extras) whose values stay finite and moderate."""
+    N, C, D, H, W = out_shape
+    program: List[int] = []
+    scalars: List[float] = []
+    extras: List[torch.Tensor] = []
+    dtypes = {0: draw.dtype}  # value number -> dtype PyTorch gives it
+    half = draw.dtype in (torch.float16, torch.bfloat16)
+
+    def emit(op, a=-1, b=-1, c=-1, d=-1) -> int:
+        program.extend([int(op), a, b, c, d, -1])
+        return len(program) // INSTR_WIDTH
+
+    def scalar(v: float) -> int:
+        scalars.append(float(v))
+        return len(scalars) - 1
+
+    def extra(t: torch.Tensor) -> int:
+        extras.append(t)
+        return len(extras) - 1
+
+    cur, squared = 0, False
+    for _ in range(n_ops):
+        kind = r.choice(_KINDS)
+        dt = dtypes[cur]
+        if kind == "unary":
+            op = r.choice(_UNARY_OPS)
+            if op == Opcode.SQUARE and squared:
+                op = Opcode.TANH
+            squared |= op == Opcode.SQUARE
+            new = emit(op, cur, r.randint(0, 1)) if op == Opcode.GELU else emit(op, cur)
+        elif kind == "scalar":
+            op = r.choice([Opcode.ADD, Opcode.SUB, Opcode.MUL, Opcode.DIV])
+            s = emit(Opcode.LOAD_SCALAR, scalar(r.choice([-1, 1]) * r.uniform(0.5, 2.0)))
+            new = emit(op, cur, s) if (op == Opcode.DIV or r.random() < 0.5) else emit(op, s, cur)
+        elif kind in ("tensor", "cpu_scalar"):
+            op = r.choice([Opcode.ADD, Opcode.SUB, Opcode.MUL, Opcode.DIV])
+            if kind == "cpu_scalar":
+                shape, t_dt, dev = (), r.choice([torch.float32, torch.float64]), "cpu"
+            else:
+                shape = r.choice([(C, 1, 1, 1), (1, C, 1, 1, 1), (N, C, D, H, W), (W,), (H, W),
+                                  (1, 1, D, 1, W), (N, 1, 1, 1, 1), ()])
+                t_dt = r.choice([draw.dtype, draw.dtype, torch.float32,
+                                 torch.bfloat16 if not half else draw.dtype])
+                if shape == ():
+                    t_dt = r.choice([t_dt, torch.float64])
+                dev = draw.device
+            if op == Opcode.DIV:
+                make = lambda s: draw.uniform(s, 0.5, 1.5, dtype=t_dt, device=dev)  # noqa: E731
+            else:
+                make = lambda s: draw.normal(s, dtype=t_dt, device=dev)  # noqa: E731
+            if len(shape) == 5 and r.random() < 0.5:
+                t = _layout(make, shape, r.choice(["channels_last", "permuted", "sliced"]))
+            else:
+                t = make(shape)
+            ld = emit(Opcode.LOAD_TENSOR, extra(t))
+            dtypes[ld] = t_dt
+            new = emit(op, cur, ld) if (op == Opcode.DIV or r.random() < 0.5) else emit(op, ld, cur)
+            if len(shape) > 0:
+                dt = torch.promote_types(dt, t_dt)
+        elif kind == "self":  # e.g. x * sigmoid(x): combine with an earlier value
+            other = r.choice([v for v in dtypes if v == 0 or program[(v - 1) * INSTR_WIDTH]
+                              not in (Opcode.LOAD_SCALAR, Opcode.LOAD_TENSOR)])
+            new = emit(r.choice([Opcode.ADD, Opcode.SUB, Opcode.MUL]), cur, other)
+            dt = torch.promote_types(dt, dtypes[other])
+        elif kind == "prelu":
+            w = draw.normal((C,) if r.random() < 0.6 else (1,), 0.25, dtype=dt)
+            new = emit(Opcode.PRELU, cur, extra(w))
+        elif kind == "param_act":
+            op = r.choice([Opcode.LEAKY_RELU, Opcode.ELU, Opcode.CELU, Opcode.HARDTANH,
+                           Opcode.SOFTPLUS])
+            if op == Opcode.LEAKY_RELU:
+                new = emit(op, cur, scalar(r.uniform(0.01, 0.3)))
+            elif op in (Opcode.ELU, Opcode.CELU):
+                new = emit(op, cur, scalar(r.uniform(0.5, 1.5)))
+            elif op == Opcode.HARDTANH:
+                new = emit(op, cur, scalar(r.uniform(-2, -0.2)), scalar(r.uniform(0.2, 2)))
+            else:
+                new = emit(op, cur, scalar(r.choice([0.5, 1.0, 2.0])),
+                           scalar(r.choice([20.0, 2.0])))
+        elif kind == "clamp":
+            lo = scalar(r.uniform(-1.5, 0.0)) if r.random() < 0.7 else -1
+            hi = scalar(r.uniform(0.0, 1.5)) if (lo == -1 or r.random() < 0.6) else -1
+            new = emit(Opcode.CLAMP, cur, lo, hi)
+        else:  # batch_norm with live running statistics
+            affine = r.random() < 0.7
+            st_dt = torch.float32 if dt != torch.float32 or r.random() < 0.8 else dt
+            first = extra(draw.normal((C,), 0.3, dtype=st_dt))
+            extra(draw.uniform((C,), 0.5, 1.5, dtype=st_dt))
+            if affine:
+                extra(draw.normal((C,), dtype=st_dt))
+                extra(draw.normal((C,), 0.2, dtype=st_dt))
+            new = emit(Opcode.BATCH_NORM, cur, first, int(affine),
+                       scalar(r.choice([1e-5, 1e-3])))
+        dtypes[new] = dt
+        cur = new
+    return program, scalars, extras
+
+
+def build_args(case: Case, device):
+    dtype = DTYPES[case.precision]
+    draw = _Draw(case.seed, device, dtype)
+    cin, cout = case.cin_g * case.groups, case.cout_g * case.groups
+    x = _layout(lambda s: draw.normal(s), (case.N, cin, *case.spatial), case.x_layout)
+    fan = max(1.0, case.cin_g * math.prod(case.kernel) / math.prod(case.stride))
+    w = _layout(lambda s: draw.normal(s, 1.0 / math.sqrt(fan)),
+                (cin, case.cout_g, *case.kernel), case.w_layout)
+    b = draw.normal((cout,), 0.5) if case.bias else None
+    out_shape = (case.N, cout, *case.out_spatial())
+    program, scalars, extras = random_program(random.Random(case.seed * 31 + 5), draw,
+                                              out_shape, case.n_ops)
+    return (x, w, b, list(case.stride), list(case.padding), list(case.output_padding),
+            list(case.dilation), case.groups, program, scalars, extras)
+
+
+# ------------------------------------------------------------------------------------------
+# Reference helpers
+
+
+def _to64(t: torch.Tensor) -> torch.Tensor:
+    return t.double() if t.is_floating_point() else t
+
+
+def reference64(args, round_inputs=None):
+    """``ops.reference`` in float64 (inputs upcast; optionally rounded first)."""
+    x, w, b, st, pa, op, di, g, prog, sc, ex = args
+    if round_inputs is not None:
+        x, w = round_inputs(x), round_inputs(w)
+    return ops.reference(x.double(), w.double(), None if b is None else b.double(), st, pa, op,
+                         di, g, prog, sc, [_to64(t) for t in ex])
+
+
+def round_tf32(t: torch.Tensor) -> torch.Tensor:
+    """float32 -> the TF32 value cvt.rna.tf32.f32 gives (10 mantissa bits, ties away)."""
+    i = t.float().contiguous().view(torch.int32)
+    return ((i + 0x1000) & -0x2000).view(torch.float32)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    view = torch.int32 if a.element_size() == 4 else torch.int16
+    return a.shape == b.shape and torch.equal(a.view(view), b.view(view))
+
+
+class _precision:
+    """Sets torch.backends.cudnn.allow_tf32 for a precision name, restores it on exit."""
+
+    def __init__(self, precision: str):
+        self.tf32 = precision != "fp32"
+
+    def __enter__(self):
+        self.saved = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = self.tf32
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32 = self.saved
+
+
+@pytest.fixture
+def ext():
+    """The built extension; a GPU test fails (does not skip) when it cannot be built."""
+    mod = _build.load()
+    assert mod is not None, f"the CUDA extension did not build: {_build.why_not()}"
+    return mod
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    monkeypatch.setattr(_cuda, "POISON_OUTPUT", True)
+
+
+_RESULTS: List[dict] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_results():
+    """With CT3D_TEST_REPORT=path, the sweep's errors are written there as JSON."""
+    yield
+    path = os.environ.get("CT3D_TEST_REPORT")
+    if path and _RESULTS:
+        with open(path, "w") as f:
+            json.dump(_RESULTS, f, indent=0)
+
+
+# ------------------------------------------------------------------------------------------
+# CPU: the kernel's phase decomposition, modelled in float64
+
+
+def phase_dim(rho, out, s, pad, dil, ksize):
+    """Mirror of csrc/ct3d_conv.cuh phase_dim: (T, k0, nT, kstep, off0, doff)."""
+    T = (out - rho + s - 1) // s if rho < out else 0
+    want = (rho + pad) % s
+    g = math.gcd(s, dil)
+    kstep, doff = s // g, dil // g
+    k0 = next((k for k in range(min(ksize, kstep)) if (k * dil) % s == want), -1)
+    if k0 < 0:
+        return T, -1, 0, kstep, 0, doff
+    n_taps = (ksize - 1 - k0) // kstep + 1
+    num = rho + pad - k0 * dil
+    assert num % s == 0
+    return T, k0, n_taps, kstep, num // s, doff
+
+
+def phase_model(x, w, bias, stride, padding, dilation, groups, out_shape):
+    """ConvTranspose3d computed the kernel's way: per phase, a gather over the phase's taps."""
+    N, cin = x.shape[:2]
+    cin_g, cout_g = cin // groups, w.shape[1]
+    y = torch.full(out_shape, float("nan"), dtype=torch.float64)
+    for rd in range(stride[0]):
+        for rh in range(stride[1]):
+            for rw in range(stride[2]):
+                pds = [phase_dim(r, out_shape[2 + i], stride[i], padding[i], dilation[i],
+                                 w.shape[2 + i]) for i, r in enumerate((rd, rh, rw))]
+                if any(p[0] == 0 for p in pds):
+                    continue
+                acc = torch.zeros(N, cout_g * groups, *(p[0] for p in pds), dtype=torch.float64)
+                for jd in range(pds[0][2]):
+                    for jh in range(pds[1][2]):
+                        for jw in range(pds[2][2]):
+                            xs, ks = x, []
+                            for dim, (p, j) in enumerate(zip(pds, (jd, jh, jw))):
+                                T, k0, _, kstep, off0, doff = p
+                                idx = torch.arange(T) + off0 - j * doff
+                                ok = (idx >= 0) & (idx < x.shape[2 + dim])
+                                xs = xs.index_select(2 + dim, idx.clamp(0, x.shape[2 + dim] - 1))
+                                shape = [1] * 5
+                                shape[2 + dim] = T
+                                xs = xs * ok.view(shape)
+                                ks.append(k0 + j * kstep)
+                            for g in range(groups):
+                                acc[:, g * cout_g:(g + 1) * cout_g] += torch.einsum(
+                                    "nidhw,io->nodhw", xs[:, g * cin_g:(g + 1) * cin_g],
+                                    w[g * cin_g:(g + 1) * cin_g, :, ks[0], ks[1], ks[2]])
+                y[:, :, rd::stride[0], rh::stride[1], rw::stride[2]] = acc
+    y[torch.isnan(y)] = 0.0  # voxels of phases without taps: no contribution
+    if bias is not None:
+        y += bias.view(1, -1, 1, 1, 1)
+    return y
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_phase_decomposition_model(seed):
+    """The kernel's index arithmetic (phase_dim, offsets, tap order) reproduces the conv."""
+    case = make_case(seed)
+    x, w, b, st, pa, op, di, groups, *_ = build_args(case, "cpu")
+    x, w, b = x.double(), w.double(), None if b is None else b.double()
+    want = F.conv_transpose3d(x, w, b, st, pa, op, groups, di)
+    got = phase_model(x, w, b, st, pa, di, groups, tuple(want.shape))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m: f"{case}: {m}")
+
+
+def test_phase_taps_cover_every_tap_once():
+    for s in range(1, 5):
+        for dil in range(1, 5):
+            for k in range(1, 7):
+                for pad in range(0, 4):
+                    seen = []
+                    for rho in range(s):
+                        T, k0, n, kstep, off0, doff = phase_dim(rho, 50, s, pad, dil, k)
+                        seen += [k0 + j * kstep for j in range(n)]
+                    # every tap belongs to exactly one phase (the one its output lands in)
+                    assert sorted(seen) == list(range(k)), (s, dil, k, pad, seen)
+
+
+# ------------------------------------------------------------------------------------------
+# CPU: decoding of the epilogue program, run by a mirror of csrc/ct3d_epilogue.cuh
+
+
+def emulate_decoded(plan, y: torch.Tensor, extras) -> torch.Tensor:
+    """Runs a plan's decoded program (registers, immediates, slots) on ``y`` in float64."""
+    shape = tuple(y.shape)
+
+    def slot(c):
+        t = extras[plan.slot_extras[c]]
+        view = torch.as_strided(t, shape, plan.slot_strides[c].tolist(), t.storage_offset())
+        return view.double()
+
+    n_regs, out_reg = plan.regs
+    assert 1 <= n_regs <= _cuda.MAX_REGS
+    regs = [y] + [None] * (n_regs - 1)
+    prog_f = plan.prog_f.clone()
+    for row, field, idx in plan.patches:
+        prog_f[row, field] = float(extras[idx])
+    for (op, a, b, c, d), (f0, f1) in zip(plan.prog_i.tolist(), prog_f.tolist()):
+        op = Opcode(op)
+        binary = op in (Opcode.ADD, Opcode.SUB, Opcode.MUL, Opcode.DIV)
+        x = (f0 if a < 0 else regs[a]) if binary else regs[a]
+        if binary:
+            v = [None, f1 if b < 0 else regs[b]]
+        if op == Opcode.LOAD_SCALAR:
+            r = torch.full(shape, f0, dtype=torch.float64)
+        elif op == Opcode.LOAD_TENSOR:
+            r = slot(c)
+        elif op == Opcode.ADD:
+            r = x + v[1]
+        elif op == Opcode.SUB:
+            r = x - v[1]
+        elif op == Opcode.MUL:
+            r = x * v[1]
+        elif op == Opcode.DIV:
+            r = x / v[1]
+        elif op == Opcode.NEG:
+            r = -x
+        elif op == Opcode.ABS:
+            r = x.abs()
+        elif op == Opcode.SQUARE:
+            r = x * x
+        elif op == Opcode.RELU:
+            r = torch.where(x < 0, 0.0, x)
+        elif op == Opcode.LEAKY_RELU:
+            r = torch.where(x > 0, x, x * f0)
+        elif op == Opcode.PRELU:
+            r = torch.where(x > 0, x, slot(c) * x)
+        elif op == Opcode.ELU:
+            r = torch.where(x > 0, x, f0 * torch.expm1(x))
+        elif op == Opcode.CELU:
+            r = torch.where(x > 0, x, f0 * torch.expm1(x / f0))
+        elif op == Opcode.SELU:
+            alpha, scale = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+            r = torch.where(x > 0, scale * x, scale * alpha * torch.expm1(x))
+        elif op == Opcode.GELU:
+            if b:
+                r = 0.5 * x * (1 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))
+            else:
+                r = 0.5 * x * (1 + torch.erf(x * 0.7071067811865476))
+        elif op == Opcode.SILU:
+            r = x / (1 + torch.exp(-x))
+        elif op == Opcode.MISH:
+            r = x * torch.tanh(torch.log1p(torch.exp(x)))
+        elif op == Opcode.HARDSWISH:
+            r = x * (x + 3).clamp(0, 6) / 6
+        elif op == Opcode.HARDSIGMOID:
+            r = (x + 3).clamp(0, 6) / 6
+        elif op == Opcode.HARDTANH:
+            r = torch.where(x < f0, f0, torch.where(x > f1, f1, x))
+        elif op == Opcode.SIGMOID:
+            r = 1 / (1 + torch.exp(-x))
+        elif op == Opcode.TANH:
+            r = torch.tanh(x)
+        elif op == Opcode.SOFTPLUS:
+            r = torch.where(x * f0 > f1, x, torch.log1p(torch.exp(x * f0)) / f0)
+        elif op == Opcode.CLAMP:
+            r = torch.where(x < f0, f0, x)
+            r = torch.where(r > f1, f1, r)
+        elif op == Opcode.BATCH_NORM:
+            r = (x - slot(c)) / torch.sqrt(slot(c + 1) + f0)
+            if b:
+                r = r * slot(c + 2) + slot(c + 3)
+        else:
+            raise AssertionError(op)
+        regs[d] = r if isinstance(r, torch.Tensor) else torch.full(shape, r, dtype=torch.float64)
+    return regs[out_reg]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_decoded_program_matches_reference(seed):
+    """Program decoding (slots, broadcast strides, scalars) and the kernel's op formulas."""
+    case = make_case(1000 + seed)
+    case.precision, case.n_ops = "fp32", 3 + seed % 6
+    args = build_args(case, "cpu")
+    x, w, b, st, pa, op, di, g, program, scalars, extras = args
+    plan = _cuda._make_plan(*args)
+    assert plan.fallback is None, plan.fallback
+    ex64 = [_to64(t) for t in extras]
+    y = F.conv_transpose3d(x.double(), w.double(), None, st, pa, op, g, di)
+    want = ops._run_program(y, program, scalars, ex64)
+    assert tuple(plan.shape) == tuple(want.shape)
+    assert plan.dtype == ops._run_program(y.float(), program, scalars, extras).dtype
+    got = emulate_decoded(plan, y, extras)
+    # the decoded scalars are float32, the rest is float64: agreement to ~1e-6 relative
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6 * want.abs().max().item(),
+                               msg=lambda m: f"{ops.describe_program(program, scalars)}: {m}")
+
+
+def live_values_program(n_live: int) -> List[int]:
+    """v1..v(n-1) = unary ops of v0, all alive at once with v0, then summed and times v0."""
+    ops_ = [Opcode.RELU, Opcode.SIGMOID, Opcode.TANH, Opcode.SILU, Opcode.ABS, Opcode.NEG,
+            Opcode.HARDSWISH, Opcode.SELU]
+    prog = []
+    for j in range(n_live - 1):
+        prog += [ops_[j], 0, -1, -1, -1, -1]
+    acc = 1
+    for j in range(2, n_live):
+        prog += [Opcode.ADD, acc, j, -1, -1, -1]
+        acc = len(prog) // INSTR_WIDTH
+    prog += [Opcode.MUL, acc, 0, -1, -1, -1]
+    return [int(v) for v in prog]
+
+
+@pytest.mark.parametrize("n_live", [2, 4, 6])
+def test_register_allocation_with_many_live_values(n_live):
+    g = torch.Generator().manual_seed(n_live)
+    x, w = torch.randn(2, 3, 4, 3, 5, generator=g), torch.randn(3, 5, 2, 3, 2, generator=g)
+    args = (x, w, None, [2, 1, 2], [0, 1, 0], [1, 0, 0], [1, 1, 1], 1,
+            live_values_program(n_live), [], [])
+    plan = _cuda._make_plan(*args)
+    assert plan.fallback is None and plan.regs[0] == n_live, (plan.fallback, plan.regs)
+    y = F.conv_transpose3d(x.double(), w.double(), None, [2, 1, 2], [0, 1, 0], [1, 0, 0], 1)
+    want = ops._run_program(y, args[8], [], [])
+    torch.testing.assert_close(emulate_decoded(plan, y, []), want, rtol=1e-12, atol=1e-12)
+
+
+def test_plan_falls_back_where_the_kernel_does_not_reach():
+    x = torch.randn(1, 2, 3, 3, 3)
+    w = torch.randn(2, 3, 2, 2, 2)
+    conv = ([1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 1, 1], 1)
+    load_add = [Opcode.LOAD_TENSOR, 0, -1, -1, -1, -1, Opcode.ADD, 0, 1, -1, -1, -1]
+    # an extra that enlarges the result by broadcasting
+    big = torch.randn(2, 1, 3, 4, 4, 4)
+    assert "enlarges" in _cuda._make_plan(x, w, None, *conv, load_add, [], [big]).fallback
+    # a non-floating extra
+    ints = torch.ones(3, 1, 1, 1, dtype=torch.int32)
+    plan = _cuda._make_plan(x, w, None, *conv, load_add, [], [ints])
+    assert "not floating point" in plan.fallback
+    # float64 input, and a float64 side input that promotes the result
+    assert "float64" in _cuda._make_plan(x.double(), w.double(), None, *conv, [], [], []).fallback
+    full64 = torch.randn(1, 3, 4, 4, 4, dtype=torch.float64)
+    assert "float64" in _cuda._make_plan(x, w, None, *conv, load_add, [], [full64]).fallback
+    # too many instructions
+    many = [Opcode.RELU, 0, -1, -1, -1, -1] + sum(
+        ([Opcode.RELU, i, -1, -1, -1, -1] for i in range(1, _cuda.MAX_INSTR + 1)), [])
+    assert "instructions" in _cuda._make_plan(x, w, None, *conv, many, [], []).fallback
+    # more live values than tile registers
+    assert "alive" in _cuda._make_plan(x, w, None, *conv, live_values_program(7), [], []).fallback
+    # covered: a per-channel extra and a float64 0-d one
+    assert _cuda._make_plan(x, w, None, *conv, load_add, [], [torch.randn(3, 1, 1, 1)]
+                            ).fallback is None
+    assert _cuda._make_plan(x, w, None, *conv, load_add, [],
+                            [torch.tensor(2.0, dtype=torch.float64)]).fallback is None
+
+
+# ------------------------------------------------------------------------------------------
+# GPU: the randomized sweep
+
+SWEEP = 240
+
+
+def _check_case(case: Case, args, *, record=True):
+    with _precision(case.precision):
+        reason = _cuda.fallback_reason(*args)
+        assert reason is None, f"{case}: took the reference path: {reason}"
+        out = OP(*args)
+        out2 = OP(*args)
+        eager = ops.reference(*args)
+    ref = reference64(args)
+    assert out.shape == eager.shape and out.dtype == eager.dtype, \
+        f"{case}: got {tuple(out.shape)} {out.dtype}, eager {tuple(eager.shape)} {eager.dtype}"
+    bad = torch.isnan(out) & ~torch.isnan(ref)
+    assert not bad.any(), f"{case}: {int(bad.sum())} of {out.numel()} outputs not written (NaN)"
+    assert bitwise_equal(out, out2), f"{case}: two runs differ"
+    err = rel_err(out, ref)
+    err_eager = rel_err(eager, ref)
+    rounded = reference64(args, round_tf32 if case.precision == "tf32" else None)
+    err_ideal = rel_err(rounded.to(out.dtype), ref)
+    tol = 2 * max(err_eager, err_ideal)
+    if record:
+        _RESULTS.append({"seed": case.seed, "precision": case.precision, "case": str(case),
+                         "program": ops.describe_program(args[8], args[9]), "err": err,
+                         "err_eager": err_eager, "err_ideal": err_ideal,
+                         "out_dtype": str(out.dtype)})
+    msg = (f"{case}\n  program: {ops.describe_program(args[8], args[9])}\n  rel L2 error "
+           f"{err:.3g}, eager {err_eager:.3g}, ideal {err_ideal:.3g}")
+    assert err <= tol, msg
+    if case.precision == "fp32":
+        assert err <= 1e-5, msg
+
+
+@cuda_test
+@pytest.mark.parametrize("seed", range(SWEEP))
+def test_sweep(seed, ext, poison):
+    case = make_case(seed)
+    _check_case(case, build_args(case, "cuda"))
+
+
+@cuda_test
+@pytest.mark.parametrize("precision", ["tf32", "fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_empty_batch(precision, layout, ext, poison):
+    case = make_case(5)
+    case.precision, case.N, case.x_layout = precision, 0, layout
+    args = build_args(case, "cuda")
+    with _precision(precision):
+        out = OP(*args)
+        eager = ops.reference(*args)
+    assert out.shape == eager.shape and out.shape[0] == 0 and out.dtype == eager.dtype
+
+
+@cuda_test
+@pytest.mark.parametrize("seed", [3, 8, 21, 40, 77])
+def test_opcheck(seed, ext):
+    """torch.library.opcheck: the real kernel's output metadata equals the fake kernel's."""
+    case = make_case(seed)
+    case.n_ops = max(case.n_ops, 3)
+    if seed % 2:
+        case.x_layout = "channels_last"
+    args = build_args(case, "cuda")
+    with _precision(case.precision):
+        assert _cuda.fallback_reason(*args) is None
+        torch.library.opcheck(OP, args, test_utils=("test_schema", "test_faketensor"))
+        out, eager = OP(*args), ops.reference(*args)
+    sized = [i for i in range(5) if out.shape[i] > 1]
+    assert [out.stride(i) for i in sized] == [eager.stride(i) for i in sized], \
+        f"{case}: strides {out.stride()} vs eager {eager.stride()}"
+
+
+# Small hand-picked configurations whose tiles are partial at every edge (M, C_out, C_in, taps);
+# scripts/gpu_check.sh runs these under compute-sanitizer memcheck. CPU float64 reference only,
+# so no cuDNN kernel runs under the sanitizer.
+EDGE = [
+    # (precision, N, cin_g, cout_g, groups, spatial, kernel, stride, padding, out_pad, dilation,
+    #  x_layout, n_ops)
+    ("tf32", 1, 3, 5, 1, [5, 6, 7], [3, 2, 3], [2, 1, 3], [1, 0, 2], [1, 0, 1], [1, 2, 1],
+     "contiguous", 4),
+    ("fp32", 2, 17, 33, 1, [3, 4, 5], [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 0, 1], [1, 1, 1],
+     "channels_last", 3),
+    ("fp16", 1, 5, 70, 2, [4, 3, 6], [2, 3, 4], [3, 2, 1], [0, 1, 2], [2, 1, 0], [1, 1, 1],
+     "sliced", 5),
+    ("bf16", 3, 1, 2, 13, [5, 5, 5], [3, 3, 3], [1, 2, 1], [1, 1, 1], [0, 1, 0], [2, 1, 1],
+     "permuted", 6),
+    ("tf32", 1, 33, 17, 1, [9, 7, 11], [5, 1, 2], [1, 1, 2], [2, 0, 0], [0, 0, 1], [1, 1, 1],
+     "contiguous", 2),
+]
+
+
+@cuda_test
+@pytest.mark.parametrize("idx", range(len(EDGE)))
+def test_edge_tiles(idx, ext, poison):
+    prec, N, cin_g, cout_g, groups, sp, k, s, p, op, d, layout, n_ops = EDGE[idx]
+    case = Case(idx, prec, N, cin_g, cout_g, groups, sp, k, s, p, op, d, True, layout,
+                "contiguous", n_ops)
+    args = build_args(case, "cuda")
+    with _precision(prec):
+        assert _cuda.fallback_reason(*args) is None
+        out = OP(*args)
+    cpu_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    cpu_args[10] = [t.cpu() for t in args[10]]
+    ref = reference64(cpu_args)
+    assert not torch.isnan(out).any(), f"{case}: unwritten outputs"
+    err = rel_err(out.cpu(), ref)
+    bound = {"fp32": 1e-5, "tf32": 2e-3, "fp16": 5e-3, "bf16": 3e-2}[prec]
+    assert err <= bound, f"{case}: rel L2 error {err:.3g} > {bound}"
+
+
+@cuda_test
+@pytest.mark.parametrize("cout_g", [16, 32, 64])  # the three tile shapes
+@pytest.mark.parametrize("precision", ["tf32", "fp16"])
+def test_six_tile_registers(cout_g, precision, ext, poison):
+    """A program with 6 values alive at once: the largest shared-memory configuration."""
+    draw = _Draw(cout_g, "cuda", DTYPES[precision])
+    x, w = draw.normal((2, 8, 5, 6, 7)), draw.normal((8, cout_g, 3, 3, 3), 0.2)
+    b = draw.normal((cout_g,), 0.5)
+    args = (x, w, b, [2, 2, 2], [1, 1, 1], [1, 0, 1], [1, 1, 1], 1, live_values_program(6),
+            [], [])
+    with _precision(precision):
+        assert _cuda.fallback_reason(*args) is None
+        assert _cuda._get_plan(*args).regs[0] == 6
+        out = OP(*args)
+        eager = ops.reference(*args)
+    ref = reference64(args)
+    assert not torch.isnan(out).any()
+    err, err_eager = rel_err(out, ref), rel_err(eager, ref)
+    err_ideal = rel_err(reference64(args, round_tf32 if precision == "tf32" else None
+                                    ).to(out.dtype), ref)
+    assert err <= 2 * max(err_eager, err_ideal), (err, err_eager, err_ideal)
+
+
+@cuda_test
+def test_output_over_2_31_elements(ext, poison):
+    """64-bit offsets: a float16 output of 2.15e9 elements (4.3 GB), checked on end slabs."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 16 * 2 ** 30:
+        pytest.skip(f"needs 16 GiB of free GPU memory, {free / 2 ** 30:.1f} GiB free")
+    draw = _Draw(123, "cuda", torch.float16)
+    D, H, W = 161, 161, 162
+    x = draw.normal((1, 8, D, H, W))
+    w = draw.normal((8, 64, 2, 2, 2), 0.35)
+    b = draw.normal((64,), 0.5)
+    t0 = draw.normal((64, 1, 1, 1), dtype=torch.float16)
+    program = [Opcode.LOAD_TENSOR, 0, -1, -1, -1, -1, Opcode.MUL, 0, 1, -1, -1, -1,
+               Opcode.RELU, 2, -1, -1, -1, -1]
+    args = (x, w, b, [2, 2, 2], [0, 0, 0], [0, 0, 0], [1, 1, 1], 1, program, [], [t0])
+    assert _cuda.fallback_reason(*args) is None
+    out = OP(*args)
+    assert out.numel() > 2 ** 31
+    assert not torch.isnan(out).any(), "unwritten outputs"
+    for lo in (0, D - 3):  # output slab [2 lo, 2 lo + 6) depends on input slab [lo, lo + 3)
+        xs = x[:, :, lo:lo + 3]
+        ref = reference64((xs, w, b, [2, 2, 2], [0, 0, 0], [0, 0, 0], [1, 1, 1], 1, program, [],
+                           [t0]))
+        got = out[:, :, 2 * lo:2 * lo + 6]
+        err = rel_err(got, ref)
+        assert err <= 2 * rel_err(ref.half(), ref) + 1e-4, f"slab {lo}: rel L2 error {err:.3g}"
+    del out
+
+
+@cuda_test
+def test_fallbacks_give_reference_results(ext):
+    draw = _Draw(9, "cuda", torch.float32)
+    x, w = draw.normal((2, 4, 3, 4, 5)), draw.normal((4, 6, 3, 3, 3), 0.2)
+    conv = ([2, 1, 2], [1, 1, 0], [1, 0, 0], [1, 1, 1], 1)
+    load_add = [Opcode.LOAD_TENSOR, 0, -1, -1, -1, -1, Opcode.ADD, 0, 1, -1, -1, -1]
+    out_shape = ops.output_shape(x, w, *conv)
+    big = draw.normal((3, *out_shape))  # enlarges the result to 6-D
+    for args, why in [((x.double(), w.double(), None, *conv, [], [], []), "float64"),
+                      ((x, w, None, *conv, load_add, [], [big]), "enlarges")]:
+        reason = _cuda.fallback_reason(*args)
+        assert reason is not None and why in reason, reason
+        got, want = OP(*args), ops.reference(*args)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@cuda_test
+def test_side_stream_and_cuda_graph(ext):
+    """The kernel launches on the current stream, so it works on side streams and in graphs."""
+    case = make_case(12)
+    case.precision = "tf32"
+    args = build_args(case, "cuda")
+    want = OP(*args)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = OP(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    assert bitwise_equal(got, want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        OP(*args)  # warm-up on the capture stream
+        side.synchronize()
+        with torch.cuda.graph(graph, stream=side):
+            captured = OP(*args)
+    captured.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert bitwise_equal(captured, want)
+
+
+@cuda_test
+def test_implementation_names(ext):
+    with _precision("tf32"):
+        assert _build.implementation_name("cuda", torch.float32).startswith(
+            "fused CUDA kernel (TF32")
+    with _precision("fp32"):
+        assert "exact FP32" in _build.implementation_name("cuda", torch.float32)
+    assert "BF16" in _build.implementation_name("cuda", torch.bfloat16)
+    assert _build.why_not() is None
