@@ -27,6 +27,7 @@ Limitations (these calls run the reference, ``ops.reference``):
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -367,20 +368,41 @@ def fallback_reason(input, weight, bias, stride, padding, output_padding, dilati
                      program, scalars, extras).fallback
 
 
-@conv_transpose3d_epilogue.register_kernel("cuda")
-def _cuda_impl(input, weight, bias, stride, padding, output_padding, dilation, groups,
-               program, scalars, extras):
-    check_args(input, weight, bias, stride, padding, output_padding, dilation, groups,
-               program, scalars, extras)
-    ext = _build.load()
-    if ext is None:
-        return reference(input, weight, bias, stride, padding, output_padding, dilation,
-                         groups, program, scalars, extras)
-    plan = _get_plan(input, weight, bias, stride, padding, output_padding, dilation, groups,
-                     program, scalars, extras)
-    if plan.fallback is not None:
-        return reference(input, weight, bias, stride, padding, output_padding, dilation,
-                         groups, program, scalars, extras)
+# Per-shape choice between the fused kernel and cuDNN + PyTorch epilogue ("reference"): where
+# the fused kernel is still slower (some math-bound shapes, see docs/performance.md) the first
+# call of a signature times both and keeps the faster. Off with CT3D_FX_AUTOTUNE=0 or
+# ``_cuda.AUTOTUNE = False``; never during stream capture (CUDA graphs) or NaN poisoning.
+AUTOTUNE = os.environ.get("CT3D_FX_AUTOTUNE", "1") != "0"
+_choices: Dict[tuple, str] = {}
+
+
+def autotune_choices() -> Dict[tuple, str]:
+    """The implementation chosen per call signature so far: "fused" or "reference"."""
+    return dict(_choices)
+
+
+def _median_ms(fn, reps: int = 5) -> float:
+    fn()
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        ts.append(start.elapsed_time(end))
+    return sorted(ts)[reps // 2]
+
+
+def _tunable(input) -> bool:
+    if not AUTOTUNE or POISON_OUTPUT or torch.cuda.is_current_stream_capturing():
+        return False
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    return not (compiling is not None and compiling())
+
+
+def _run_fused(ext, plan, input, weight, bias, extras, mode):
     out = torch.empty_strided(plan.shape, plan.stride, dtype=plan.dtype, device=input.device)
     if out.numel() == 0:
         return out
@@ -394,11 +416,36 @@ def _cuda_impl(input, weight, bias, stride, padding, output_padding, dilation, g
         prog_f = prog_f.clone()
         for row, field, idx in plan.patches:
             prog_f[row, field] = float(extras[idx])
-    if input.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
-        mode = _MODE_FFMA
-    else:
-        mode = _MODE_TENSOR_CORE
     ext.launch(input, wp, None if bias is None else bias.contiguous(), out,
                [extras[i] for i in plan.slot_extras], plan.slot_strides, plan.prog_i, prog_f,
                plan.regs, plan.conv, mode)
     return out
+
+
+@conv_transpose3d_epilogue.register_kernel("cuda")
+def _cuda_impl(input, weight, bias, stride, padding, output_padding, dilation, groups,
+               program, scalars, extras):
+    args = (input, weight, bias, stride, padding, output_padding, dilation, groups, program,
+            scalars, extras)
+    check_args(*args)
+    ext = _build.load()
+    if ext is None:
+        return reference(*args)
+    plan = _get_plan(*args)
+    if plan.fallback is not None:
+        return reference(*args)
+    if input.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        mode = _MODE_FFMA
+    else:
+        mode = _MODE_TENSOR_CORE
+    if _tunable(input):
+        ck = (_key(*args), mode)
+        choice = _choices.get(ck)
+        if choice is None:
+            t_fused = _median_ms(lambda: _run_fused(ext, plan, input, weight, bias, extras, mode))
+            t_ref = _median_ms(lambda: reference(*args))
+            choice = "fused" if t_fused <= t_ref else "reference"
+            _choices[ck] = choice
+        if choice == "reference":
+            return reference(*args)
+    return _run_fused(ext, plan, input, weight, bias, extras, mode)

@@ -769,7 +769,14 @@ def _measure(case: Case, opts, ceilings: dict, device: torch.device, log) -> dic
             from .ops import reference
 
             bound = [_call_args(f, a, k) for f, a, k in fused_calls]
-            timed("fused_op_ms", lambda: [f(*a, **k) for f, a, k in fused_calls])
+            from . import _cuda
+
+            # the fused kernel itself: no per-shape autotune choice of cuDNN + PyTorch ops
+            tuned, _cuda.AUTOTUNE = _cuda.AUTOTUNE, False
+            try:
+                timed("fused_op_ms", lambda: [f(*a, **k) for f, a, k in fused_calls])
+            finally:
+                _cuda.AUTOTUNE = tuned
             timed("eager_conv_epilogue_ms", lambda: [reference(**b) for b in bound])
 
     # The floor covers what fused_op_ms times: the fused calls' convolutions when there are

@@ -25,6 +25,12 @@ FUSED_OP = torch.ops.ct3d.conv_transpose3d_epilogue.default
 # other processes share the CPU cores (OpenMP workers then wait on each other in every op).
 torch.set_num_threads(1)
 
+# Tests check the fused kernel itself: no per-shape autotune choice of cuDNN + PyTorch ops
+# (tests/test_cuda_autotune.py turns it on where it is the subject).
+import ct3d_fx._cuda  # noqa: E402
+
+ct3d_fx._cuda.AUTOTUNE = False
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
