@@ -59,6 +59,7 @@ enum OpCode : int32_t {
   OP_SOFTPLUS = 37,
   OP_CLAMP = 38,
   OP_BATCH_NORM = 39,
+  OP_DETACH = 40,  // never reaches the kernel: _cuda.py folds it into its operand
 };
 
 // One decoded epilogue instruction. The program runs on a small register file of output

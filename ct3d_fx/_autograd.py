@@ -92,6 +92,10 @@ def _needs_conv_output(program: Sequence[int], conv_needs: bool,
             dep_y.append(da or db)
             continue
         ca, da = carries[a], dep_y[a]
+        if op == Opcode.DETACH:  # no gradient flows through it
+            carries.append(False)
+            dep_y.append(da)
+            continue
         own = False  # an extra tensor of this instruction that needs a gradient
         if op == Opcode.PRELU:
             own = bool(extra_needs[b])

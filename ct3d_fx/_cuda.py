@@ -155,9 +155,9 @@ def _make_plan(input, weight, bias, stride, padding, output_padding, dilation, g
         decoded = _decode_program(input, program, scalars, extras, conv_shape, channels)
     except _NotCovered as e:
         return _Plan(str(e))
-    rows, slot_extras, slot_strides = decoded
+    rows, slot_extras, slot_strides, alias = decoded
     try:
-        rows, n_regs, out_reg = _allocate_registers(rows, n_instr)
+        rows, n_regs, out_reg = _allocate_registers(rows, alias.get(n_instr, n_instr))
     except _NotCovered as e:
         return _Plan(str(e))
     if len(rows) > MAX_INSTR:
@@ -232,10 +232,17 @@ def _decode_program(input, program, scalars, extras, conv_shape, channels):
             materialized[v] = nv
         return materialized[v]
 
+    alias: Dict[int, int] = {}  # DETACH: forward identity, its value is its operand's
     for k in range(len(program) // INSTR_WIDTH):
         op, a, b, c, d, _ = program[k * INSTR_WIDTH:(k + 1) * INSTR_WIDTH]
         op = Opcode(op)
         v = k + 1
+        a = alias.get(a, a)
+        if op in _BINARY:
+            b = alias.get(b, b)
+        if op == Opcode.DETACH:
+            alias[v] = a
+            continue
         if op == Opcode.LOAD_SCALAR:
             consts[v] = ("f", float(scalars[a]))
         elif op == Opcode.LOAD_TENSOR:
@@ -297,7 +304,7 @@ def _decode_program(input, program, scalars, extras, conv_shape, channels):
                              f0=float(scalars[d])))
         else:  # check_program accepted it, so the table above is incomplete
             raise _NotCovered(f"opcode {op.name} is not implemented by the kernel")
-    return rows, slot_extras, slot_strides
+    return rows, slot_extras, slot_strides, alias
 
 
 def _allocate_registers(rows: List[_Row], result: int):

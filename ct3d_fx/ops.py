@@ -65,6 +65,7 @@ class Opcode(enum.IntEnum):
     CLAMP = 38        # a=v, b=s min or -1, c=s max or -1
     BATCH_NORM = 39   # a=v, b=t running_mean (running_var is t b+1; weight, bias are t b+2, b+3
     #                   when c=1, absent when c=0), d=s eps. Eval mode: running statistics.
+    DETACH = 40       # a=v                      -> a.detach(): the same values, no gradient
 
 
 # Which fields of each opcode are value numbers (v), scalar indices (s), extra-tensor indices
@@ -77,7 +78,7 @@ _FIELDS = {
     Opcode.SELU: "v", Opcode.GELU: "vf", Opcode.SILU: "v", Opcode.MISH: "v",
     Opcode.HARDSWISH: "v", Opcode.HARDSIGMOID: "v", Opcode.HARDTANH: "vss",
     Opcode.SIGMOID: "v", Opcode.TANH: "v", Opcode.SOFTPLUS: "vss",
-    Opcode.CLAMP: "v??", Opcode.BATCH_NORM: "vtfs",
+    Opcode.CLAMP: "v??", Opcode.BATCH_NORM: "vtfs", Opcode.DETACH: "v",
 }
 
 
@@ -222,6 +223,8 @@ def _run_program(y: torch.Tensor, program: Sequence[int], scalars: Sequence[floa
                 r = F.softplus(x, s[b], s[c])
             elif op == Opcode.CLAMP:
                 r = torch.clamp(x, None if b < 0 else s[b], None if c < 0 else s[c])
+            elif op == Opcode.DETACH:
+                r = x.detach()
             elif op == Opcode.BATCH_NORM:
                 w = extras[b + 2] if c else None
                 bb = extras[b + 3] if c else None

@@ -383,8 +383,13 @@ _add(_fn(F.dropout, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout),
             alias=True))
 _add(_meth("clone") + _fn(torch.clone),
      OpSpec("identity", "dropout", _binder(_s_identity), ("input",), _identity))
-_add(_meth("detach", "contiguous") + _fn(torch.detach, operator.pos),
+_add(_meth("contiguous") + _fn(operator.pos),
      OpSpec("identity", "dropout", _binder(_s_identity), ("input",), _identity, alias=True))
+# detach: the same values, but no gradient flows through it (a DETACH instruction, which the
+# CUDA kernel folds away and autograd respects)
+_add(_meth("detach") + _fn(torch.detach),
+     OpSpec("detach", "dropout", _binder(_s_identity), ("input",), _unary(Opcode.DETACH),
+            alias=True))
 
 # batch norm (functional, eval)
 _add(_fn(F.batch_norm),

@@ -297,3 +297,31 @@ def test_dtype_conversion_keeps_sharing(pair):
     xs32 = tuple(t.float() for t in xs)
     assert fused_calls(opt, *xs32) == 4
     assert_matches(opt, m, xs32, what="after opt.float()")
+
+
+class _DetachModel(nn.Module):
+    """The suite's l2_20 pattern: conv output reused through detach (no gradient there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ct = nn.ConvTranspose3d(4, 6, 3, stride=2, padding=1, output_padding=1)
+        self.p = nn.Parameter(torch.randn(6, 1, 1, 1))
+
+    def forward(self, x):
+        y = self.ct(x)
+        c = y.detach()
+        z = (y + self.p + c) * c + c
+        return z * torch.sigmoid(z).detach()
+
+
+def test_gradients_respect_detach_inside_the_fused_chain():
+    torch.manual_seed(0)
+    m = _DetachModel().double()
+    x = torch.randn(2, 4, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    opt = ct3d_fx.optimize(m, (x,))
+    assert opt.ct3d_report.sites[0].chain.count("detach") == 2
+    gy = torch.randn_like(m(x))
+    want = torch.autograd.grad(m(x), [x, *m.parameters()], gy)
+    got = torch.autograd.grad(opt(x), [x, *m.parameters()], gy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
