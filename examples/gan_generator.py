@@ -19,8 +19,6 @@ the optimized model is less accurate than allowed (see ``check``).
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import sys
 from pathlib import Path
 from typing import List, Sequence, Tuple
@@ -29,11 +27,10 @@ import torch
 import torch.nn as nn
 
 try:
-    import ct3d_fx
+    import ct3d_fx  # noqa: F401
 except ImportError:  # run from a checkout without installing: use the repository's package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import ct3d_fx
-from ct3d_fx.bench import max_rel_err, randomize_batchnorm
+from ct3d_fx.bench import example_main, randomize_batchnorm
 
 Z_DIM = 200
 #: Channels of the hidden layers, 4^3 to 32^3 voxels; the output has one channel at 64^3.
@@ -86,40 +83,8 @@ def build(batch: int = 1, *, tiny: bool = False) -> Tuple[nn.Module, List[Tuple[
     return model, [(batch, z_dim, 1, 1, 1)]
 
 
-def check(model: nn.Module, inputs: Sequence[torch.Tensor]) -> bool:
-    """Optimize ``model``, print the report and the errors; True when the result is accurate.
-
-    Accurate: the optimized model's max relative error against a float64 copy of the model is
-    at most twice eager's own error plus 1e-6 (errors are max |out - ref| / max |ref|).
-    """
-    ref64 = copy.deepcopy(model).double()
-    with torch.no_grad():
-        expected = model(*inputs)
-        opt = ct3d_fx.optimize(model, tuple(inputs))
-        got = opt(*inputs)
-        exact = ref64(*[t.double() for t in inputs])
-    print(opt.ct3d_report)
-    err_eager = max_rel_err(got, expected)
-    err_opt, err_ref = max_rel_err(got, exact), max_rel_err(expected, exact)
-    print(f"max relative error: optimized vs eager {err_eager:.2e}; vs float64: optimized "
-          f"{err_opt:.2e}, eager {err_ref:.2e}")
-    return err_opt <= 2 * err_ref + 1e-6
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", action="store_true", help="small sizes (the default on the CPU)")
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model, shapes = build(args.batch, tiny=args.tiny or device.type == "cpu")
-    model = model.to(device)
-    inputs = [torch.rand(s, device=device) for s in shapes]
-    ok = check(model, inputs)
-    print("OK" if ok else "FAILED: the optimized model is less accurate than eager allows")
-    return 0 if ok else 1
+    return example_main(build, __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":
