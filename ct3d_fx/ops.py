@@ -300,8 +300,7 @@ def check_args(input, weight, bias, stride, padding, output_padding, dilation, g
         if op[i] >= max(st[i], di[i]):
             raise ValueError(f"ct3d: output_padding must be smaller than either stride or "
                              f"dilation, got output_padding={op}, stride={st}, dilation={di}")
-    out_sp = [(input.size(2 + i) - 1) * st[i] - 2 * pa[i] + di[i] * (weight.size(2 + i) - 1)
-              + op[i] + 1 for i in range(3)]
+    out_sp = list(output_shape(input, weight, st, pa, op, di, groups)[2:])
     if min(out_sp) < 1:
         raise ValueError(f"ct3d: output spatial size {out_sp} is not positive for input "
                          f"{tuple(input.shape)}, kernel {tuple(weight.shape[2:])}, stride {st}, "
