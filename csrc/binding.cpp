@@ -45,11 +45,14 @@ void check_cuda_on(const at::Tensor& t, const at::Device& dev, const char* what)
 // device tensors; slot_strides: CPU int64 (len(slots), 5), strides of each slot expanded to
 // y's shape; prog_i: CPU int32 (n_instr, 5) = op, a, b, c, d; prog_f: CPU float32 (n_instr, 2);
 // regs: (registers the program uses, register of the result); conv: stride(3), padding(3),
-// dilation(3), groups; mode: 0 exact FP32, 1 tensor cores.
-void launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-            at::Tensor& y, const std::vector<at::Tensor>& slots, const at::Tensor& slot_strides,
-            const at::Tensor& prog_i, const at::Tensor& prog_f, const std::vector<int64_t>& regs,
-            const std::vector<int64_t>& conv, int64_t mode) {
+// dilation(3), groups; mode: 0 exact FP32, 1 tensor cores; algo: 0 the kernel launch_conv picks,
+// 1 the implicit GEMM, 2 the direct kernel (where it applies). Returns the kernel that ran (0
+// implicit GEMM, 1 direct), -1 when the output is empty.
+int64_t launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+               at::Tensor& y, const std::vector<at::Tensor>& slots,
+               const at::Tensor& slot_strides, const at::Tensor& prog_i,
+               const at::Tensor& prog_f, const std::vector<int64_t>& regs,
+               const std::vector<int64_t>& conv, int64_t mode, int64_t algo) {
   const at::Device dev = x.device();
   check_cuda_on(x, dev, "input");
   check_cuda_on(w, dev, "weight");
@@ -67,6 +70,8 @@ void launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Te
   TORCH_CHECK(y_dt != ct3d::kF64, "ct3d: the fused kernel does not write float64 output");
   TORCH_CHECK(mode == ct3d::kModeFfma || mode == ct3d::kModeTensorCore,
               "ct3d: mode must be 0 (exact FP32) or 1 (tensor cores), got ", mode);
+  TORCH_CHECK(algo == ct3d::kAlgoAuto || algo == ct3d::kAlgoGemm || algo == ct3d::kAlgoDirect,
+              "ct3d: algo must be 0 (auto), 1 (implicit GEMM) or 2 (direct), got ", algo);
   TORCH_CHECK(mode == ct3d::kModeTensorCore || in_dt == ct3d::kF32,
               "ct3d: mode 0 (exact FP32) needs float32 input, got ", x.scalar_type());
 
@@ -126,6 +131,7 @@ void launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Te
     p.pad[i] = static_cast<int32_t>(conv[3 + i]);
     p.dil[i] = static_cast<int32_t>(conv[6 + i]);
   }
+  p.algo = static_cast<int32_t>(algo);
 
   // ---- epilogue ----
   const int64_t n_slots = static_cast<int64_t>(slots.size());
@@ -193,20 +199,22 @@ void launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Te
   p.epi.out_reg = static_cast<int32_t>(regs[1]);
   p.epi.n_instr = static_cast<int32_t>(n_instr);
 
-  if (y.numel() == 0) return;
+  if (y.numel() == 0) return -1;
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   cudaError_t err;
+  int kernel = -1;
   if (in_dt == ct3d::kF32) {
-    err = mode == ct3d::kModeTensorCore ? ct3d::launch_f32_tf32(p, stream)
-                                        : ct3d::launch_f32_ffma(p, stream);
+    err = mode == ct3d::kModeTensorCore ? ct3d::launch_f32_tf32(p, stream, &kernel)
+                                        : ct3d::launch_f32_ffma(p, stream, &kernel);
   } else if (in_dt == ct3d::kF16) {
-    err = ct3d::launch_f16_tc(p, stream);
+    err = ct3d::launch_f16_tc(p, stream, &kernel);
   } else {
-    err = ct3d::launch_bf16_tc(p, stream);
+    err = ct3d::launch_bf16_tc(p, stream, &kernel);
   }
   TORCH_CHECK(err == cudaSuccess, "ct3d: fused conv_transpose3d kernel launch failed: ",
               cudaGetErrorString(err));
+  return kernel;
 }
 
 }  // namespace
@@ -215,7 +223,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ct3d_fx fused ConvTranspose3d + epilogue CUDA kernel";
   m.def("launch", &launch, "Launch the fused kernel (see csrc/binding.cpp)", py::arg("x"),
         py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("slots"), py::arg("slot_strides"),
-        py::arg("prog_i"), py::arg("prog_f"), py::arg("regs"), py::arg("conv"), py::arg("mode"));
+        py::arg("prog_i"), py::arg("prog_f"), py::arg("regs"), py::arg("conv"), py::arg("mode"),
+        py::arg("algo"));
   m.attr("MAX_INSTR") = ct3d::kMaxInstr;
   m.attr("MAX_SLOTS") = ct3d::kMaxSlots;
   m.attr("MAX_REGS") = ct3d::kMaxRegs;

@@ -27,6 +27,9 @@
 // register file of tiles; the decoded program (ct3d_epilogue.cuh) runs instruction by
 // instruction over the tile; each output element is then stored once, lanes walking the
 // output's contiguous dimension.
+//
+// Shapes with few input channels per group run conv_transpose3d_direct_kernel instead (below):
+// FP32 FFMA without the 16-channel K steps, the same epilogue and store.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -88,6 +91,22 @@ __host__ __device__ __forceinline__ PhaseDim phase_dim(int rho, int out, int s, 
   }
   return r;
 }
+
+// Division by a run-time divisor d >= 1 that stays fixed, for dividends n in [0, 2^31):
+// q = (umulhi(n, m) + n) >> l with l = ceil(log2 d), m = floor(2^32 (2^l - d) / d) + 1
+// (Granlund and Montgomery), a multiply-high, an add and a shift instead of the dozen
+// instructions of a general integer division.
+struct FastDiv {
+  uint32_t d, m, l;
+  __host__ __device__ explicit FastDiv(int divisor) : d(static_cast<uint32_t>(divisor)), l(0) {
+    while (l < 31 && (1u << l) < d) ++l;
+    m = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << l) - d)) / d + 1);
+  }
+  __device__ __forceinline__ int div(int n) const {
+    const uint32_t u = static_cast<uint32_t>(n);
+    return static_cast<int>((__umulhi(u, m) + u) >> l);
+  }
+};
 
 // Walks the K steps of a phase in order: input-channel chunk fastest, then w, h, d taps.
 struct KIter {
@@ -165,6 +184,80 @@ __device__ __forceinline__ void store_row(T* dst, const T (&src)[N]) {
 }
 
 // ---------------------------------------------------------------------------------------
+// One store per element of a BM x BN output tile (out[c * LDC + m]: row m, channel column c;
+// rows with s_n[m] < 0 and columns past the group's channels are not stored). Lanes walk the
+// output's contiguous dimension: voxels (NCDHW) or channels (channels_last, chan_fast).
+template <int BM, int BN, int LDC>
+__device__ __forceinline__ void store_tile(const ConvParams& p, const float* out, const int* s_n,
+                                           const int64_t* s_yoff, int co0, int grp, int tid,
+                                           bool chan_fast) {
+  constexpr int kPer = BM * BN / kThreads;
+  const int64_t ys1 = p.ys[1];
+  const int cmax = p.cout_g - co0;
+  const int cog0 = grp * p.cout_g + co0;
+  auto store_all = [&](auto* y) {
+    using T = typename std::remove_pointer<decltype(y)>::type;
+    auto put = [&](int m, int c) {
+      if (s_n[m] < 0 || c >= cmax) return;
+      const float v = out[c * LDC + m];
+      T* dst = y + s_yoff[m] + static_cast<int64_t>(cog0 + c) * ys1;
+      if constexpr (std::is_same<T, float>::value) {
+        *dst = v;
+      } else if constexpr (std::is_same<T, __half>::value) {
+        *dst = __float2half_rn(v);
+      } else {
+        *dst = __float2bfloat16_rn(v);
+      }
+    };
+    if (chan_fast) {
+#pragma unroll 4
+      for (int i = 0; i < kPer; ++i) {
+        const int e = tid + i * kThreads;
+        put(e / BN, e % BN);
+      }
+    } else {
+      // Lanes walk rows (voxels): each store instruction writes 32 consecutive rows of one
+      // channel. A thread keeps its rows fixed and walks the channels with a running pointer,
+      // so the row's offset is read once and each element costs a load, an add and a store.
+      constexpr int kRows = BM >= kThreads ? BM / kThreads : 1;      // rows per thread
+      constexpr int kColStep = BM >= kThreads ? 1 : kThreads / BM;  // threads per row
+      static_assert(BM >= kThreads ? BM % kThreads == 0 : kThreads % BM == 0, "tile rows");
+      const int c_first = BM >= kThreads ? 0 : tid / BM;
+      const int64_t step = ys1 * kColStep;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int m = (BM >= kThreads ? tid : tid % BM) + r * kThreads;
+        if (s_n[m] < 0) continue;
+        T* dst = y + s_yoff[m] + static_cast<int64_t>(cog0 + c_first) * ys1;
+        const float* src = out + c_first * LDC + m;
+#pragma unroll 4
+        for (int c = c_first; c < BN; c += kColStep) {
+          if (c < cmax) {
+            const float v = *src;
+            if constexpr (std::is_same<T, float>::value) {
+              *dst = v;
+            } else if constexpr (std::is_same<T, __half>::value) {
+              *dst = __float2half_rn(v);
+            } else {
+              *dst = __float2bfloat16_rn(v);
+            }
+          }
+          dst += step;
+          src += kColStep * LDC;
+        }
+      }
+    }
+  };
+  if (p.y_dtype == kF16) {
+    store_all(static_cast<__half*>(p.y));
+  } else if (p.y_dtype == kBF16) {
+    store_all(static_cast<__nv_bfloat16*>(p.y));
+  } else {
+    store_all(static_cast<float*>(p.y));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Tile configuration.
 template <int IN_DT, int MODE, int BM, int BN, int WARPS_M, int WARPS_N>
 struct Tile {
@@ -203,8 +296,10 @@ struct Tile {
 };
 
 // ---------------------------------------------------------------------------------------
+// The 64 x 64 tile fits 4 CTAs (16 warps) per multiprocessor in 128 registers; the others need
+// more registers (3 CTAs) or, in exact FP32, many more (2 CTAs).
 template <int IN_DT, int MODE, int BM, int BN, int WARPS_M, int WARPS_N>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, (BM == 64 && MODE == kModeTensorCore) ? 4 : 2)
     conv_transpose3d_fused_kernel(const __grid_constant__ ConvParams p) {
   using Cfg = Tile<IN_DT, MODE, BM, BN, WARPS_M, WARPS_N>;
   using GType = typename Cfg::GType;
@@ -255,13 +350,14 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (m < M) {
       int n, td, th, tw;
       if (M <= INT_MAX) {
-        int q = static_cast<int>(m);
-        tw = q % Tw;
-        q /= Tw;
-        th = q % Th;
-        q /= Th;
-        td = q % Td;
-        n = q / Td;
+        const FastDiv div_tw(Tw), div_th(Th), div_td(Td);
+        const int q0 = static_cast<int>(m);
+        const int q1 = div_tw.div(q0);
+        tw = q0 - q1 * Tw;
+        const int q2 = div_th.div(q1);
+        th = q1 - q2 * Th;
+        n = div_td.div(q2);
+        td = q2 - n * Td;
       } else {
         int64_t q = m;
         tw = static_cast<int>(q % Tw);
@@ -287,8 +383,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   __syncthreads();
   const PhaseDim pdd = s_phase[0], pdh = s_phase[1], pdw = s_phase[2];
 
-  // ---- loader state ----
+  // ---- loader state: each A row's offset of input channel cig0 + a_k0 at tap offset 0, and
+  // the B column's offset of input channel cig0 + b_k0 at tap 0; a K step adds one offset
+  // that is the same for every thread ----
   int a_row[Cfg::A_MPT], a_n[Cfg::A_MPT], a_td[Cfg::A_MPT], a_th[Cfg::A_MPT], a_tw[Cfg::A_MPT];
+  int64_t a_base[Cfg::A_MPT];
   const int a_k0 = BM >= kThreads ? 0 : (tid / BM) * Cfg::A_KPT;
 #pragma unroll
   for (int i = 0; i < Cfg::A_MPT; ++i) {
@@ -297,9 +396,16 @@ __global__ void __launch_bounds__(kThreads, 2)
     a_td[i] = s_td[a_row[i]];
     a_th[i] = s_th[a_row[i]];
     a_tw[i] = s_tw[a_row[i]];
+    a_base[i] = static_cast<int64_t>(a_n[i] < 0 ? 0 : a_n[i]) * p.xs[0] +
+                static_cast<int64_t>(cig0 + a_k0) * p.xs[1] +
+                static_cast<int64_t>(a_td[i]) * p.xs[2] + static_cast<int64_t>(a_th[i]) * p.xs[3] +
+                static_cast<int64_t>(a_tw[i]) * p.xs[4];
   }
   const int b_col = tid % BN;
   const int b_k0 = (tid / BN) * Cfg::B_KPT;
+  const int64_t b_base =
+      static_cast<int64_t>(cig0 + b_k0) * p.ws[0] + static_cast<int64_t>(co0 + b_col) * p.ws[1];
+  const bool b_ok = co0 + b_col < p.cout_g;
 
   const GType* __restrict__ X = static_cast<const GType*>(p.x);
   const GType* __restrict__ Wt = static_cast<const GType*>(p.w);
@@ -315,18 +421,17 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int offh = pdh.off0 - ki.jh * pdh.doff;
     const int offw = pdw.off0 - ki.jw * pdw.doff;
     const int ci0 = ki.chunk * kBK;
+    const int64_t a_step =
+        static_cast<int64_t>(ci0) * p.xs[1] + static_cast<int64_t>(offd) * p.xs[2] +
+        static_cast<int64_t>(offh) * p.xs[3] + static_cast<int64_t>(offw) * p.xs[4];
 #pragma unroll
     for (int i = 0; i < Cfg::A_MPT; ++i) {
       const int id = a_td[i] + offd, ih = a_th[i] + offh, iw = a_tw[i] + offw;
       const bool ok = a_n[i] >= 0 && static_cast<unsigned>(id) < static_cast<unsigned>(p.Di) &&
                       static_cast<unsigned>(ih) < static_cast<unsigned>(p.Hi) &&
                       static_cast<unsigned>(iw) < static_cast<unsigned>(p.Wi);
-      const int ci = ci0 + a_k0;
-      const int kv = ok ? p.cin_g - ci : 0;  // channels of this row that exist
-      const GType* src = X + (static_cast<int64_t>(a_n[i]) * p.xs[0] +
-                              static_cast<int64_t>(cig0 + ci) * p.xs[1] +
-                              static_cast<int64_t>(id) * p.xs[2] +
-                              static_cast<int64_t>(ih) * p.xs[3] + static_cast<int64_t>(iw) * p.xs[4]);
+      const int kv = ok ? p.cin_g - (ci0 + a_k0) : 0;  // channels of this row that exist
+      const GType* src = X + (a_base[i] + a_step);
 #pragma unroll
       for (int kk = 0; kk < Cfg::A_KPT; ++kk) {
         ra[i][kk] = kk < kv ? *src : GType(0);
@@ -337,16 +442,14 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int kd = pdd.k0 + ki.jd * pdd.kstep;
       const int kh = pdh.k0 + ki.jh * pdh.kstep;
       const int kw = pdw.k0 + ki.jw * pdw.kstep;
-      const int ci = ci0 + b_k0;
-      const int co = co0 + b_col;
-      const bool ok = co < p.cout_g;
-      const int64_t base = static_cast<int64_t>(cig0 + ci) * p.ws[0] +
-                           static_cast<int64_t>(co) * p.ws[1] + static_cast<int64_t>(kd) * p.ws[2] +
-                           static_cast<int64_t>(kh) * p.ws[3] + static_cast<int64_t>(kw) * p.ws[4];
+      const int kv = b_ok ? p.cin_g - (ci0 + b_k0) : 0;  // input channels that exist
+      const GType* src =
+          Wt + (b_base + static_cast<int64_t>(ci0) * p.ws[0] + static_cast<int64_t>(kd) * p.ws[2] +
+                static_cast<int64_t>(kh) * p.ws[3] + static_cast<int64_t>(kw) * p.ws[4]);
 #pragma unroll
       for (int kk = 0; kk < Cfg::B_KPT; ++kk) {
-        rb[kk] = (ok && ci + kk < p.cin_g) ? Wt[base + static_cast<int64_t>(kk) * p.ws[0]]
-                                           : GType(0);
+        rb[kk] = kk < kv ? *src : GType(0);
+        src += p.ws[0];
       }
     }
   };
@@ -515,7 +618,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  // ---- epilogue: fragments + bias -> register 0 ----
+  // ---- epilogue: per-channel slots, fragments + bias -> register 0 ----
+  __shared__ float s_col[kMaxSlots * BN];
+  load_channel_slots<BN>(p.epi, s_col, grp * p.cout_g + co0, p.cout_g - co0, tid, kThreads);
   constexpr int LDC = Cfg::LDC;
 #pragma unroll
   for (int ni = 0; ni < NT; ++ni)
@@ -542,6 +647,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int c = e / BM;
     ElemPos q;
     q.idx = c * LDC + m;
+    q.col = c;
     q.n = s_n[m];
     q.ok = q.n >= 0 && co0 + c < p.cout_g;
     q.c = grp * p.cout_g + co0 + c;
@@ -550,50 +656,300 @@ __global__ void __launch_bounds__(kThreads, 2)
     q.w = rw + sw * s_tw[m];
     return q;
   };
-  run_program<Cfg::kPer>(p.epi, sR, Cfg::kTileFloats, pos);
+  run_program<Cfg::kPer>(p.epi, sR, Cfg::kTileFloats, pos, s_col, BN);
 
-  // ---- one store per element; lanes walk the output's contiguous dimension: voxels
-  // (NCDHW) or channels (channels_last, which needs the other element order) ----
   const bool chan_fast = p.ys[1] == 1 && p.Cout > 1;
-  if (chan_fast) __syncthreads();
-  const float* out = sR + p.epi.out_reg * Cfg::kTileFloats;
-  const int64_t ys1 = p.ys[1];
-  const int cmax = p.cout_g - co0;
-  const int cog0 = grp * p.cout_g + co0;
-  auto store_all = [&](auto* y) {
-    using T = typename std::remove_pointer<decltype(y)>::type;
-    auto put = [&](int m, int c) {
-      if (s_n[m] < 0 || c >= cmax) return;
-      const float v = out[c * LDC + m];
-      T* dst = y + s_yoff[m] + static_cast<int64_t>(cog0 + c) * ys1;
-      if constexpr (std::is_same<T, float>::value) {
-        *dst = v;
-      } else if constexpr (std::is_same<T, __half>::value) {
-        *dst = __float2half_rn(v);
-      } else {
-        *dst = __float2bfloat16_rn(v);
-      }
-    };
-    if (chan_fast) {
-#pragma unroll 4
-      for (int i = 0; i < Cfg::kPer; ++i) {
-        const int e = tid + i * kThreads;
-        put(e / BN, e % BN);
-      }
-    } else {
-#pragma unroll 4
-      for (int i = 0; i < Cfg::kPer; ++i) {
-        const int e = tid + i * kThreads;
-        put(e % BM, e / BM);
+  if (chan_fast) __syncthreads();  // the store walks the tile in the other element order
+  store_tile<BM, BN, LDC>(p, sR + p.epi.out_reg * Cfg::kTileFloats, s_n, s_yoff, co0, grp, tid,
+                          chan_fast);
+}
+
+// ---------------------------------------------------------------------------------------
+// Direct kernel, for few input channels per group.
+//
+// With C_in/groups small the implicit GEMM wastes most of each 16-channel K step (13 of 16 at
+// C_in = 3), and its main loop, not the memory traffic, sets the time. This kernel computes
+// the convolution directly with FP32 FFMA, in every precision (inputs are converted to float;
+// products and sums in FP32, as in the exact-FP32 GEMM path):
+//   * a CTA owns one (d, h) stride phase, CO output channels of one group and kTiles x 128
+//     "W groups"; a thread owns one W group, RW = 2 consecutive output voxels along W (both W
+//     phases when the W stride is 2), for all CO channels (2 x CO accumulators);
+//   * the weights of the CTA's (d, h) phase, taps_d x taps_h x kW x C_in/groups x CO floats,
+//     are staged once in shared memory and read as broadcast float4s;
+//   * voxel j of a group runs over the W taps of its own W phase (j mod sW; the W stride is 1
+//     or 2 and divides RW), the same taps for every lane, so the warp does not diverge and no
+//     product is spent on an inserted zero;
+//   * per (d, h) tap row and voxel, the products are summed apart and then added to the
+//     accumulator (blocked summation, as in the FFMA GEMM path);
+//   * input offsets are 32-bit (launch_conv checks that they fit), the tile's W groups are
+//     decoded with FastDiv, and launch_conv picks this kernel by shape and precision
+//     (direct_pays);
+//   * the tile (rows in W order) goes through the same shared-memory epilogue and store as the
+//     GEMM kernel, so a warp's store covers 32 consecutive output voxels of one channel in
+//     NCDHW instead of every other one.
+template <int CO>
+struct Direct {
+  static_assert(CO % 4 == 0, "weights are read as float4");
+  static constexpr int RW = 2;                // output voxels along W per thread
+  static constexpr int CIB = 4;               // input channels loaded together
+  static constexpr int BM = kThreads * RW;    // rows (output voxels) of the tile
+  static constexpr int LDC = BM + 4;          // epilogue tile pitch (floats)
+  static constexpr int kTiles = 8;            // tiles per CTA: the weights are staged once
+  static constexpr int kPer = BM * CO / kThreads;
+  static constexpr int kTileFloats = CO * LDC;
+  static constexpr int kTileBytes = kTileFloats * static_cast<int>(sizeof(float));
+  // per row: output offset (int64), then n, d, h, w of the output voxel (int)
+  static constexpr int kInfoBytes = BM * static_cast<int>(sizeof(int64_t) + 4 * sizeof(int));
+  static __host__ __device__ int weight_offset(int n_regs) {
+    return n_regs * kTileBytes + kInfoBytes;
+  }
+  static __host__ __device__ int smem_bytes(int n_regs, int w_floats) {
+    return weight_offset(n_regs) + w_floats * static_cast<int>(sizeof(float));
+  }
+};
+
+template <int IN_DT, typename G>
+__device__ __forceinline__ float to_float(G v) {
+  if constexpr (IN_DT == kF16) {
+    return __half2float(__ushort_as_half(v));
+  } else if constexpr (IN_DT == kBF16) {
+    return __bfloat162float(__ushort_as_bfloat16(v));
+  } else {
+    return v;
+  }
+}
+
+// 4 CTAs (16 warps) per multiprocessor: at most 128 registers, which sm_90 meets without
+// spills; sm_80's code for half inputs needs a few more, so 3 there.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define CT3D_DIRECT_MIN_CTAS 3
+#else
+#define CT3D_DIRECT_MIN_CTAS 4
+#endif
+
+template <int IN_DT, int CO>
+__global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
+    conv_transpose3d_direct_kernel(const __grid_constant__ ConvParams p) {
+  using Cfg = Direct<CO>;
+  using GType = typename std::conditional<IN_DT != kF32, uint16_t, float>::type;
+  constexpr int RW = Cfg::RW, CIB = Cfg::CIB, BM = Cfg::BM, LDC = Cfg::LDC;
+  static_assert(RW == 2, "the tile write below stores float2 pairs");
+
+  // ---- (d, h) phase, first W group of the CTA ----
+  const int sd = p.st[0], sh = p.st[1], sw = p.st[2];  // sw is 1 or 2 (launch_conv)
+  const int n_phase = sd * sh;
+  const int z = static_cast<int>(blockIdx.x % static_cast<unsigned>(n_phase));
+  const int rh = z % sh, rd = z / sh;
+  const int Td = rd < p.Do ? (p.Do - rd + sd - 1) / sd : 0;
+  const int Th = rh < p.Ho ? (p.Ho - rh + sh - 1) / sh : 0;
+  const int G = (p.Wo + RW - 1) / RW;  // W groups per output row
+  const int64_t M = static_cast<int64_t>(p.N) * Td * Th * G;
+  const int64_t g0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(n_phase)) *
+                     (Cfg::kTiles * kThreads);
+  if (g0 >= M) return;  // uniform for the CTA, before any barrier
+
+  const int n_ct = (p.cout_g + CO - 1) / CO;
+  const int grp = blockIdx.y / n_ct;
+  const int co0 = (blockIdx.y - grp * n_ct) * CO;
+  const int cig0 = grp * p.cin_g;
+  const int cin = p.cin_g;
+  const int tid = threadIdx.x;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* sR = reinterpret_cast<float*>(smem_raw);  // epilogue registers
+  int64_t* s_yoff = reinterpret_cast<int64_t*>(smem_raw + p.epi.n_regs * Cfg::kTileBytes);
+  int* s_n = reinterpret_cast<int*>(s_yoff + BM);
+  int* s_d = s_n + BM;
+  int* s_h = s_d + BM;
+  int* s_w = s_h + BM;
+  float* s_wt = reinterpret_cast<float*>(smem_raw + Cfg::weight_offset(p.epi.n_regs));
+  // phases: d, h, then the W phase (j mod sw) of each voxel j of a thread's group
+  __shared__ PhaseDim s_phase[2 + RW];
+  __shared__ float s_col[kMaxSlots * CO];
+  __shared__ float s_bias[CO];
+
+  if (tid < 2 + RW) {
+    s_phase[tid] = tid == 0   ? phase_dim(rd, p.Do, sd, p.pad[0], p.dil[0], p.kD)
+                   : tid == 1 ? phase_dim(rh, p.Ho, sh, p.pad[1], p.dil[1], p.kH)
+                              : phase_dim((tid - 2) % sw, p.Wo, sw, p.pad[2], p.dil[2], p.kW);
+  }
+  if (tid < CO) {
+    s_bias[tid] = (p.bias != nullptr && co0 + tid < p.cout_g)
+                      ? load_as_float(p.bias, grp * p.cout_g + co0 + tid, IN_DT)
+                      : 0.0f;
+  }
+  load_channel_slots<CO>(p.epi, s_col, grp * p.cout_g + co0, p.cout_g - co0, tid, kThreads);
+  __syncthreads();
+  const PhaseDim pdd = s_phase[0], pdh = s_phase[1];
+  const int kW = p.kW;
+  const GType* __restrict__ X = static_cast<const GType*>(p.x);
+  const GType* __restrict__ Wt = static_cast<const GType*>(p.w);
+
+  // ---- the phase's weights: s_wt[((jd * taps_h + jh) * kW + kw) * cin + ci][co] ----
+  {
+    const int co = tid % CO;
+    const bool co_ok = co0 + co < p.cout_g;
+    float* dst = s_wt + tid;
+    for (int jd = 0; jd < pdd.nT; ++jd) {
+      for (int jh = 0; jh < pdh.nT; ++jh) {
+        for (int kw = 0; kw < kW; ++kw) {
+          const GType* src = Wt + (static_cast<int64_t>(pdd.k0 + jd * pdd.kstep) * p.ws[2] +
+                                   static_cast<int64_t>(pdh.k0 + jh * pdh.kstep) * p.ws[3] +
+                                   static_cast<int64_t>(kw) * p.ws[4] +
+                                   static_cast<int64_t>(cig0) * p.ws[0] +
+                                   static_cast<int64_t>(co0 + co) * p.ws[1]);
+          for (int ci = tid / CO; ci < cin; ci += kThreads / CO) {
+            dst[(ci - tid / CO) * CO] =
+                co_ok ? to_float<IN_DT>(src[static_cast<int64_t>(ci) * p.ws[0]]) : 0.0f;
+          }
+          dst += cin * CO;
+        }
       }
     }
-  };
-  if (p.y_dtype == kF16) {
-    store_all(static_cast<__half*>(p.y));
-  } else if (p.y_dtype == kBF16) {
-    store_all(static_cast<__nv_bfloat16*>(p.y));
-  } else {
-    store_all(static_cast<float*>(p.y));
+  }
+  __syncthreads();
+
+  PhaseDim pdw[RW];
+#pragma unroll
+  for (int j = 0; j < RW; ++j) pdw[j] = s_phase[2 + j];
+  const bool chan_fast = p.ys[1] == 1 && p.Cout > 1;
+  // 32-bit input offsets (launch_conv checks that every offset the kernel forms fits)
+  const int xs0 = static_cast<int>(p.xs[0]), xs1 = static_cast<int>(p.xs[1]);
+  const int xs2 = static_cast<int>(p.xs[2]), xs3 = static_cast<int>(p.xs[3]);
+  const int xs4 = static_cast<int>(p.xs[4]);
+  const int cstep = cin * CO;  // weight floats per tap
+  const FastDiv div_g(G), div_th(Th > 0 ? Th : 1), div_td(Td > 0 ? Td : 1);
+  for (int t = 0; t < Cfg::kTiles; ++t) {
+    const int64_t gt = g0 + static_cast<int64_t>(t) * kThreads;
+    if (gt >= M) break;  // uniform
+    // ---- this thread's W group: (n, td, th, tg), output voxels (od, oh, RW * tg + j) ----
+    const int64_t g = gt + tid;
+    const bool gok = g < M;
+    int n = 0, td = 0, th = 0, tg = 0;
+    if (gok) {
+      if (M <= INT_MAX) {
+        const int q0 = static_cast<int>(g);
+        const int q1 = div_g.div(q0);
+        tg = q0 - q1 * G;
+        const int q2 = div_th.div(q1);
+        th = q1 - q2 * Th;
+        n = div_td.div(q2);
+        td = q2 - n * Td;
+      } else {
+        int64_t q = g;
+        tg = static_cast<int>(q % G);
+        q /= G;
+        th = static_cast<int>(q % Th);
+        q /= Th;
+        td = static_cast<int>(q % Td);
+        n = static_cast<int>(q / Td);
+      }
+    }
+    const int od = rd + sd * td, oh = rh + sh * th;
+#pragma unroll
+    for (int j = 0; j < RW; ++j) {
+      const int m = RW * tid + j;
+      const int ow = RW * tg + j;
+      const bool ok = gok && ow < p.Wo;
+      s_n[m] = ok ? n : -1;
+      s_d[m] = od;
+      s_h[m] = oh;
+      s_w[m] = ow;
+      s_yoff[m] = ok ? static_cast<int64_t>(n) * p.ys[0] + static_cast<int64_t>(od) * p.ys[2] +
+                           static_cast<int64_t>(oh) * p.ys[3] + static_cast<int64_t>(ow) * p.ys[4]
+                     : 0;
+    }
+
+    // ---- accumulate: voxel j = RW * tg + j has input index tw_j + off0 - jw * doff along W
+    // over the taps of its W phase (pdw[j]); the same taps for every lane ----
+    float acc[RW][CO];
+#pragma unroll
+    for (int j = 0; j < RW; ++j)
+#pragma unroll
+      for (int co = 0; co < CO; ++co) acc[j][co] = 0.0f;
+    const int xn = n * xs0 + cig0 * xs1;
+    for (int jd = 0; jd < pdd.nT; ++jd) {
+      const int id = td + pdd.off0 - jd * pdd.doff;
+      const bool okd = gok && static_cast<unsigned>(id) < static_cast<unsigned>(p.Di);
+      for (int jh = 0; jh < pdh.nT; ++jh) {
+        const int ih = th + pdh.off0 - jh * pdh.doff;
+        const bool okdh = okd && static_cast<unsigned>(ih) < static_cast<unsigned>(p.Hi);
+        const int xdh = xn + id * xs2 + ih * xs3;
+        const float* wr = s_wt + (jd * pdh.nT + jh) * kW * cstep;
+#pragma unroll
+        for (int j = 0; j < RW; ++j) {
+          const PhaseDim& pw = pdw[j];
+          if (pw.nT == 0) continue;  // uniform
+          const int tw = (RW * tg + j) >> (sw - 1);  // phase index of voxel j (sw is 1 or 2)
+          float part[CO];  // blocked summation: this (d, h) tap row's products, then acc
+#pragma unroll
+          for (int co = 0; co < CO; ++co) part[co] = 0.0f;
+          for (int jw = 0; jw < pw.nT; ++jw) {
+            const int iw = tw + pw.off0 - jw * pw.doff;
+            const bool ok = okdh && static_cast<unsigned>(iw) < static_cast<unsigned>(p.Wi);
+            const float* wk = wr + (pw.k0 + jw * pw.kstep) * cstep;
+            const GType* xp = X + (xdh + iw * xs4);  // channel c0 + cc of the tap's voxel
+            for (int c0 = 0; c0 < cin; c0 += CIB) {
+              float xv[CIB];
+#pragma unroll
+              for (int cc = 0; cc < CIB; ++cc) {
+                xv[cc] = (ok && c0 + cc < cin) ? to_float<IN_DT>(*xp) : 0.0f;
+                xp += xs1;
+              }
+#pragma unroll
+              for (int cc = 0; cc < CIB; ++cc) {
+                if (c0 + cc < cin) {  // uniform
+                  const float4* w4 = reinterpret_cast<const float4*>(wk + (c0 + cc) * CO);
+#pragma unroll
+                  for (int v = 0; v < CO / 4; ++v) {
+                    const float4 f = w4[v];
+                    part[4 * v] = fmaf(xv[cc], f.x, part[4 * v]);
+                    part[4 * v + 1] = fmaf(xv[cc], f.y, part[4 * v + 1]);
+                    part[4 * v + 2] = fmaf(xv[cc], f.z, part[4 * v + 2]);
+                    part[4 * v + 3] = fmaf(xv[cc], f.w, part[4 * v + 3]);
+                  }
+                }
+              }
+            }
+          }
+#pragma unroll
+          for (int co = 0; co < CO; ++co) acc[j][co] += part[co];
+        }
+      }
+    }
+
+    // ---- accumulators + bias -> register 0 (row RW * tid + j, column co) ----
+#pragma unroll
+    for (int co = 0; co < CO; ++co) {
+      const float b = s_bias[co];
+      float2 v;
+      v.x = acc[0][co] + b;
+      v.y = acc[1][co] + b;
+      *reinterpret_cast<float2*>(sR + co * LDC + RW * tid) = v;
+    }
+    __syncthreads();
+
+    // ---- the program over the tile, then one store per element ----
+    auto pos = [&](int i) {
+      const int e = tid + i * kThreads;
+      const int m = e % BM;
+      const int c = e / BM;
+      ElemPos q;
+      q.idx = c * LDC + m;
+      q.col = c;
+      q.n = s_n[m];
+      q.ok = q.n >= 0 && co0 + c < p.cout_g;
+      q.c = grp * p.cout_g + co0 + c;
+      q.d = s_d[m];
+      q.h = s_h[m];
+      q.w = s_w[m];
+      return q;
+    };
+    run_program<Cfg::kPer>(p.epi, sR, Cfg::kTileFloats, pos, s_col, CO);
+    if (chan_fast) __syncthreads();
+    store_tile<BM, CO, LDC>(p, sR + p.epi.out_reg * Cfg::kTileFloats, s_n, s_yoff, co0, grp, tid,
+                            chan_fast);
+    __syncthreads();  // the next tile rewrites the tile registers and the row info
   }
 }
 
@@ -624,9 +980,99 @@ cudaError_t launch_tile(const ConvParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Tile choice by output channels per group (BM * BN = 4096 outputs per CTA).
+// Weight floats the direct kernel stages for its largest (d, h) phase, or -1 where it does
+// not apply (W stride above 2: the stride must divide the RW = 2 voxels of a thread).
+template <int CO>
+inline int64_t direct_weight_floats(const ConvParams& p) {
+  if (p.st[2] > 2) return -1;
+  int nd = 0, nh = 0;
+  for (int r = 0; r < p.st[0]; ++r) {
+    const int t = phase_dim(r, p.Do, p.st[0], p.pad[0], p.dil[0], p.kD).nT;
+    nd = t > nd ? t : nd;
+  }
+  for (int r = 0; r < p.st[1]; ++r) {
+    const int t = phase_dim(r, p.Ho, p.st[1], p.pad[1], p.dil[1], p.kH).nT;
+    nh = t > nh ? t : nh;
+  }
+  return static_cast<int64_t>(nd) * nh * p.kW * p.cin_g * CO;
+}
+
+// Every input offset the direct kernel forms (indices up to a kernel extent outside the
+// input, on lanes whose loads are masked off) fits in 32 bits.
+inline bool direct_offsets_fit(const ConvParams& p) {
+  const int64_t ext[5] = {p.N, p.Cin, static_cast<int64_t>(p.Di) + p.kD * p.dil[0],
+                          static_cast<int64_t>(p.Hi) + p.kH * p.dil[1],
+                          static_cast<int64_t>(p.Wi) + p.kW * p.dil[2]};
+  int64_t m = 0;
+  for (int i = 0; i < 5; ++i) m += ext[i] * (p.xs[i] < 0 ? -p.xs[i] : p.xs[i]);
+  return m < INT_MAX;
+}
+
+template <int IN_DT, int CO>
+cudaError_t launch_direct(const ConvParams& p, cudaStream_t stream, int64_t w_floats) {
+  using Cfg = Direct<CO>;
+  if (p.epi.n_regs < 1 || p.epi.n_regs > kMaxRegs) return cudaErrorInvalidValue;
+  const int64_t td = (p.Do + p.st[0] - 1) / p.st[0];
+  const int64_t th = (p.Ho + p.st[1] - 1) / p.st[1];
+  const int64_t groups_w = (p.Wo + Cfg::RW - 1) / Cfg::RW;
+  const int64_t m_max = static_cast<int64_t>(p.N) * td * th * groups_w;
+  const int64_t per_cta = static_cast<int64_t>(Cfg::kTiles) * kThreads;
+  const int64_t gx = (m_max + per_cta - 1) / per_cta * p.st[0] * p.st[1];
+  const int64_t gy = static_cast<int64_t>(p.groups) * ((p.cout_g + CO - 1) / CO);
+  if (gx == 0 || gy == 0) return cudaSuccess;
+  if (gx > INT_MAX || gy > 65535) return cudaErrorInvalidConfiguration;
+  auto kernel = conv_transpose3d_direct_kernel<IN_DT, CO>;
+  const int smem = Cfg::smem_bytes(p.epi.n_regs, static_cast<int>(w_floats));
+  if (smem > 48 * 1024) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1), kThreads, smem,
+           stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Where the direct kernel runs (p.algo == kAlgoAuto), by the FFMAs per output element,
+// macs = C_in/groups x kD kH kW / (sD sH sW), and the arithmetic the GEMM would use; measured
+// on the H200 suite (docs/kernel.md, v4):
+//   * every mode: macs <= 32 (C_in = 3: the GEMM pads each 16-channel K step with 13 zeros);
+//   * TF32 and exact FP32: also C_in/groups <= 8 with macs <= 128 (l1_72: half of every K step
+//     and of every 16-channel tile is padding, so the GEMM loses even to FFMA);
+//   * exact FP32: also macs <= 64 (both kernels use FFMA there; the direct one wastes none).
+// FP16/BF16 MMA is twice as fast as TF32, so only the first rule applies there. Either way the
+// phase's weights must fit kDirectMaxWeightBytes of shared memory. p.algo overrides the choice
+// (kAlgoGemm / kAlgoDirect; a direct request the kernel cannot take runs the GEMM).
+constexpr int64_t kDirectMaxWeightBytes = 64 * 1024;
+
 template <int IN_DT, int MODE>
-cudaError_t launch_conv(const ConvParams& p, cudaStream_t stream) {
+inline bool direct_pays(const ConvParams& p) {
+  const double macs = static_cast<double>(p.cin_g) * p.kD * p.kH * p.kW /
+                      (static_cast<double>(p.st[0]) * p.st[1] * p.st[2]);
+  if (macs <= 32.0) return true;
+  if (IN_DT != kF32) return false;
+  if (p.cin_g <= 8 && macs <= 128.0) return true;
+  return MODE == kModeFfma && macs <= 64.0;
+}
+
+// Tile choice by output channels per group (BM * BN = 4096 outputs per CTA). *kernel is set
+// to the kernel that ran (kKernelGemm or kKernelDirect).
+template <int IN_DT, int MODE>
+cudaError_t launch_conv(const ConvParams& p, cudaStream_t stream, int* kernel) {
+  if (p.algo != kAlgoGemm) {
+    const bool narrow = p.cout_g <= 8;
+    const int64_t wf = narrow ? direct_weight_floats<8>(p) : direct_weight_floats<16>(p);
+    const int64_t gy = static_cast<int64_t>(p.groups) * ((p.cout_g + (narrow ? 7 : 15)) /
+                                                        (narrow ? 8 : 16));
+    const bool fits = wf >= 0 && wf * 4 <= kDirectMaxWeightBytes && gy <= 65535 &&
+                      direct_offsets_fit(p);
+    if (fits && (p.algo == kAlgoDirect || direct_pays<IN_DT, MODE>(p))) {
+      *kernel = kKernelDirect;
+      return narrow ? launch_direct<IN_DT, 8>(p, stream, wf)
+                    : launch_direct<IN_DT, 16>(p, stream, wf);
+    }
+  }
+  *kernel = kKernelGemm;
   if (p.cout_g <= 16) return launch_tile<IN_DT, MODE, 256, 16, 4, 1>(p, stream);
   if (p.cout_g <= 32) return launch_tile<IN_DT, MODE, 128, 32, 4, 1>(p, stream);
   return launch_tile<IN_DT, MODE, 64, 64, 2, 2>(p, stream);

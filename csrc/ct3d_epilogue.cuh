@@ -56,8 +56,34 @@ __device__ __forceinline__ float load_slot(const Slot& s, int n, int c, int d, i
 struct ElemPos {
   int idx;   // index into a tile register
   bool ok;   // inside the output
+  int col;   // column of the tile (output channel co0 + col of the CTA's group)
   int n, c, d, h, w;  // output coordinates (c: global output channel)
 };
+
+// A slot whose value depends on the channel alone (per-channel vectors, BatchNorm statistics,
+// PReLU weights, 0-d and one-element tensors): its expanded view has stride 0 in n, d, h, w.
+__device__ __forceinline__ bool slot_per_channel(const Slot& s) {
+  return s.s[0] == 0 && s.s[2] == 0 && s.s[3] == 0 && s.s[4] == 0;
+}
+
+// Reads every per-channel slot once per CTA, for the COLS output channels chan0 .. chan0 +
+// COLS - 1 of the tile (columns at or past `ncols` are outside the group: 0), into
+// colv[slot * COLS + col]. The program then reads these values from shared memory instead
+// of computing a 64-bit offset and issuing a global load per element. Needs a barrier
+// before run_program.
+template <int COLS>
+__device__ __forceinline__ void load_channel_slots(const Epilogue& E, float* colv, int chan0,
+                                                   int ncols, int tid, int nthreads) {
+  const int total = E.n_slots * COLS;
+  for (int i = tid; i < total; i += nthreads) {
+    const int j = i / COLS, c = i - j * COLS;
+    const Slot& s = E.slot[j];
+    if (slot_per_channel(s)) {
+      colv[i] = c < ncols ? load_as_float(s.ptr, static_cast<int64_t>(chan0 + c) * s.s[1], s.dtype)
+                          : 0.0f;
+    }
+  }
+}
 
 // Runs the decoded program on the output tile. `buf` holds E.n_regs tile registers of `tile`
 // floats each; register 0 holds the convolution output plus bias. Every thread handles the
@@ -71,8 +97,12 @@ struct ElemPos {
     __VA_ARGS__;                         \
   }
 
+// `colv` holds the per-channel slots (load_channel_slots), `cols` values per slot. Elements
+// outside the output (q.ok false) may hold any finite or non-finite value: they are never
+// stored.
 template <int PER, class Pos>
-__device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int tile, Pos pos) {
+__device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int tile, Pos pos,
+                                            const float* colv, int cols) {
   const int count = E.n_instr;
   for (int k = 0; k < count; ++k) {
     const Instr I = E.ins[k];
@@ -87,7 +117,12 @@ __device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int t
         break;
       case OP_LOAD_TENSOR: {
         const Slot s = E.slot[I.c];
-        CT3D_EACH(D[q.idx] = q.ok ? load_slot(s, q.n, q.c, q.d, q.h, q.w) : 0.0f);
+        if (slot_per_channel(s)) {
+          const float* cv = colv + I.c * cols;
+          CT3D_EACH(D[q.idx] = cv[q.col]);
+        } else {
+          CT3D_EACH(D[q.idx] = q.ok ? load_slot(s, q.n, q.c, q.d, q.h, q.w) : 0.0f);
+        }
         break;
       }
       case OP_ADD:
@@ -119,9 +154,15 @@ __device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int t
         break;
       case OP_PRELU: {
         const Slot s = E.slot[I.c];
-        CT3D_EACH(const float x = A[q.idx];
-                  const float wt = q.ok ? load_slot(s, q.n, q.c, q.d, q.h, q.w) : 0.0f;
-                  D[q.idx] = x > 0.0f ? x : wt * x);
+        if (slot_per_channel(s)) {
+          const float* cv = colv + I.c * cols;
+          CT3D_EACH(const float x = A[q.idx]; const float wt = cv[q.col];
+                    D[q.idx] = x > 0.0f ? x : wt * x);
+        } else {
+          CT3D_EACH(const float x = A[q.idx];
+                    const float wt = q.ok ? load_slot(s, q.n, q.c, q.d, q.h, q.w) : 0.0f;
+                    D[q.idx] = x > 0.0f ? x : wt * x);
+        }
         break;
       }
       case OP_ELU:
@@ -179,7 +220,23 @@ __device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int t
         break;
       case OP_BATCH_NORM: {
         const Slot sm = E.slot[I.c], sv = E.slot[I.c + 1];
-        if (I.b) {
+        const bool chan = slot_per_channel(sm) && slot_per_channel(sv) &&
+                          (!I.b || (slot_per_channel(E.slot[I.c + 2]) &&
+                                    slot_per_channel(E.slot[I.c + 3])));
+        if (chan) {  // the usual case: 1-D statistics (the Python side only passes those)
+          const float* cm = colv + I.c * cols;
+          const float* cvar = cm + cols;
+          if (I.b) {
+            const float* cw = cvar + cols;
+            const float* cb = cw + cols;
+            CT3D_EACH(const float x = A[q.idx];
+                      D[q.idx] = (x - cm[q.col]) * rsqrtf(cvar[q.col] + f0) * cw[q.col] +
+                                 cb[q.col]);
+          } else {
+            CT3D_EACH(const float x = A[q.idx];
+                      D[q.idx] = (x - cm[q.col]) * rsqrtf(cvar[q.col] + f0));
+          }
+        } else if (I.b) {
           const Slot sw = E.slot[I.c + 2], sb = E.slot[I.c + 3];
           CT3D_EACH(const float x = A[q.idx];
                     float mean = 0.0f, var = 1.0f, wt = 0.0f, bs = 0.0f;

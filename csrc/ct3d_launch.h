@@ -9,11 +9,13 @@
 
 namespace ct3d {
 
-// Each launches the fused kernel for `p` on `stream` and returns the launch status
-// (cudaErrorInvalidConfiguration when the grid would exceed CUDA's limits).
-cudaError_t launch_f32_ffma(const ConvParams& p, cudaStream_t stream);  // exact FP32
-cudaError_t launch_f32_tf32(const ConvParams& p, cudaStream_t stream);  // TF32 tensor cores
-cudaError_t launch_f16_tc(const ConvParams& p, cudaStream_t stream);    // FP16 tensor cores
-cudaError_t launch_bf16_tc(const ConvParams& p, cudaStream_t stream);   // BF16 tensor cores
+// Each launches the fused kernel for `p` on `stream`, sets *kernel to the kernel that ran
+// (kKernelGemm, or kKernelDirect: FP32 FFMA in every precision, for few input channels) and
+// returns the launch status (cudaErrorInvalidConfiguration when the grid would exceed CUDA's
+// limits).
+cudaError_t launch_f32_ffma(const ConvParams& p, cudaStream_t stream, int* kernel);  // exact FP32
+cudaError_t launch_f32_tf32(const ConvParams& p, cudaStream_t stream, int* kernel);  // TF32 MMA
+cudaError_t launch_f16_tc(const ConvParams& p, cudaStream_t stream, int* kernel);    // FP16 MMA
+cudaError_t launch_bf16_tc(const ConvParams& p, cudaStream_t stream, int* kernel);   // BF16 MMA
 
 }  // namespace ct3d

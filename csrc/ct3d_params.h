@@ -31,6 +31,11 @@ enum DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 // accumulation in every mode.
 enum Mode : int32_t { kModeFfma = 0, kModeTensorCore = 1 };
 
+// Kernel choice (ConvParams.algo): kAlgoAuto lets launch_conv (ct3d_conv.cuh) pick by shape;
+// the others force one kernel (tests, timing). The launch reports the kernel that ran.
+enum Algo : int32_t { kAlgoAuto = 0, kAlgoGemm = 1, kAlgoDirect = 2 };
+enum Kernel : int32_t { kKernelGemm = 0, kKernelDirect = 1 };
+
 // Opcodes: the numbers of ct3d_fx.ops.Opcode (the Python side checks they agree).
 enum OpCode : int32_t {
   OP_LOAD_SCALAR = 1,
@@ -120,6 +125,7 @@ struct ConvParams {
   // convolution
   int32_t groups, cin_g, cout_g;
   int32_t st[3], pad[3], dil[3];
+  int32_t algo;  // Algo
   Epilogue epi;
 };
 

@@ -4,8 +4,8 @@
 
 namespace ct3d {
 
-cudaError_t launch_f16_tc(const ConvParams& p, cudaStream_t stream) {
-  return launch_conv<kF16, kModeTensorCore>(p, stream);
+cudaError_t launch_f16_tc(const ConvParams& p, cudaStream_t stream, int* kernel) {
+  return launch_conv<kF16, kModeTensorCore>(p, stream, kernel);
 }
 
 }  // namespace ct3d

@@ -4,8 +4,8 @@
 
 namespace ct3d {
 
-cudaError_t launch_f32_ffma(const ConvParams& p, cudaStream_t stream) {
-  return launch_conv<kF32, kModeFfma>(p, stream);
+cudaError_t launch_f32_ffma(const ConvParams& p, cudaStream_t stream, int* kernel) {
+  return launch_conv<kF32, kModeFfma>(p, stream, kernel);
 }
 
 }  // namespace ct3d

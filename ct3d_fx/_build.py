@@ -216,7 +216,7 @@ def implementation_name(device, dtype: torch.dtype) -> str:
         dtype: the input's floating dtype.
 
     Returns:
-        e.g. ``"fused CUDA kernel (TF32 tensor cores)"`` or
+        e.g. ``"fused CUDA kernel (TF32 tensor cores, ...)"`` or
         ``"reference (CUDA extension unavailable: nvcc not found ...)"``. For float32 the
         answer follows ``torch.backends.cudnn.allow_tf32`` at the time of the call.
     """
@@ -229,9 +229,12 @@ def implementation_name(device, dtype: torch.dtype) -> str:
         return f"reference ({dtype} is not covered by the CUDA kernel)"
     if load() is None:
         return f"reference (CUDA extension unavailable: {why_not()})"
+    # Shapes with few input channels per group run the direct kernel (exact FP32 FFMA) in
+    # every precision (ct3d_fx/_cuda.py); the name says so.
+    direct = "; exact FP32 FFMA where C_in/groups is small"
     if dtype == torch.float32:
         if torch.backends.cudnn.allow_tf32:
-            return "fused CUDA kernel (TF32 tensor cores, FP32 accumulation)"
+            return f"fused CUDA kernel (TF32 tensor cores, FP32 accumulation{direct})"
         return "fused CUDA kernel (exact FP32, FFMA)"
     name = "FP16" if dtype == torch.float16 else "BF16"
-    return f"fused CUDA kernel ({name} tensor cores, FP32 accumulation)"
+    return f"fused CUDA kernel ({name} tensor cores, FP32 accumulation{direct})"

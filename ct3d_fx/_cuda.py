@@ -10,7 +10,10 @@ dictionary lookup, a weight repack and the launch.
 
 Precision: float32 follows ``torch.backends.cudnn.allow_tf32`` (True: TF32 tensor cores,
 False: exact FP32 FFMA); float16/bfloat16 use tensor cores; all accumulate in FP32 and run the
-epilogue in FP32 registers, rounding once to the result dtype.
+epilogue in FP32 registers, rounding once to the result dtype. Shapes with few input channels
+per group (e.g. C_in = 3; W stride 1 or 2; the rule is csrc/ct3d_conv.cuh ``direct_pays``) run
+a direct kernel instead, exact FP32 FFMA in every precision (inputs converted to float): there
+the tensor cores would mostly multiply padding (``ALGO`` selects the kernel for tests).
 
 Limitations (these calls run the reference, ``ops.reference``):
     * the extension is unavailable (see ``_build.why_not()``);
@@ -41,6 +44,18 @@ __all__ = ["POISON_OUTPUT", "fallback_reason", "MAX_INSTR", "MAX_SLOTS", "MAX_RE
 #: Test hook: when True, every output is filled with NaN before the kernel launches, so a test
 #: can check that the kernel wrote every element.
 POISON_OUTPUT = False
+
+#: Which kernel runs: "auto" (csrc/ct3d_conv.cuh launch_conv picks by shape: the direct FP32
+#: kernel for few input channels per group, the implicit GEMM elsewhere), "gemm" or "direct"
+#: (where the direct kernel applies: W stride 1 or 2, the phase's weights within 64 KB; else
+#: the GEMM). Tests and timing scripts set it; the environment variable CT3D_FX_ALGO gives the
+#: default.
+ALGO = os.environ.get("CT3D_FX_ALGO", "auto")
+_ALGO_CODE = {"auto": 0, "gemm": 1, "direct": 2}
+
+#: The kernel the last launch ran: "gemm", "direct", or None (nothing launched yet, or an
+#: empty output). For tests.
+LAST_KERNEL: Optional[str] = None
 
 MAX_INSTR = 48  # csrc/ct3d_params.h kMaxInstr
 MAX_SLOTS = 16  # csrc/ct3d_params.h kMaxSlots
@@ -423,9 +438,13 @@ def _run_fused(ext, plan, input, weight, bias, extras, mode):
         prog_f = prog_f.clone()
         for row, field, idx in plan.patches:
             prog_f[row, field] = float(extras[idx])
-    ext.launch(input, wp, None if bias is None else bias.contiguous(), out,
-               [extras[i] for i in plan.slot_extras], plan.slot_strides, plan.prog_i, prog_f,
-               plan.regs, plan.conv, mode)
+    if ALGO not in _ALGO_CODE:
+        raise ValueError(f"ct3d_fx._cuda.ALGO must be one of {sorted(_ALGO_CODE)}, got {ALGO!r}")
+    kernel = ext.launch(input, wp, None if bias is None else bias.contiguous(), out,
+                        [extras[i] for i in plan.slot_extras], plan.slot_strides, plan.prog_i,
+                        prog_f, plan.regs, plan.conv, mode, _ALGO_CODE[ALGO])
+    global LAST_KERNEL
+    LAST_KERNEL = {0: "gemm", 1: "direct"}.get(kernel)
     return out
 
 

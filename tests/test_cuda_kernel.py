@@ -632,6 +632,62 @@ def test_sweep(seed, ext, poison):
     _check_case(case, build_args(case, "cuda"))
 
 
+def direct_applies(case: Case) -> bool:
+    """Mirror of csrc/ct3d_conv.cuh launch_conv: can the direct kernel take this case?"""
+    if case.stride[2] > 2:
+        return False
+    out = case.out_spatial()
+    taps = [max(phase_dim(r, out[i], case.stride[i], case.padding[i], case.dilation[i],
+                          case.kernel[i])[2] for r in range(case.stride[i])) for i in range(2)]
+    co = 8 if case.cout_g <= 8 else 16
+    return (taps[0] * taps[1] * case.kernel[2] * case.cin_g * co * 4 <= 64 * 1024
+            and case.groups * -(-case.cout_g // co) <= 65535)
+
+
+# Both kernels on the same configurations, each forced through _cuda.ALGO and checked like the
+# sweep (every 6th sweep seed; W strides of 3 become 2 so the direct kernel applies).
+@cuda_test
+@pytest.mark.parametrize("algo", ["gemm", "direct"])
+@pytest.mark.parametrize("seed", range(0, SWEEP, 6))
+def test_both_kernels(seed, algo, ext, poison, monkeypatch):
+    case = make_case(seed)
+    if case.stride[2] > 2:
+        case.stride[2] = 2
+        case.output_padding[2] = min(case.output_padding[2], max(2, case.dilation[2]) - 1)
+    monkeypatch.setattr(_cuda, "ALGO", algo)
+    _check_case(case, build_args(case, "cuda"), record=False)
+    want = "direct" if algo == "direct" and direct_applies(case) else "gemm"
+    assert _cuda.LAST_KERNEL == want, f"{case}: ran {_cuda.LAST_KERNEL}, expected {want}"
+
+
+# (C_in, C_out, kernel, precision -> kernel launch_conv picks); stride 2, so the FFMAs per
+# output are C_in * kD kH kW / 8: 10 (the C_in = 3 suite shapes), 105 (l1_72: C_in/groups = 8),
+# 54 (l2_15, l2_74: C_in = 16), 216 (C_in = 64).
+AUTO_CHOICE = [
+    (3, 16, [3, 3, 3], {"tf32": "direct", "fp32": "direct", "bf16": "direct"}),
+    (8, 8, [3, 5, 7], {"tf32": "direct", "fp32": "direct", "bf16": "gemm"}),
+    (16, 32, [3, 3, 3], {"tf32": "gemm", "fp32": "direct", "bf16": "gemm"}),
+    (64, 16, [3, 3, 3], {"tf32": "gemm", "fp32": "gemm", "bf16": "gemm"}),
+]
+
+
+@cuda_test
+@pytest.mark.parametrize("precision", ["tf32", "fp32", "bf16"])
+@pytest.mark.parametrize("idx", range(len(AUTO_CHOICE)))
+def test_auto_kernel_choice(idx, precision, ext, poison):
+    """launch_conv's choice between the direct kernel and the GEMM (csrc/ct3d_conv.cuh)."""
+    cin, cout, k, want = AUTO_CHOICE[idx]
+    draw = _Draw(3 + idx, "cuda", DTYPES[precision])
+    x, w = draw.normal((2, cin, 4, 6, 8)), draw.normal((cin, cout, *k), 0.1)
+    args = (x, w, None, [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1], 1, [], [], [])
+    with _precision(precision):
+        assert _cuda.fallback_reason(*args) is None
+        out = OP(*args)
+    assert _cuda.LAST_KERNEL == want[precision]
+    bound = {"fp32": 1e-5, "tf32": 2e-3, "bf16": 1e-2}[precision]
+    assert rel_err(out, reference64(args)) <= bound
+
+
 @cuda_test
 @pytest.mark.parametrize("precision", ["tf32", "fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -1,0 +1,64 @@
+// CPU emulation of the kernels in csrc/ct3d_conv.cuh: one std::thread per CUDA thread of a CTA,
+// __syncthreads as a std::barrier, __shared__ arrays as function statics (one CTA runs at a
+// time), dynamic shared memory as one static buffer. Included before the kernel header (which
+// scripts/emulate/emulate.py preprocesses: the host launch code cut, the extern shared array
+// replaced by emu_smem). Only what the direct kernel and the FFMA GEMM use is provided; the
+// tensor-core paths (mma.sync) do not run here.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __grid_constant__
+#undef __shared__
+#undef __align__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __grid_constant__
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+struct EmuDim {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local EmuDim emu_tid, emu_bid;
+#define threadIdx emu_tid
+#define blockIdx emu_bid
+
+inline std::barrier<>* emu_bar = nullptr;
+inline void __syncthreads() { emu_bar->arrive_and_wait(); }
+alignas(16) inline unsigned char emu_smem[232448];
+
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+inline float __uint_as_float(unsigned i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float x) {
+  unsigned i;
+  std::memcpy(&i, &x, 4);
+  return i;
+}
+inline unsigned __umulhi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
+}

@@ -1,0 +1,178 @@
+// Runs one convolution, described by a binary case file (scripts/emulate/emulate.py writes it),
+// through the direct kernel or the FFMA GEMM of csrc/ct3d_conv.cuh on the CPU, CTA by CTA, and
+// writes the output storage (float32) to a file.
+//
+//   harness CASE OUT      (the case names the kernel: CO 8 / 16 = direct, 0 = GEMM)
+#include <cstdio>
+#include <cstdlib>
+
+#include "emu_shim.h"
+#include "conv_emu.cuh"
+
+using namespace ct3d;
+
+namespace {
+
+std::vector<char> slurp(const char* path) {
+  FILE* f = std::fopen(path, "rb");
+  if (!f) std::abort();
+  std::fseek(f, 0, SEEK_END);
+  const long n = std::ftell(f);
+  std::fseek(f, 0, SEEK_SET);
+  std::vector<char> b(n);
+  if (std::fread(b.data(), 1, n, f) != static_cast<size_t>(n)) std::abort();
+  std::fclose(f);
+  return b;
+}
+
+// Reads the case file in order; arrays are copied to heap buffers of exactly their size, so
+// AddressSanitizer sees every out-of-bounds global read or write.
+struct Reader {
+  const char* p;
+  template <class T>
+  T get() {
+    T v;
+    std::memcpy(&v, p, sizeof(T));
+    p += sizeof(T);
+    return v;
+  }
+  template <class T>
+  T* arr(int64_t n) {
+    T* r = static_cast<T*>(std::malloc(n > 0 ? n * sizeof(T) : 1));
+    std::memcpy(r, p, n * sizeof(T));
+    p += n * sizeof(T);
+    return r;
+  }
+};
+
+// One CTA at a time, kThreads host threads each.
+template <class F>
+void run_grid(int64_t gx, int64_t gy, F kernel) {
+  std::barrier<> bar(kThreads);
+  emu_bar = &bar;
+  for (int64_t by = 0; by < gy; ++by) {
+    for (int64_t bx = 0; bx < gx; ++bx) {
+      std::memset(emu_smem, 0xff, sizeof(emu_smem));  // NaN-poisoned shared memory
+      std::vector<std::thread> ts;
+      for (int t = 0; t < kThreads; ++t) {
+        ts.emplace_back([&, t] {
+          emu_tid.x = t;
+          emu_bid.x = static_cast<unsigned>(bx);
+          emu_bid.y = static_cast<unsigned>(by);
+          kernel();
+        });
+      }
+      for (auto& t : ts) t.join();
+    }
+  }
+}
+
+template <int BM, int BN, int WM, int WN>
+void run_gemm(const ConvParams& p) {
+  const int64_t td = (p.Do + p.st[0] - 1) / p.st[0], th = (p.Ho + p.st[1] - 1) / p.st[1];
+  const int64_t tw = (p.Wo + p.st[2] - 1) / p.st[2];
+  const int64_t m_max = static_cast<int64_t>(p.N) * td * th * tw;
+  const int64_t gx = (m_max + BM - 1) / BM * p.st[0] * p.st[1] * p.st[2];
+  const int64_t gy = static_cast<int64_t>(p.groups) * ((p.cout_g + BN - 1) / BN);
+  run_grid(gx, gy, [&] { conv_transpose3d_fused_kernel<kF32, kModeFfma, BM, BN, WM, WN>(p); });
+}
+
+template <int CO>
+void run_direct(const ConvParams& p, int in_dt) {
+  using Cfg = Direct<CO>;
+  const int64_t td = (p.Do + p.st[0] - 1) / p.st[0], th = (p.Ho + p.st[1] - 1) / p.st[1];
+  const int64_t groups_w = (p.Wo + Cfg::RW - 1) / Cfg::RW;
+  const int64_t m_max = static_cast<int64_t>(p.N) * td * th * groups_w;
+  const int64_t per = static_cast<int64_t>(Cfg::kTiles) * kThreads;
+  const int64_t gx = (m_max + per - 1) / per * p.st[0] * p.st[1];
+  const int64_t gy = static_cast<int64_t>(p.groups) * ((p.cout_g + CO - 1) / CO);
+  if (in_dt == kF32) {
+    run_grid(gx, gy, [&] { conv_transpose3d_direct_kernel<kF32, CO>(p); });
+  } else {
+    run_grid(gx, gy, [&] { conv_transpose3d_direct_kernel<kBF16, CO>(p); });
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: harness CASE OUT\n");
+    return 2;
+  }
+  const std::vector<char> buf = slurp(argv[1]);
+  Reader r{buf.data()};
+  ConvParams p;
+  std::memset(&p, 0, sizeof(p));
+  const int in_dt = r.get<int32_t>();  // kF32 or kBF16
+  p.N = r.get<int32_t>();
+  p.Cin = r.get<int32_t>();
+  p.Di = r.get<int32_t>();
+  p.Hi = r.get<int32_t>();
+  p.Wi = r.get<int32_t>();
+  for (int i = 0; i < 5; ++i) p.xs[i] = r.get<int64_t>();
+  const int64_t xn = r.get<int64_t>();
+  p.x = in_dt == kF32 ? static_cast<void*>(r.arr<float>(xn)) : r.arr<uint16_t>(xn);
+  p.kD = r.get<int32_t>();
+  p.kH = r.get<int32_t>();
+  p.kW = r.get<int32_t>();
+  for (int i = 0; i < 5; ++i) p.ws[i] = r.get<int64_t>();
+  const int64_t wn = r.get<int64_t>();
+  p.w = in_dt == kF32 ? static_cast<void*>(r.arr<float>(wn)) : r.arr<uint16_t>(wn);
+  const int64_t bn = r.get<int64_t>();
+  p.bias = bn == 0 ? nullptr
+                   : (in_dt == kF32 ? static_cast<void*>(r.arr<float>(bn)) : r.arr<uint16_t>(bn));
+  p.Cout = r.get<int32_t>();
+  p.Do = r.get<int32_t>();
+  p.Ho = r.get<int32_t>();
+  p.Wo = r.get<int32_t>();
+  for (int i = 0; i < 5; ++i) p.ys[i] = r.get<int64_t>();
+  const int64_t yn = r.get<int64_t>();
+  float* y = static_cast<float*>(std::malloc(yn * sizeof(float)));
+  for (int64_t i = 0; i < yn; ++i) y[i] = NAN;
+  p.y = y;
+  p.y_dtype = kF32;
+  p.groups = r.get<int32_t>();
+  p.cin_g = r.get<int32_t>();
+  p.cout_g = r.get<int32_t>();
+  for (int i = 0; i < 3; ++i) p.st[i] = r.get<int32_t>();
+  for (int i = 0; i < 3; ++i) p.pad[i] = r.get<int32_t>();
+  for (int i = 0; i < 3; ++i) p.dil[i] = r.get<int32_t>();
+  p.epi.n_slots = r.get<int32_t>();
+  for (int s = 0; s < p.epi.n_slots; ++s) {
+    Slot& sl = p.epi.slot[s];
+    sl.dtype = r.get<int32_t>();
+    for (int i = 0; i < 5; ++i) sl.s[i] = r.get<int64_t>();
+    const int64_t n = r.get<int64_t>();
+    sl.ptr = sl.dtype == kF64 ? static_cast<void*>(r.arr<double>(n)) : r.arr<float>(n);
+  }
+  p.epi.n_instr = r.get<int32_t>();
+  p.epi.n_regs = r.get<int32_t>();
+  p.epi.out_reg = r.get<int32_t>();
+  for (int i = 0; i < p.epi.n_instr; ++i) {
+    Instr& I = p.epi.ins[i];
+    I.op = r.get<int32_t>();
+    I.a = r.get<int32_t>();
+    I.b = r.get<int32_t>();
+    I.c = r.get<int32_t>();
+    I.d = r.get<int32_t>();
+    I.f0 = r.get<float>();
+    I.f1 = r.get<float>();
+  }
+  const int co = r.get<int32_t>();
+  if (co == 8) {
+    run_direct<8>(p, in_dt);
+  } else if (co == 16) {
+    run_direct<16>(p, in_dt);
+  } else if (p.cout_g <= 16) {
+    run_gemm<256, 16, 4, 1>(p);
+  } else if (p.cout_g <= 32) {
+    run_gemm<128, 32, 4, 1>(p);
+  } else {
+    run_gemm<64, 64, 2, 2>(p);
+  }
+  FILE* f = std::fopen(argv[2], "wb");
+  std::fwrite(y, sizeof(float), yn, f);
+  std::fclose(f);
+  return 0;
+}
