@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -424,15 +425,39 @@ def _tunable(input) -> bool:
     return not (compiling is not None and compiling())
 
 
+# Repacked weights, kept while the weight tensor is unchanged: the key holds its storage
+# pointer, layout and version counter (bumped by every in-place update: optimizer steps,
+# load_state_dict, copy_), so a stale copy is never used. Costs one extra copy of each weight.
+_PACKED_MAX = 256
+_packed: Dict[tuple, Tuple["weakref.ref", torch.Tensor]] = {}
+
+
+def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C_in, C_out/g, kD, kH, kW) view of a copy whose C_out dimension is contiguous, so the
+    kernel's weight loads coalesce across output channels."""
+    if torch.is_inference_mode_enabled() and weight.is_inference():
+        key = None  # inference tensors have no version counter
+    else:
+        key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype,
+               weight.device, weight._version)
+        hit = _packed.get(key)
+        if hit is not None and hit[0]() is weight:
+            return hit[1]
+    wp = weight.detach().permute(2, 3, 4, 0, 1).contiguous().permute(3, 4, 0, 1, 2)
+    if key is not None and not torch.cuda.is_current_stream_capturing():
+        if len(_packed) >= _PACKED_MAX:
+            _packed.clear()
+        _packed[key] = (weakref.ref(weight), wp)
+    return wp
+
+
 def _run_fused(ext, plan, input, weight, bias, extras, mode):
     out = torch.empty_strided(plan.shape, plan.stride, dtype=plan.dtype, device=input.device)
     if out.numel() == 0:
         return out
     if POISON_OUTPUT:
         out.fill_(float("nan"))
-    # (C_in, C_out/g, kD, kH, kW) view of a copy whose C_out dimension is contiguous, so the
-    # kernel's weight loads coalesce across output channels.
-    wp = weight.permute(2, 3, 4, 0, 1).contiguous().permute(3, 4, 0, 1, 2)
+    wp = _packed_weight(weight)
     prog_f = plan.prog_f
     if plan.patches:
         prog_f = prog_f.clone()

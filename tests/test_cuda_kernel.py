@@ -861,3 +861,23 @@ def test_implementation_names(ext):
         assert "exact FP32" in _build.implementation_name("cuda", torch.float32)
     assert "BF16" in _build.implementation_name("cuda", torch.bfloat16)
     assert _build.why_not() is None
+
+
+@pytest.mark.cuda
+def test_packed_weight_cache_follows_in_place_updates():
+    """The repacked-weight cache must never serve a stale weight (optimizer steps, copy_)."""
+    import ct3d_fx._cuda as cu
+    x = torch.rand(2, 8, 5, 6, 7, device="cuda")
+    w = torch.nn.Parameter(torch.randn(8, 4, 3, 3, 3, device="cuda"))
+    args = lambda: (x, w, None, [2] * 3, [1] * 3, [1] * 3, [1] * 3, 1, [], [], [])  # noqa: E731
+    op = torch.ops.ct3d.conv_transpose3d_epilogue.default
+    with torch.no_grad():
+        a = op(*args())
+        w.mul_(-2.0)                      # in place: version counter changes
+        b = op(*args())
+        torch.testing.assert_close(b, -2.0 * a, rtol=1e-5, atol=1e-5)
+        w.copy_(torch.randn_like(w))
+        c = op(*args())
+        ref = torch.nn.functional.conv_transpose3d(x.double(), w.double(), None, 2, 1, 1)
+        assert ((c.double() - ref).norm() / ref.norm()).item() < 2e-3
+    assert cu._packed, "the cache should hold the current weight"
