@@ -108,6 +108,30 @@ struct FastDiv {
   }
 };
 
+// Splits a flat index m < M of an (N, D, H, W) grid, W fastest, into (n, d, h, w): 32-bit
+// arithmetic with the precomputed divisors when M fits in an int, 64-bit division otherwise.
+__device__ __forceinline__ void split_index(int64_t m, int64_t M, const FastDiv& div_w,
+                                            const FastDiv& div_h, const FastDiv& div_d, int W,
+                                            int H, int D, int& n, int& d, int& h, int& w) {
+  if (M <= INT_MAX) {
+    const int q0 = static_cast<int>(m);
+    const int q1 = div_w.div(q0);
+    w = q0 - q1 * W;
+    const int q2 = div_h.div(q1);
+    h = q1 - q2 * H;
+    n = div_d.div(q2);
+    d = q2 - n * D;
+  } else {
+    int64_t q = m;
+    w = static_cast<int>(q % W);
+    q /= W;
+    h = static_cast<int>(q % H);
+    q /= H;
+    d = static_cast<int>(q % D);
+    n = static_cast<int>(q / D);
+  }
+}
+
 // Walks the K steps of a phase in order: input-channel chunk fastest, then w, h, d taps.
 struct KIter {
   int chunk, jw, jh, jd;
@@ -349,24 +373,7 @@ __global__ void __launch_bounds__(kThreads, (BM == 64 && MODE == kModeTensorCore
     const int64_t m = m0 + r;
     if (m < M) {
       int n, td, th, tw;
-      if (M <= INT_MAX) {
-        const FastDiv div_tw(Tw), div_th(Th), div_td(Td);
-        const int q0 = static_cast<int>(m);
-        const int q1 = div_tw.div(q0);
-        tw = q0 - q1 * Tw;
-        const int q2 = div_th.div(q1);
-        th = q1 - q2 * Th;
-        n = div_td.div(q2);
-        td = q2 - n * Td;
-      } else {
-        int64_t q = m;
-        tw = static_cast<int>(q % Tw);
-        q /= Tw;
-        th = static_cast<int>(q % Th);
-        q /= Th;
-        td = static_cast<int>(q % Td);
-        n = static_cast<int>(q / Td);
-      }
+      split_index(m, M, FastDiv(Tw), FastDiv(Th), FastDiv(Td), Tw, Th, Td, n, td, th, tw);
       s_n[r] = n;
       s_td[r] = td;
       s_th[r] = th;
@@ -827,23 +834,7 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
     const bool gok = g < M;
     int n = 0, td = 0, th = 0, tg = 0;
     if (gok) {
-      if (M <= INT_MAX) {
-        const int q0 = static_cast<int>(g);
-        const int q1 = div_g.div(q0);
-        tg = q0 - q1 * G;
-        const int q2 = div_th.div(q1);
-        th = q1 - q2 * Th;
-        n = div_td.div(q2);
-        td = q2 - n * Td;
-      } else {
-        int64_t q = g;
-        tg = static_cast<int>(q % G);
-        q /= G;
-        th = static_cast<int>(q % Th);
-        q /= Th;
-        td = static_cast<int>(q % Td);
-        n = static_cast<int>(q / Td);
-      }
+      split_index(g, M, div_g, div_th, div_td, G, Th, Td, n, td, th, tg);
     }
     const int od = rd + sd * td, oh = rh + sh * th;
 #pragma unroll
