@@ -367,7 +367,10 @@ def _allocate_registers(rows: List[_Row], result: int):
 
 
 def _get_plan(*args) -> _Plan:
-    key = _key(*args)
+    return _plan_for(_key(*args), args)
+
+
+def _plan_for(key: tuple, args: tuple) -> _Plan:
     plan = _plans.get(key)
     if plan is None:
         plan = _make_plan(*args)
@@ -482,7 +485,8 @@ def _cuda_impl(input, weight, bias, stride, padding, output_padding, dilation, g
     ext = _build.load()
     if ext is None:
         return reference(*args)
-    plan = _get_plan(*args)
+    key = _key(*args)
+    plan = _plan_for(key, args)
     if plan.fallback is not None:
         return reference(*args)
     if input.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
@@ -490,7 +494,7 @@ def _cuda_impl(input, weight, bias, stride, padding, output_padding, dilation, g
     else:
         mode = _MODE_TENSOR_CORE
     if _tunable(input):
-        ck = (_key(*args), mode)
+        ck = (key, mode)
         choice = _choices.get(ck)
         if choice is None:
             t_fused = _median_ms(lambda: _run_fused(ext, plan, input, weight, bias, extras, mode))
