@@ -48,11 +48,12 @@ void check_cuda_on(const at::Tensor& t, const at::Device& dev, const char* what)
 // dilation(3), groups; mode: 0 exact FP32, 1 tensor cores; algo: 0 the kernel launch_conv picks,
 // 1 the implicit GEMM, 2 the direct kernel (where it applies). Returns the kernel that ran (0
 // implicit GEMM, 1 direct), -1 when the output is empty.
-int64_t launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-               at::Tensor& y, const std::vector<at::Tensor>& slots,
-               const at::Tensor& slot_strides, const at::Tensor& prog_i,
-               const at::Tensor& prog_f, const std::vector<int64_t>& regs,
-               const std::vector<int64_t>& conv, int64_t mode, int64_t algo) {
+ct3d::ConvParams prepare(const at::Tensor& x, const at::Tensor& w,
+                         const c10::optional<at::Tensor>& bias, at::Tensor& y,
+                         const std::vector<at::Tensor>& slots, const at::Tensor& slot_strides,
+                         const at::Tensor& prog_i, const at::Tensor& prog_f,
+                         const std::vector<int64_t>& regs, const std::vector<int64_t>& conv,
+                         int64_t mode, int64_t algo) {
   const at::Device dev = x.device();
   check_cuda_on(x, dev, "input");
   check_cuda_on(w, dev, "weight");
@@ -198,7 +199,18 @@ int64_t launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at:
   p.epi.n_regs = static_cast<int32_t>(n_regs);
   p.epi.out_reg = static_cast<int32_t>(regs[1]);
   p.epi.n_instr = static_cast<int32_t>(n_instr);
+  return p;
+}
 
+int64_t launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+               at::Tensor& y, const std::vector<at::Tensor>& slots,
+               const at::Tensor& slot_strides, const at::Tensor& prog_i,
+               const at::Tensor& prog_f, const std::vector<int64_t>& regs,
+               const std::vector<int64_t>& conv, int64_t mode, int64_t algo) {
+  const ct3d::ConvParams p = prepare(x, w, bias, y, slots, slot_strides, prog_i, prog_f, regs,
+                                     conv, mode, algo);
+  const int32_t in_dt = dtype_code(x.scalar_type(), "input");
+  const at::Device dev = x.device();
   if (y.numel() == 0) return -1;
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
@@ -217,6 +229,61 @@ int64_t launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at:
   return kernel;
 }
 
+// The channels-last implicit GEMM (csrc/ct3d_igemm.cuh): tensor cores, groups == 1. Same
+// arguments as launch() (w: the caller's weight, for its shape) plus wpk, the weight packed by
+// _cuda.py as (kD, kH, kW, CoutP, Cp) contiguous (float32 values TF32-rounded), ck = channels
+// per K step (16 or 32 float32, 32 or 64 half), bn = output channels per tile (16, 32, 64,
+// 128), config = the tile configuration (csrc/ct3d_igemm.cuh launch_igemm) with those values.
+// Allocates the padded channels-last input copy (N, Dp, Hp, Wp, Cp) on the current stream.
+int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
+                     const c10::optional<at::Tensor>& bias, at::Tensor& y,
+                     const std::vector<at::Tensor>& slots, const at::Tensor& slot_strides,
+                     const at::Tensor& prog_i, const at::Tensor& prog_f,
+                     const std::vector<int64_t>& regs, const std::vector<int64_t>& conv,
+                     const at::Tensor& wpk, int64_t ck, int64_t bn, int64_t config) {
+  const ct3d::ConvParams p = prepare(x, w, bias, y, slots, slot_strides, prog_i, prog_f, regs,
+                                     conv, ct3d::kModeTensorCore, ct3d::kAlgoAuto);
+  const at::Device dev = x.device();
+  TORCH_CHECK(p.groups == 1, "ct3d: the channels-last implicit GEMM needs groups == 1, got ",
+              p.groups);
+  const int64_t esize = x.element_size();
+  TORCH_CHECK(ck * esize == 64 || ck * esize == 128, "ct3d: K step of ", ck,
+              " channels must be 64 or 128 bytes");
+  TORCH_CHECK(bn == 16 || bn == 32 || bn == 64 || bn == 128,
+              "ct3d: bn must be 16, 32, 64 or 128, got ", bn);
+  ct3d::IgemmGeom g;
+  std::memset(&g, 0, sizeof(g));
+  ct3d::igemm_plan(p, static_cast<int>(ck), static_cast<int>(bn), &g);
+  check_cuda_on(wpk, dev, "packed weight");
+  TORCH_CHECK(wpk.scalar_type() == x.scalar_type() && wpk.is_contiguous() && wpk.dim() == 5 &&
+                  wpk.size(0) == p.kD && wpk.size(1) == p.kH && wpk.size(2) == p.kW &&
+                  wpk.size(3) == g.CoutP && wpk.size(4) == g.Cp,
+              "ct3d: packed weight must be contiguous (", p.kD, ", ", p.kH, ", ", p.kW, ", ",
+              g.CoutP, ", ", g.Cp, ") of the input's dtype, got ", wpk.sizes(), " ",
+              wpk.scalar_type());
+  const int64_t xp_elems = static_cast<int64_t>(p.N) * g.Dp * g.Hp * g.Wp * g.Cp;
+  TORCH_CHECK(xp_elems * esize < INT32_MAX && wpk.numel() * esize < INT32_MAX,
+              "ct3d: operands too large for the channels-last implicit GEMM (32-bit offsets)");
+  if (y.numel() == 0) return -1;
+  const c10::cuda::CUDAGuard guard(dev);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  at::Tensor xp = at::empty({xp_elems}, x.options());
+  g.xp = xp.data_ptr();
+  g.wp = wpk.data_ptr();
+  const int cfg = static_cast<int>(config);
+  cudaError_t err;
+  if (x.scalar_type() == at::kFloat) {
+    err = ct3d::launch_f32_tf32_igemm(p, g, cfg, stream);
+  } else if (x.scalar_type() == at::kHalf) {
+    err = ct3d::launch_f16_tc_igemm(p, g, cfg, stream);
+  } else {
+    err = ct3d::launch_bf16_tc_igemm(p, g, cfg, stream);
+  }
+  TORCH_CHECK(err == cudaSuccess, "ct3d: fused conv_transpose3d (implicit GEMM) launch failed: ",
+              cudaGetErrorString(err));
+  return 2;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -225,6 +292,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("slots"), py::arg("slot_strides"),
         py::arg("prog_i"), py::arg("prog_f"), py::arg("regs"), py::arg("conv"), py::arg("mode"),
         py::arg("algo"));
+  m.def("launch_igemm", &launch_igemm, "Launch the channels-last implicit GEMM (see "
+        "csrc/binding.cpp)", py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"),
+        py::arg("slots"), py::arg("slot_strides"), py::arg("prog_i"), py::arg("prog_f"),
+        py::arg("regs"), py::arg("conv"), py::arg("wpk"), py::arg("ck"), py::arg("bn"), py::arg("config"));
   m.attr("MAX_INSTR") = ct3d::kMaxInstr;
   m.attr("MAX_SLOTS") = ct3d::kMaxSlots;
   m.attr("MAX_REGS") = ct3d::kMaxRegs;

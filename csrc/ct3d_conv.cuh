@@ -211,7 +211,7 @@ __device__ __forceinline__ void store_row(T* dst, const T (&src)[N]) {
 // One store per element of a BM x BN output tile (out[c * LDC + m]: row m, channel column c;
 // rows with s_n[m] < 0 and columns past the group's channels are not stored). Lanes walk the
 // output's contiguous dimension: voxels (NCDHW) or channels (channels_last, chan_fast).
-template <int BM, int BN, int LDC>
+template <int BM, int BN, int LDC, int kThreads = ::ct3d::kThreads>
 __device__ __forceinline__ void store_tile(const ConvParams& p, const float* out, const int* s_n,
                                            const int64_t* s_yoff, int co0, int grp, int tid,
                                            bool chan_fast) {

@@ -129,4 +129,14 @@ struct ConvParams {
   Epilogue epi;
 };
 
+// Geometry of the packed operands of the channels-last implicit GEMM (ct3d_igemm.cuh):
+// igemm_plan fills the extents, the caller the pointers.
+struct IgemmGeom {
+  const void* xp;  // (N, Dp, Hp, Wp, Cp), C fastest: the input with a zero halo
+  const void* wp;  // (kD, kH, kW, CoutP, Cp), C_in fastest: the packed weight
+  int32_t Dp, Hp, Wp, Cp;
+  int32_t lo[3];  // zero halo in front of the input along d, h, w
+  int32_t CoutP;
+};
+
 }  // namespace ct3d

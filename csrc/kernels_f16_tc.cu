@@ -1,11 +1,17 @@
 // Instantiates the fused kernel for FP16 tensor cores. Includes no torch header.
 #include "ct3d_conv.cuh"
+#include "ct3d_igemm.cuh"
 #include "ct3d_launch.h"
 
 namespace ct3d {
 
 cudaError_t launch_f16_tc(const ConvParams& p, cudaStream_t stream, int* kernel) {
   return launch_conv<kF16, kModeTensorCore>(p, stream, kernel);
+}
+
+cudaError_t launch_f16_tc_igemm(const ConvParams& p, const IgemmGeom& g, int config,
+                                 cudaStream_t stream) {
+  return launch_igemm<kF16>(p, g, config, stream);
 }
 
 }  // namespace ct3d

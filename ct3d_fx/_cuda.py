@@ -46,13 +46,29 @@ __all__ = ["POISON_OUTPUT", "fallback_reason", "MAX_INSTR", "MAX_SLOTS", "MAX_RE
 #: can check that the kernel wrote every element.
 POISON_OUTPUT = False
 
-#: Which kernel runs: "auto" (csrc/ct3d_conv.cuh launch_conv picks by shape: the direct FP32
-#: kernel for few input channels per group, the implicit GEMM elsewhere), "gemm" or "direct"
-#: (where the direct kernel applies: W stride 1 or 2, the phase's weights within 64 KB; else
-#: the GEMM). Tests and timing scripts set it; the environment variable CT3D_FX_ALGO gives the
-#: default.
+#: Which kernel runs: "auto" (by shape: the channels-last implicit GEMM, csrc/ct3d_igemm.cuh,
+#: for groups == 1 on tensor cores unless the direct kernel's rule holds; otherwise
+#: csrc/ct3d_conv.cuh launch_conv picks the direct FP32 kernel for few input channels per group
+#: or the strided-input implicit GEMM), "igemm" (wherever it applies: tensor cores, groups ==
+#: 1, 32-bit offsets), "gemm" or "direct" (where the direct kernel applies: W stride 1 or 2,
+#: the phase's weights within 64 KB; else the GEMM). Tests and timing scripts set it; the
+#: environment variable CT3D_FX_ALGO gives the default.
 ALGO = os.environ.get("CT3D_FX_ALGO", "auto")
-_ALGO_CODE = {"auto": 0, "gemm": 1, "direct": 2}
+_ALGO_CODE = {"auto": 0, "gemm": 1, "direct": 2, "igemm": 0}
+
+#: Tile configurations of the channels-last implicit GEMM, by id: (bytes per K step, BM, BN,
+#: warps). Mirrors csrc/ct3d_igemm.cuh ``launch_igemm``.
+IGEMM_CONFIGS = {
+    0: (128, 128, 64, 4), 1: (128, 128, 32, 4), 2: (128, 128, 16, 4),
+    3: (64, 128, 64, 4), 4: (64, 128, 32, 4), 5: (64, 128, 16, 4),
+    6: (128, 128, 128, 8), 7: (64, 256, 64, 8), 8: (64, 128, 128, 8),
+    9: (64, 128, 64, 4), 10: (128, 128, 64, 4),
+}
+
+#: Configuration override for the channels-last implicit GEMM (an ``IGEMM_CONFIGS`` id); None
+#: picks by shape (``_igemm_config``). Read when a call signature is first planned. For timing
+#: scripts.
+IGEMM_CONFIG: Optional[int] = None
 
 #: The kernel the last launch ran: "gemm", "direct", or None (nothing launched yet, or an
 #: empty output). For tests.
@@ -77,7 +93,8 @@ class _Plan:
     """What a call signature needs: output allocation and the decoded program, or why not."""
 
     __slots__ = ("fallback", "shape", "stride", "dtype", "slot_extras", "slot_strides",
-                 "prog_i", "prog_f", "patches", "regs", "conv")
+                 "prog_i", "prog_f", "patches", "regs", "conv", "igemm_ok", "igemm_auto",
+                 "igemm_tiles")
 
     def __init__(self, fallback: Optional[str] = None):
         self.fallback = fallback
@@ -192,7 +209,78 @@ def _make_plan(input, weight, bias, stride, padding, output_padding, dilation, g
     plan.patches = [(i, field, idx) for i, r in enumerate(rows) for field, idx in r.patches]
     plan.regs = [n_regs, out_reg]
     plan.conv = [*st, *pa, *di, int(groups)]
+    streams = any(r[0] or r[2] or r[3] or r[4] for r in _slot_rows(plan.slot_strides))
+    plan.igemm_ok, plan.igemm_auto, plan.igemm_tiles = _igemm_rule(input, weight, conv_shape,
+                                                                   st, pa, di, groups, streams)
     return plan
+
+
+def _phase_halo(n_in: int, n_out: int, s: int, pad: int, dil: int, k: int) -> Tuple[int, int]:
+    """Zero halo (front, back) the stride phases read around one input dimension: the mirror
+    of ``igemm_halo`` in csrc/ct3d_igemm.cuh."""
+    lo_idx, hi_idx = 0, n_in - 1
+    g = math.gcd(s, dil)
+    kstep, doff = s // g, dil // g
+    for rho in range(s):
+        t_count = -(-(n_out - rho) // s) if rho < n_out else 0
+        want = (rho + pad) % s
+        k0 = next((kk for kk in range(min(k, kstep)) if (kk * dil) % s == want), -1)
+        if t_count == 0 or k0 < 0:
+            continue
+        n_taps = (k - 1 - k0) // kstep + 1
+        off0 = (rho + pad - k0 * dil) // s
+        lo_idx = min(lo_idx, off0 - (n_taps - 1) * doff)
+        hi_idx = max(hi_idx, t_count - 1 + off0)
+    return -lo_idx, hi_idx - (n_in - 1)
+
+
+def _slot_rows(t: torch.Tensor) -> List[List[int]]:
+    return t.tolist() if t.numel() else []
+
+
+def _igemm_config(cin: int, cout: int, elem: int, macs: float, streams: bool) -> int:
+    """The channels-last implicit GEMM's tile configuration (an ``IGEMM_CONFIGS`` id) by shape,
+    from the H200 sweep in docs/kernel.md (v9): 128 x 32 tiles with 64-byte K steps up to 32
+    output channels; 128 x 64 tiles above: 128-byte K steps when C_in fills them (3 stages
+    where the K of a phase is long, macs >= 400 multiply-adds per output; else 2 stages and 3
+    CTAs per multiprocessor), else 64-byte steps. An epilogue that streams a full-size tensor
+    (``streams``: l2_26's 1 GB side input) keeps the 128 x 32 tile, whose 108 registers leave
+    room for more warps to keep its loads in flight."""
+    if cout <= 32 or (streams and cout <= 64):
+        return 4
+    if (cin * elem) % 128 == 0:
+        return 0 if macs >= 400 else 10
+    return 3
+
+
+def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False):
+    """(applies, picked by "auto", tiles) for the channels-last implicit GEMM."""
+    if groups != 1:
+        return False, False, None
+    cin, cout = weight.size(0), weight.size(1)
+    ks = weight.shape[2:]
+    elem = input.element_size()
+    macs = cin * math.prod(ks) / (st[0] * st[1] * st[2])
+    config = (_igemm_config(cin, cout, elem, macs, streams) if IGEMM_CONFIG is None
+              else IGEMM_CONFIG)
+    kbytes, _, bn, _ = IGEMM_CONFIGS[config]
+    ck = kbytes // elem
+    cp = -(-cin // ck) * ck
+    vox = input.size(0)
+    for i in range(3):
+        lo, hi = _phase_halo(input.size(2 + i), conv_shape[2 + i], st[i], pa[i], di[i], ks[i])
+        vox *= input.size(2 + i) + lo + hi
+    cout_p = -(-cout // bn) * bn
+    fits = (vox * cp * elem < 2 ** 31 - 1
+            and math.prod(ks) * cout_p * cp * elem < 2 ** 31 - 1
+            and -(-cout_p // bn) <= _MAX_GRID_Y)
+    if not fits:
+        return False, False, None
+    # "auto" leaves to launch_conv: the direct kernel's shapes (csrc/ct3d_conv.cuh direct_pays:
+    # few multiply-adds per output) and C_out < 32, where the strided-input GEMM's 256 x 16 and
+    # 128 x 32 tiles measured faster (l1_58, l1_70).
+    direct = macs <= 32 or (input.dtype == torch.float32 and cin <= 8 and macs <= 128)
+    return True, not direct and cout >= 32, (ck, bn, config)
 
 
 class _NotCovered(Exception):
@@ -454,13 +542,45 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
     return wp
 
 
+def _round_tf32_(t: torch.Tensor) -> torch.Tensor:
+    """Rounds float32 values in place to TF32 (10 mantissa bits), to nearest with ties away
+    from zero: the rounding of the kernel's ``cvt.rna.tf32.f32``."""
+    bits = t.view(torch.int32)
+    bits.add_(0x1000).bitwise_and_(-0x2000)
+    return t
+
+
+def _packed_weight_igemm(weight: torch.Tensor, ck: int, bn: int) -> torch.Tensor:
+    """(kD, kH, kW, C_out padded to bn, C_in padded to ck) contiguous copy, C_in fastest, for
+    the channels-last implicit GEMM; float32 values rounded to TF32. Cached like
+    ``_packed_weight``."""
+    key = None
+    if not (torch.is_inference_mode_enabled() and weight.is_inference()):
+        key = ("igemm", ck, bn, weight.data_ptr(), tuple(weight.shape), weight.stride(),
+               weight.dtype, weight.device, weight._version)
+        hit = _packed.get(key)
+        if hit is not None and hit[0]() is weight:
+            return hit[1]
+    cin, cout = weight.size(0), weight.size(1)
+    cp, cout_p = -(-cin // ck) * ck, -(-cout // bn) * bn
+    w = weight.detach().permute(2, 3, 4, 1, 0)
+    wp = torch.zeros(*w.shape[:3], cout_p, cp, dtype=weight.dtype, device=weight.device)
+    wp[..., :cout, :cin] = w
+    if wp.dtype == torch.float32:
+        _round_tf32_(wp)
+    if key is not None and not torch.cuda.is_current_stream_capturing():
+        if len(_packed) >= _PACKED_MAX:
+            _packed.clear()
+        _packed[key] = (weakref.ref(weight), wp)
+    return wp
+
+
 def _run_fused(ext, plan, input, weight, bias, extras, mode):
     out = torch.empty_strided(plan.shape, plan.stride, dtype=plan.dtype, device=input.device)
     if out.numel() == 0:
         return out
     if POISON_OUTPUT:
         out.fill_(float("nan"))
-    wp = _packed_weight(weight)
     prog_f = plan.prog_f
     if plan.patches:
         prog_f = prog_f.clone()
@@ -468,10 +588,20 @@ def _run_fused(ext, plan, input, weight, bias, extras, mode):
             prog_f[row, field] = float(extras[idx])
     if ALGO not in _ALGO_CODE:
         raise ValueError(f"ct3d_fx._cuda.ALGO must be one of {sorted(_ALGO_CODE)}, got {ALGO!r}")
-    kernel = ext.launch(input, wp, None if bias is None else bias.contiguous(), out,
-                        [extras[i] for i in plan.slot_extras], plan.slot_strides, plan.prog_i,
-                        prog_f, plan.regs, plan.conv, mode, _ALGO_CODE[ALGO])
+    bias_c = None if bias is None else bias.contiguous()
+    slots = [extras[i] for i in plan.slot_extras]
     global LAST_KERNEL
+    if (mode == _MODE_TENSOR_CORE and plan.igemm_ok
+            and (ALGO == "igemm" or (ALGO == "auto" and plan.igemm_auto))):
+        ck, bn, config = plan.igemm_tiles
+        wpk = _packed_weight_igemm(weight, ck, bn)
+        ext.launch_igemm(input, weight, bias_c, out, slots, plan.slot_strides, plan.prog_i,
+                         prog_f, plan.regs, plan.conv, wpk, ck, bn, config)
+        LAST_KERNEL = "igemm"
+        return out
+    wp = _packed_weight(weight)
+    kernel = ext.launch(input, wp, bias_c, out, slots, plan.slot_strides, plan.prog_i,
+                        prog_f, plan.regs, plan.conv, mode, _ALGO_CODE[ALGO])
     LAST_KERNEL = {0: "gemm", 1: "direct"}.get(kernel)
     return out
 

@@ -7,8 +7,9 @@ For each suite problem (benchmarks/suite.json, the published sizes) this builds 
 way ``python -m ct3d_fx.bench`` does, optimizes it, captures the calls of the fused op during
 one forward, and times those calls (``ct3d_fx.bench.time_ms``: triton's do_bench median, L2
 flushed) with the per-shape autotune off and ``ct3d_fx._cuda.ALGO`` set to each of ``--algos``
-("auto": the kernel launch_conv picks; "gemm": the implicit GEMM; "direct": the direct FP32
-kernel where it applies); a choice that runs a kernel already timed for the problem reuses
+("auto": the kernel _cuda.py and launch_conv pick; "gemm": the strided-input implicit GEMM;
+"igemm" or "igemm:N": the channels-last implicit GEMM, with tile configuration N of
+``_cuda.IGEMM_CONFIGS``; "direct": the direct FP32 kernel where it applies); a choice that runs a kernel already timed for the problem reuses
 that time. Every choice's output is compared with the first one's (relative
 L2 difference) so a broken kernel cannot time well unnoticed.
 
@@ -86,9 +87,13 @@ def main() -> int:
             ref_out = None
             timed = {}  # kernel that ran -> ms: a choice that runs an already timed kernel
             for algo in algos:
-                _cuda.ALGO = algo
+                # "igemm:N" forces the channels-last implicit GEMM with configuration N
+                _cuda.ALGO, _, cfg = algo.partition(":")
+                _cuda.IGEMM_CONFIG = int(cfg) if cfg else None
+                _cuda._plans.clear()
                 outs = [f(*a, **k) for f, a, k in calls]
-                row[f"{algo}_kernel"] = _cuda.LAST_KERNEL
+                row[f"{algo}_kernel"] = str(_cuda.LAST_KERNEL) + (
+                    f":{cfg}" if cfg and _cuda.LAST_KERNEL == "igemm" else "")
                 flat = torch.cat([o.detach().double().flatten() for o in outs])
                 if ref_out is None:
                     ref_out = flat
@@ -105,6 +110,8 @@ def main() -> int:
                         warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms), 4)
                 row[f"{algo}_ms"] = timed[kernel]
             _cuda.ALGO = "auto"
+            _cuda.IGEMM_CONFIG = None
+            _cuda._plans.clear()
         b = base.get(pid, {})
         row["before_ms"] = b.get("fused_op_ms")
         row["floor_ms"] = b.get("floor_ms")

@@ -660,13 +660,50 @@ def test_both_kernels(seed, algo, ext, poison, monkeypatch):
     assert _cuda.LAST_KERNEL == want, f"{case}: ran {_cuda.LAST_KERNEL}, expected {want}"
 
 
+# The channels-last implicit GEMM forced on the sweep's configurations, each tile configuration
+# on every len(IGEMM_CONFIGS)-th seed; checked like the sweep. It runs for groups == 1 on tensor
+# cores (not exact FP32); elsewhere the call takes the other kernels.
+@cuda_test
+@pytest.mark.parametrize("seed", range(SWEEP))
+def test_igemm_configs(seed, ext, poison, monkeypatch):
+    case = make_case(seed)
+    config = seed % len(_cuda.IGEMM_CONFIGS)
+    monkeypatch.setattr(_cuda, "ALGO", "igemm")
+    monkeypatch.setattr(_cuda, "IGEMM_CONFIG", config)
+    monkeypatch.setattr(_cuda, "_plans", {})
+    _check_case(case, build_args(case, "cuda"), record=False)
+    if case.groups == 1 and case.precision != "fp32":
+        assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
+    else:
+        assert _cuda.LAST_KERNEL != "igemm", f"{case}: ran the igemm"
+
+
+def test_phase_halo_matches_brute_force():
+    """_cuda._phase_halo (mirror of csrc/ct3d_igemm.cuh igemm_halo): the zero halo around the
+    input equals the extremes of the input indices any output reads, over random geometry."""
+    rng = random.Random(5)
+    for _ in range(400):
+        n_in, s, pad, dil, k = (rng.randint(1, 9), rng.randint(1, 3), rng.randint(0, 4),
+                                rng.randint(1, 3), rng.randint(1, 6))
+        opad = rng.randint(0, max(s, dil) - 1)
+        n_out = (n_in - 1) * s - 2 * pad + dil * (k - 1) + opad + 1
+        if n_out <= 0:
+            continue
+        idx = [(o + pad - kk * dil) // s for o in range(n_out) for kk in range(k)
+               if (o + pad - kk * dil) % s == 0]
+        lo, hi = _cuda._phase_halo(n_in, n_out, s, pad, dil, k)
+        want_lo = max(0, -min(idx)) if idx else 0
+        want_hi = max(0, max(idx) - (n_in - 1)) if idx else 0
+        assert (lo, hi) == (want_lo, want_hi), (n_in, n_out, s, pad, dil, k)
+
+
 # (C_in, C_out, kernel, precision -> kernel launch_conv picks); stride 2, so the FFMAs per
 # output are C_in * kD kH kW / 8: 10 (the C_in = 3 suite shapes), 105 (l1_72: C_in/groups = 8),
 # 54 (l2_15, l2_74: C_in = 16), 216 (C_in = 64).
 AUTO_CHOICE = [
     (3, 16, [3, 3, 3], {"tf32": "direct", "fp32": "direct", "bf16": "direct"}),
     (8, 8, [3, 5, 7], {"tf32": "direct", "fp32": "direct", "bf16": "gemm"}),
-    (16, 32, [3, 3, 3], {"tf32": "gemm", "fp32": "direct", "bf16": "gemm"}),
+    (16, 32, [3, 3, 3], {"tf32": "igemm", "fp32": "direct", "bf16": "igemm"}),
     (64, 16, [3, 3, 3], {"tf32": "gemm", "fp32": "gemm", "bf16": "gemm"}),
 ]
 
@@ -675,7 +712,8 @@ AUTO_CHOICE = [
 @pytest.mark.parametrize("precision", ["tf32", "fp32", "bf16"])
 @pytest.mark.parametrize("idx", range(len(AUTO_CHOICE)))
 def test_auto_kernel_choice(idx, precision, ext, poison):
-    """launch_conv's choice between the direct kernel and the GEMM (csrc/ct3d_conv.cuh)."""
+    """The automatic choice between the direct kernel, the strided-input GEMM (launch_conv,
+    csrc/ct3d_conv.cuh) and the channels-last implicit GEMM (_cuda._igemm_rule)."""
     cin, cout, k, want = AUTO_CHOICE[idx]
     draw = _Draw(3 + idx, "cuda", DTYPES[precision])
     x, w = draw.normal((2, cin, 4, 6, 8)), draw.normal((cin, cout, *k), 0.1)
