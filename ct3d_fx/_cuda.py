@@ -1,12 +1,18 @@
 """CUDA implementation of ``ct3d::conv_transpose3d_epilogue`` (registered for "cuda").
 
 One kernel launch computes the transposed convolution and the whole epilogue program and
-writes the output once (csrc/ct3d_conv.cuh). This module decides per call whether the kernel
+writes the output once (csrc/ct3d_conv.cuh, csrc/ct3d_igemm.cuh; the channels-last GEMM is
+preceded by one launch that packs the input). This module decides per call whether the kernel
 covers the call, allocates the output exactly as the fake kernel describes it (shape, strides,
 dtype: ``torch.library.opcheck`` compares them), decodes the program for the kernel and
 launches it. Everything that depends only on the call's signature (shapes, strides, dtypes,
 devices, conv parameters, program, scalars) is computed once and cached, so the hot path is a
 dictionary lookup, a weight repack and the launch.
+
+Kernels: for groups == 1 on tensor cores the channels-last implicit GEMM
+(csrc/ct3d_igemm.cuh: the input is first copied into a zero-padded NDHWC scratch tensor, the
+weight repacked and cached, then one GEMM kernel with the epilogue), else the strided-input
+GEMM or the direct kernel of csrc/ct3d_conv.cuh (``ALGO`` and ``_igemm_rule``).
 
 Precision: float32 follows ``torch.backends.cudnn.allow_tf32`` (True: TF32 tensor cores,
 False: exact FP32 FFMA); float16/bfloat16 use tensor cores; all accumulate in FP32 and run the
