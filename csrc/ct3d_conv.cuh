@@ -282,6 +282,100 @@ __device__ __forceinline__ void store_tile(const ConvParams& p, const float* out
 }
 
 // ---------------------------------------------------------------------------------------
+// Pieces shared by both GEMM kernels (strided-input and channels-last, ct3d_igemm.cuh).
+
+// Where a CTA's tile lies: grid x = M tiles x phases, phase fastest.
+struct TileOrigin {
+  int rd, rh, rw;  // stride phase
+  int Td, Th, Tw;  // outputs of the phase per dimension
+  int64_t M, m0;   // rows (voxels) of the phase, first row of the tile (m0 >= M: no work)
+};
+
+template <int BM>
+__device__ __forceinline__ TileOrigin tile_origin(const ConvParams& p) {
+  const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
+  const int n_phase = sd * sh * sw;
+  const int z = static_cast<int>(blockIdx.x % static_cast<unsigned>(n_phase));
+  TileOrigin t;
+  t.rw = z % sw;
+  t.rh = (z / sw) % sh;
+  t.rd = z / (sw * sh);
+  t.Td = t.rd < p.Do ? (p.Do - t.rd + sd - 1) / sd : 0;
+  t.Th = t.rh < p.Ho ? (p.Ho - t.rh + sh - 1) / sh : 0;
+  t.Tw = t.rw < p.Wo ? (p.Wo - t.rw + sw - 1) / sw : 0;
+  t.M = static_cast<int64_t>(p.N) * t.Td * t.Th * t.Tw;
+  t.m0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(n_phase)) * BM;
+  return t;
+}
+
+// The tap geometry of the tile's phase, computed by three threads into shared memory (the
+// caller's next barrier publishes it).
+__device__ __forceinline__ void phase_dims(const ConvParams& p, const TileOrigin& t,
+                                           PhaseDim* s_phase, int tid) {
+  if (tid < 3) {
+    s_phase[tid] = tid == 0   ? phase_dim(t.rd, p.Do, p.st[0], p.pad[0], p.dil[0], p.kD)
+                   : tid == 1 ? phase_dim(t.rh, p.Ho, p.st[1], p.pad[1], p.dil[1], p.kH)
+                              : phase_dim(t.rw, p.Wo, p.st[2], p.pad[2], p.dil[2], p.kW);
+  }
+}
+
+// The end of a GEMM tile: accumulator fragments (mma.sync C layout, warp tile WTM x WTN) plus
+// bias into tile register 0 (sR, pitch LDC), the epilogue program over the tile (voxel-fast
+// element order), then one store per output element. Columns are channels co0.. of group grp.
+// The caller has synchronized since the last use of sR's memory.
+template <int IN_DT, int BM, int BN, int LDC, int WTM, int WTN, int MT, int NT, int THREADS>
+__device__ __forceinline__ void gemm_epilogue(const ConvParams& p, const float (&acc)[MT][NT][4],
+                                              float* sR, const TileOrigin& t, const int* s_n,
+                                              const int* s_td, const int* s_th, const int* s_tw,
+                                              const int64_t* s_yoff, int grp, int co0,
+                                              int warp_m, int warp_n, int tid) {
+  constexpr int kTileFloats = BN * LDC;
+  const int lg = (tid & 31) >> 2, lt = tid & 3;
+  __shared__ float s_col[kMaxSlots * BN];
+  load_channel_slots<BN>(p.epi, s_col, grp * p.cout_g + co0, p.cout_g - co0, tid, THREADS);
+#pragma unroll
+  for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int col = warp_n * WTN + ni * 8 + 2 * lt + j;
+      float bias = 0.0f;
+      if (p.bias != nullptr && co0 + col < p.cout_g) {
+        bias = load_as_float(p.bias, grp * p.cout_g + co0 + col, IN_DT);
+      }
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) {
+        const int row = warp_m * WTM + mi * 16 + lg;
+        sR[col * LDC + row] = acc[mi][ni][j] + bias;
+        sR[col * LDC + row + 8] = acc[mi][ni][2 + j] + bias;
+      }
+    }
+  __syncthreads();
+
+  const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
+  auto pos = [&](int i) {
+    const int e = tid + i * THREADS;
+    const int m = e % BM;
+    const int c = e / BM;
+    ElemPos q;
+    q.idx = c * LDC + m;
+    q.col = c;
+    q.n = s_n[m];
+    q.ok = q.n >= 0 && co0 + c < p.cout_g;
+    q.c = grp * p.cout_g + co0 + c;
+    q.d = t.rd + sd * s_td[m];
+    q.h = t.rh + sh * s_th[m];
+    q.w = t.rw + sw * s_tw[m];
+    return q;
+  };
+  run_program<BM * BN / THREADS>(p.epi, sR, kTileFloats, pos, s_col, BN);
+
+  const bool chan_fast = p.ys[1] == 1 && p.Cout > 1;
+  if (chan_fast) __syncthreads();  // the store walks the tile in the other element order
+  store_tile<BM, BN, LDC, THREADS>(p, sR + p.epi.out_reg * kTileFloats, s_n, s_yoff, co0, grp,
+                                   tid, chan_fast);
+}
+
+// ---------------------------------------------------------------------------------------
 // Tile configuration.
 template <int IN_DT, int MODE, int BM, int BN, int WARPS_M, int WARPS_N>
 struct Tile {
@@ -332,16 +426,11 @@ __global__ void __launch_bounds__(kThreads, (BM == 64 && MODE == kModeTensorCore
   constexpr int MT = Cfg::MT, NT = Cfg::NT;
 
   // ---- phase, tile position ----
+  const TileOrigin to = tile_origin<BM>(p);
+  if (to.m0 >= to.M) return;  // uniform for the CTA, before any barrier
   const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
-  const int n_phase = sd * sh * sw;
-  const int z = static_cast<int>(blockIdx.x % static_cast<unsigned>(n_phase));
-  const int rw = z % sw, rh = (z / sw) % sh, rd = z / (sw * sh);
-  const int Td = rd < p.Do ? (p.Do - rd + sd - 1) / sd : 0;
-  const int Th = rh < p.Ho ? (p.Ho - rh + sh - 1) / sh : 0;
-  const int Tw = rw < p.Wo ? (p.Wo - rw + sw - 1) / sw : 0;
-  const int64_t M = static_cast<int64_t>(p.N) * Td * Th * Tw;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(n_phase)) * BM;
-  if (m0 >= M) return;  // uniform for the CTA, before any barrier
+  const int rd = to.rd, rh = to.rh, rw = to.rw, Td = to.Td, Th = to.Th, Tw = to.Tw;
+  const int64_t M = to.M, m0 = to.m0;
 
   const int n_ct = (p.cout_g + BN - 1) / BN;
   const int grp = blockIdx.y / n_ct;
@@ -362,11 +451,7 @@ __global__ void __launch_bounds__(kThreads, (BM == 64 && MODE == kModeTensorCore
 
   // ---- phase geometry: computed by three threads, shared through shared memory ----
   __shared__ PhaseDim s_phase[3];
-  if (tid < 3) {
-    s_phase[tid] = tid == 0   ? phase_dim(rd, p.Do, sd, p.pad[0], p.dil[0], p.kD)
-                   : tid == 1 ? phase_dim(rh, p.Ho, sh, p.pad[1], p.dil[1], p.kH)
-                              : phase_dim(rw, p.Wo, sw, p.pad[2], p.dil[2], p.kW);
-  }
+  phase_dims(p, to, s_phase, tid);
 
   // ---- decode the tile's output voxels once (64-bit only when M needs it) ----
   for (int r = tid; r < BM; r += kThreads) {
@@ -625,50 +710,9 @@ __global__ void __launch_bounds__(kThreads, (BM == 64 && MODE == kModeTensorCore
     }
   }
 
-  // ---- epilogue: per-channel slots, fragments + bias -> register 0 ----
-  __shared__ float s_col[kMaxSlots * BN];
-  load_channel_slots<BN>(p.epi, s_col, grp * p.cout_g + co0, p.cout_g - co0, tid, kThreads);
-  constexpr int LDC = Cfg::LDC;
-#pragma unroll
-  for (int ni = 0; ni < NT; ++ni)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int col = warp_n * Cfg::WTN + ni * 8 + 2 * lt + j;
-      float bias = 0.0f;
-      if (p.bias != nullptr && co0 + col < p.cout_g) {
-        bias = load_as_float(p.bias, grp * p.cout_g + co0 + col, IN_DT);
-      }
-#pragma unroll
-      for (int mi = 0; mi < MT; ++mi) {
-        const int row = warp_m * Cfg::WTM + mi * 16 + lg;
-        sR[col * LDC + row] = acc[mi][ni][j] + bias;
-        sR[col * LDC + row + 8] = acc[mi][ni][2 + j] + bias;
-      }
-    }
-  __syncthreads();
-
-  // ---- the program over the tile (voxel-fast element order) ----
-  auto pos = [&](int i) {
-    const int e = tid + i * kThreads;
-    const int m = e % BM;
-    const int c = e / BM;
-    ElemPos q;
-    q.idx = c * LDC + m;
-    q.col = c;
-    q.n = s_n[m];
-    q.ok = q.n >= 0 && co0 + c < p.cout_g;
-    q.c = grp * p.cout_g + co0 + c;
-    q.d = rd + sd * s_td[m];
-    q.h = rh + sh * s_th[m];
-    q.w = rw + sw * s_tw[m];
-    return q;
-  };
-  run_program<Cfg::kPer>(p.epi, sR, Cfg::kTileFloats, pos, s_col, BN);
-
-  const bool chan_fast = p.ys[1] == 1 && p.Cout > 1;
-  if (chan_fast) __syncthreads();  // the store walks the tile in the other element order
-  store_tile<BM, BN, LDC>(p, sR + p.epi.out_reg * Cfg::kTileFloats, s_n, s_yoff, co0, grp, tid,
-                          chan_fast);
+  // ---- epilogue: fragments + bias -> register 0, the program, the store ----
+  gemm_epilogue<IN_DT, BM, BN, Cfg::LDC, Cfg::WTM, Cfg::WTN, MT, NT, kThreads>(
+      p, acc, sR, to, s_n, s_td, s_th, s_tw, s_yoff, grp, co0, warp_m, warp_n, tid);
 }
 
 // ---------------------------------------------------------------------------------------

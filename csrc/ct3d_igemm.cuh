@@ -184,17 +184,12 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   using GType = typename Cfg::GType;
   constexpr int MT = Cfg::MT, NT = Cfg::NT, kPitch = Cfg::kPitch;
 
-  // ---- phase, tile position (as conv_transpose3d_fused_kernel) ----
+  // ---- phase, tile position ----
+  const TileOrigin to = tile_origin<BM>(p);
+  if (to.m0 >= to.M) return;  // uniform for the CTA, before any barrier
   const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
-  const int n_phase = sd * sh * sw;
-  const int z = static_cast<int>(blockIdx.x % static_cast<unsigned>(n_phase));
-  const int rw = z % sw, rh = (z / sw) % sh, rd = z / (sw * sh);
-  const int Td = rd < p.Do ? (p.Do - rd + sd - 1) / sd : 0;
-  const int Th = rh < p.Ho ? (p.Ho - rh + sh - 1) / sh : 0;
-  const int Tw = rw < p.Wo ? (p.Wo - rw + sw - 1) / sw : 0;
-  const int64_t M = static_cast<int64_t>(p.N) * Td * Th * Tw;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(n_phase)) * BM;
-  if (m0 >= M) return;  // uniform for the CTA, before any barrier
+  const int rd = to.rd, rh = to.rh, rw = to.rw, Td = to.Td, Th = to.Th, Tw = to.Tw;
+  const int64_t M = to.M, m0 = to.m0;
   const int co0 = blockIdx.y * BN;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -210,11 +205,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
 
   const int tid = threadIdx.x;
   __shared__ PhaseDim s_phase[3];
-  if (tid < 3) {
-    s_phase[tid] = tid == 0   ? phase_dim(rd, p.Do, sd, p.pad[0], p.dil[0], p.kD)
-                   : tid == 1 ? phase_dim(rh, p.Ho, sh, p.pad[1], p.dil[1], p.kH)
-                              : phase_dim(rw, p.Wo, sw, p.pad[2], p.dil[2], p.kW);
-  }
+  phase_dims(p, to, s_phase, tid);
   // Rows past M load the last voxel's inputs (always inside xp) and are never stored.
   for (int r = tid; r < BM; r += kThreads) {
     const int64_t m = m0 + r;
@@ -287,7 +278,6 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   // ---- accumulators: the mma.sync C-fragment layout (as in the other kernel) ----
   const int lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
-  const int lg = lane >> 2, lt = lane & 3;
   float acc[MT][NT][4];
 #pragma unroll
   for (int mi = 0; mi < MT; ++mi)
@@ -364,47 +354,9 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   }
   __syncthreads();  // the epilogue tiles alias the pipeline buffers
 
-  // ---- epilogue: per-channel slots, fragments + bias -> register 0 ----
-  __shared__ float s_col[kMaxSlots * BN];
-  load_channel_slots<BN>(p.epi, s_col, co0, p.Cout - co0, tid, kThreads);
-  constexpr int LDC = Cfg::LDC;
-#pragma unroll
-  for (int ni = 0; ni < NT; ++ni)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int col = warp_n * Cfg::WTN + ni * 8 + 2 * lt + j;
-      float bias = 0.0f;
-      if (p.bias != nullptr && co0 + col < p.Cout) bias = load_as_float(p.bias, co0 + col, IN_DT);
-#pragma unroll
-      for (int mi = 0; mi < MT; ++mi) {
-        const int row = warp_m * Cfg::WTM + mi * 16 + lg;
-        sR[col * LDC + row] = acc[mi][ni][j] + bias;
-        sR[col * LDC + row + 8] = acc[mi][ni][2 + j] + bias;
-      }
-    }
-  __syncthreads();
-
-  auto pos = [&](int i) {
-    const int e = tid + i * kThreads;
-    const int m = e % BM;
-    const int c = e / BM;
-    ElemPos qq;
-    qq.idx = c * LDC + m;
-    qq.col = c;
-    qq.n = s_n[m];
-    qq.ok = qq.n >= 0 && co0 + c < p.Cout;
-    qq.c = co0 + c;
-    qq.d = rd + sd * s_td[m];
-    qq.h = rh + sh * s_th[m];
-    qq.w = rw + sw * s_tw[m];
-    return qq;
-  };
-  run_program<Cfg::kPer>(p.epi, sR, Cfg::kTileFloats, pos, s_col, BN);
-
-  const bool chan_fast = p.ys[1] == 1 && p.Cout > 1;
-  if (chan_fast) __syncthreads();
-  store_tile<BM, BN, LDC, kThreads>(p, sR + p.epi.out_reg * Cfg::kTileFloats, s_n, s_yoff, co0,
-                                    0, tid, chan_fast);
+  // ---- epilogue: fragments + bias -> register 0, the program, the store (groups == 1) ----
+  gemm_epilogue<IN_DT, BM, BN, Cfg::LDC, Cfg::WTM, Cfg::WTN, MT, NT, kThreads>(
+      p, acc, sR, to, s_n, s_td, s_th, s_tw, s_yoff, 0, co0, warp_m, warp_n, tid);
 }
 
 // ---------------------------------------------------------------------------------------
