@@ -215,7 +215,7 @@ def _make_plan(input, weight, bias, stride, padding, output_padding, dilation, g
     plan.patches = [(i, field, idx) for i, r in enumerate(rows) for field, idx in r.patches]
     plan.regs = [n_regs, out_reg]
     plan.conv = [*st, *pa, *di, int(groups)]
-    streams = any(r[0] or r[2] or r[3] or r[4] for r in _slot_rows(plan.slot_strides))
+    streams = bool(plan.slot_strides[:, [0, 2, 3, 4]].any())  # a slot beyond per-channel
     plan.igemm_ok, plan.igemm_auto, plan.igemm_tiles = _igemm_rule(input, weight, conv_shape,
                                                                    st, pa, di, groups, streams)
     return plan
@@ -238,10 +238,6 @@ def _phase_halo(n_in: int, n_out: int, s: int, pad: int, dil: int, k: int) -> Tu
         lo_idx = min(lo_idx, off0 - (n_taps - 1) * doff)
         hi_idx = max(hi_idx, t_count - 1 + off0)
     return -lo_idx, hi_idx - (n_in - 1)
-
-
-def _slot_rows(t: torch.Tensor) -> List[List[int]]:
-    return t.tolist() if t.numel() else []
 
 
 def _igemm_config(cin: int, cout: int, elem: int, macs: float, streams: bool) -> int:
