@@ -246,6 +246,10 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
   const at::Device dev = x.device();
   TORCH_CHECK(p.groups == 1, "ct3d: the channels-last implicit GEMM needs groups == 1, got ",
               p.groups);
+  TORCH_CHECK(p.st[0] <= ct3d::kMaxStride && p.st[1] <= ct3d::kMaxStride &&
+                  p.st[2] <= ct3d::kMaxStride,
+              "ct3d: the channels-last implicit GEMM takes strides up to ", ct3d::kMaxStride,
+              ", got (", p.st[0], ", ", p.st[1], ", ", p.st[2], ")");
   const int64_t esize = x.element_size();
   TORCH_CHECK(ck * esize == 64 || ck * esize == 128, "ct3d: K step of ", ck,
               " channels must be 64 or 128 bytes");

@@ -98,6 +98,7 @@ __host__ __device__ __forceinline__ PhaseDim phase_dim(int rho, int out, int s, 
 // instructions of a general integer division.
 struct FastDiv {
   uint32_t d, m, l;
+  FastDiv() = default;  // trivial: allowed in __shared__ (phase_dims fills it)
   __host__ __device__ explicit FastDiv(int divisor) : d(static_cast<uint32_t>(divisor)), l(0) {
     while (l < 31 && (1u << l) < d) ++l;
     m = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << l) - d)) / d + 1);
@@ -308,14 +309,20 @@ __device__ __forceinline__ TileOrigin tile_origin(const ConvParams& p) {
   return t;
 }
 
-// The tap geometry of the tile's phase, computed by three threads into shared memory (the
-// caller's next barrier publishes it).
+// The tap geometry of the tile's phase, computed by three threads into shared memory, and, when
+// s_div is given, the divisors of the phase's W, H and D extents for split_index, by three
+// more (each FastDiv costs a 64-bit division: once per CTA instead of once per thread). The
+// caller's next barrier publishes them.
 __device__ __forceinline__ void phase_dims(const ConvParams& p, const TileOrigin& t,
-                                           PhaseDim* s_phase, int tid) {
+                                           PhaseDim* s_phase, int tid,
+                                           FastDiv* s_div = nullptr) {
   if (tid < 3) {
     s_phase[tid] = tid == 0   ? phase_dim(t.rd, p.Do, p.st[0], p.pad[0], p.dil[0], p.kD)
                    : tid == 1 ? phase_dim(t.rh, p.Ho, p.st[1], p.pad[1], p.dil[1], p.kH)
                               : phase_dim(t.rw, p.Wo, p.st[2], p.pad[2], p.dil[2], p.kW);
+  } else if (s_div != nullptr && tid < 6) {
+    const int e = tid == 3 ? t.Tw : tid == 4 ? t.Th : t.Td;
+    s_div[tid - 3] = FastDiv(e > 0 ? e : 1);
   }
 }
 
@@ -451,14 +458,16 @@ __global__ void __launch_bounds__(kThreads, (BM == 64 && MODE == kModeTensorCore
 
   // ---- phase geometry: computed by three threads, shared through shared memory ----
   __shared__ PhaseDim s_phase[3];
-  phase_dims(p, to, s_phase, tid);
+  __shared__ FastDiv s_div[3];
+  phase_dims(p, to, s_phase, tid, s_div);
+  __syncthreads();
 
   // ---- decode the tile's output voxels once (64-bit only when M needs it) ----
   for (int r = tid; r < BM; r += kThreads) {
     const int64_t m = m0 + r;
     if (m < M) {
       int n, td, th, tw;
-      split_index(m, M, FastDiv(Tw), FastDiv(Th), FastDiv(Td), Tw, Th, Td, n, td, th, tw);
+      split_index(m, M, s_div[0], s_div[1], s_div[2], Tw, Th, Td, n, td, th, tw);
       s_n[r] = n;
       s_td[r] = td;
       s_th[r] = th;
@@ -980,7 +989,7 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
       q.w = s_w[m];
       return q;
     };
-    run_program<Cfg::kPer>(p.epi, sR, Cfg::kTileFloats, pos, s_col, CO);
+    run_program<Cfg::kPer, decltype(pos), 4>(p.epi, sR, Cfg::kTileFloats, pos, s_col, CO);
     if (chan_fast) __syncthreads();
     store_tile<BM, CO, LDC>(p, sR + p.epi.out_reg * Cfg::kTileFloats, s_n, s_yoff, co0, grp, tid,
                             chan_fast);
@@ -990,6 +999,17 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
 
 // ---------------------------------------------------------------------------------------
 // Host side: grid, shared memory, launch on the caller's stream. Returns the launch error.
+// Opts `kernel` in to `dynamic` bytes of dynamic shared memory when that plus its static shared
+// memory passes the 48 KB a launch gets by default (the launch would fail otherwise).
+template <class Kernel>
+inline cudaError_t opt_in_smem(Kernel kernel, int dynamic) {
+  cudaFuncAttributes a;
+  cudaError_t e = cudaFuncGetAttributes(&a, kernel);
+  if (e != cudaSuccess) return e;
+  if (dynamic + static_cast<int>(a.sharedSizeBytes) <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic);
+}
+
 template <int IN_DT, int MODE, int BM, int BN, int WARPS_M, int WARPS_N>
 cudaError_t launch_tile(const ConvParams& p, cudaStream_t stream) {
   using Cfg = Tile<IN_DT, MODE, BM, BN, WARPS_M, WARPS_N>;
@@ -1005,11 +1025,8 @@ cudaError_t launch_tile(const ConvParams& p, cudaStream_t stream) {
   if (gx > INT_MAX || gy > 65535) return cudaErrorInvalidConfiguration;
   auto kernel = conv_transpose3d_fused_kernel<IN_DT, MODE, BM, BN, WARPS_M, WARPS_N>;
   const int smem = Cfg::smem_bytes(p.epi.n_regs);
-  if (smem > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-  }
+  const cudaError_t e = opt_in_smem(kernel, smem);
+  if (e != cudaSuccess) return e;
   kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1), kThreads, smem,
            stream>>>(p);
   return cudaGetLastError();
@@ -1058,11 +1075,8 @@ cudaError_t launch_direct(const ConvParams& p, cudaStream_t stream, int64_t w_fl
   if (gx > INT_MAX || gy > 65535) return cudaErrorInvalidConfiguration;
   auto kernel = conv_transpose3d_direct_kernel<IN_DT, CO>;
   const int smem = Cfg::smem_bytes(p.epi.n_regs, static_cast<int>(w_floats));
-  if (smem > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-  }
+  const cudaError_t e = opt_in_smem(kernel, smem);
+  if (e != cudaSuccess) return e;
   kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1), kThreads, smem,
            stream>>>(p);
   return cudaGetLastError();

@@ -12,6 +12,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "ct3d_params.h"
 
 namespace ct3d {
@@ -97,10 +99,66 @@ __device__ __forceinline__ void load_channel_slots(const Epilogue& E, float* col
     __VA_ARGS__;                         \
   }
 
+// LOAD_TENSOR of a tensor that varies over the output (a full-size side input, l2_26): the
+// loads go out in batches of up to 16 per thread before any result is written, with the dtype
+// switch outside the batch. One load in flight per element (the CT3D_EACH loop keeps about 4)
+// left such epilogues latency-bound: ~4 KB in flight per multiprocessor against the ~25 KB
+// that HBM3e bandwidth x latency asks for.
+template <typename T>
+__device__ __forceinline__ float elem_to_float(T v) {
+  if constexpr (std::is_same<T, __half>::value) {
+    return __half2float(v);
+  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __bfloat162float(v);
+  } else {
+    return static_cast<float>(v);
+  }
+}
+
+template <int PER, int BATCH, class Pos>
+__device__ __forceinline__ void load_tensor_batched(const Slot& s, float* D, Pos pos) {
+  constexpr int kBatch = PER % BATCH == 0 ? BATCH : PER % 8 == 0 ? 8 : PER % 4 == 0 ? 4 : 1;
+  auto run = [&](const auto* ptr) {
+    using T = typename std::remove_const<typename std::remove_pointer<decltype(ptr)>::type>::type;
+#pragma unroll 1
+    for (int i0 = 0; i0 < PER; i0 += kBatch) {
+      float v[kBatch];
+      int idx[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const ElemPos q = pos(i0 + j);
+        idx[j] = q.idx;
+        const int64_t off = static_cast<int64_t>(q.n) * s.s[0] +
+                            static_cast<int64_t>(q.c) * s.s[1] +
+                            static_cast<int64_t>(q.d) * s.s[2] +
+                            static_cast<int64_t>(q.h) * s.s[3] + static_cast<int64_t>(q.w) * s.s[4];
+        v[j] = q.ok ? elem_to_float<T>(ptr[off]) : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) D[idx[j]] = v[j];
+    }
+  };
+  switch (s.dtype) {
+    case kF16:
+      run(static_cast<const __half*>(s.ptr));
+      break;
+    case kBF16:
+      run(static_cast<const __nv_bfloat16*>(s.ptr));
+      break;
+    case kF64:
+      run(static_cast<const double*>(s.ptr));
+      break;
+    default:
+      run(static_cast<const float*>(s.ptr));
+      break;
+  }
+}
+
 // `colv` holds the per-channel slots (load_channel_slots), `cols` values per slot. Elements
 // outside the output (q.ok false) may hold any finite or non-finite value: they are never
-// stored.
-template <int PER, class Pos>
+// stored. LOAD_BATCH: loads of a full-size epilogue tensor in flight per thread (16; the direct
+// kernel, capped at 128 registers, uses 4).
+template <int PER, class Pos, int LOAD_BATCH = 16>
 __device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int tile, Pos pos,
                                             const float* colv, int cols) {
   const int count = E.n_instr;
@@ -121,7 +179,7 @@ __device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int t
           const float* cv = colv + I.c * cols;
           CT3D_EACH(D[q.idx] = cv[q.col]);
         } else {
-          CT3D_EACH(D[q.idx] = q.ok ? load_slot(s, q.n, q.c, q.d, q.h, q.w) : 0.0f);
+          load_tensor_batched<PER, LOAD_BATCH>(s, D, pos);
         }
         break;
       }

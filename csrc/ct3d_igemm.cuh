@@ -56,6 +56,35 @@ inline void igemm_geometry(const ConvParams& p, int ck, int bn, IgemmGeom& g) {
   g.Wp = p.Wi + lo + hi;
   g.Cp = (p.Cin + ck - 1) / ck * ck;
   g.CoutP = (p.Cout + bn - 1) / bn * bn;
+  const int out[3] = {p.Do, p.Ho, p.Wo}, k[3] = {p.kD, p.kH, p.kW};
+  for (int i = 0; i < 3; ++i) {
+    for (int r = 0; r < kMaxStride && r < p.st[i]; ++r) {
+      const PhaseDim d = phase_dim(r, out[i], p.st[i], p.pad[i], p.dil[i], k[i]);
+      const FastDiv f(d.T > 0 ? d.T : 1);
+      g.ph[i][r] = PhaseEntry{d.T, d.k0, d.nT, d.kstep, d.off0, d.doff, f.m, f.l};
+    }
+  }
+}
+
+// The tabulated phase r of dimension i (igemm_geometry), as the kernels' PhaseDim and FastDiv.
+__device__ __forceinline__ PhaseDim tab_phase(const IgemmGeom& g, int i, int r) {
+  const PhaseEntry& e = g.ph[i][r];
+  PhaseDim d;
+  d.T = e.T;
+  d.k0 = e.k0;
+  d.nT = e.nT;
+  d.kstep = e.kstep;
+  d.off0 = e.off0;
+  d.doff = e.doff;
+  return d;
+}
+__device__ __forceinline__ FastDiv tab_div(const IgemmGeom& g, int i, int r) {
+  const PhaseEntry& e = g.ph[i][r];
+  FastDiv f;
+  f.d = static_cast<uint32_t>(e.T > 0 ? e.T : 1);
+  f.m = e.div_m;
+  f.l = e.div_l;
+  return f;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -145,6 +174,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 template <int IN_DT, int BM, int BN, int BKB, int WARPS_M, int WARPS_N, int STAGES>
 struct IgTile {
   static constexpr int kThreads = WARPS_M * WARPS_N * 32;
+  static constexpr int kInDt = IN_DT, kBKB = BKB, kBN = BN;
   static_assert(BKB == 64 || BKB == 128, "K step of 64 or 128 bytes");
   using GType = typename std::conditional<IN_DT == kF32, float, uint16_t>::type;
   static constexpr int kElem = static_cast<int>(sizeof(GType));
@@ -173,6 +203,76 @@ struct IgTile {
   }
   static __host__ __device__ int smem_bytes(int n_regs) { return union_bytes(n_regs) + kInfoBytes; }
 };
+
+// The B operand's cp.async loader: a BN x BKB-byte tile of the packed weight (rows = output
+// channels co0.., K-contiguous) into a shared stage of pitch kPitch, one 16-byte piece per thread
+// and pass. Offsets are bytes from the tile's first row.
+template <class Cfg>
+struct WeightLoader {
+  int off[Cfg::B_IT];
+  bool on[Cfg::B_IT];
+  __device__ __forceinline__ WeightLoader(const IgemmGeom& g, int co0, int tid) {
+#pragma unroll
+    for (int i = 0; i < Cfg::B_IT; ++i) {
+      const int idx = tid + i * Cfg::kThreads;
+      on[i] = idx < Cfg::kBN * Cfg::CH;
+      off[i] = (co0 + idx / Cfg::CH) * g.Cp * Cfg::kElem + (idx % Cfg::CH) * 16;
+    }
+  }
+  // src: the packed weight at the step's tap and channel chunk
+  __device__ __forceinline__ void load(uint32_t dst, const char* src) const {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < Cfg::B_IT; ++i) {
+      const int idx = tid + i * Cfg::kThreads;
+      if (on[i]) cp_async_16(dst + (idx / Cfg::CH) * Cfg::kPitch + (idx % Cfg::CH) * 16, src + off[i]);
+    }
+  }
+};
+
+// Byte offset in the packed weight of K step ki (tap jd, jh, jw of the phase, channel chunk).
+__device__ __forceinline__ int tap_step(const ConvParams& p, const PhaseDim& pdd,
+                                        const PhaseDim& pdh, const PhaseDim& pdw, const KIter& ki,
+                                        int tap_bytes, int bkb) {
+  const int kd = pdd.k0 + ki.jd * pdd.kstep;
+  const int kh = pdh.k0 + ki.jh * pdh.kstep;
+  const int kw = pdw.k0 + ki.jw * pdw.kstep;
+  return ((kd * p.kH + kh) * p.kW + kw) * tap_bytes + ki.chunk * bkb;
+}
+
+// One K step of the warp tile: fragments by ldmatrix.x4 from shared memory (A rows at
+// a_addr[mi], the 16 rows of m-fragment mi given by each lane's own address, so the rows may lie
+// anywhere; B at b_base, rows of the stage's [n][k] tile), then MT x NT mma.sync.
+template <class Cfg>
+__device__ __forceinline__ void mma_kstep(float (&acc)[Cfg::MT][Cfg::NT][4],
+                                          const uint32_t (&a_addr)[Cfg::MT], uint32_t b_base) {
+  constexpr int MT = Cfg::MT, NT = Cfg::NT, kPitch = Cfg::kPitch;
+#pragma unroll
+  for (int kb = 0; kb < Cfg::kBKB; kb += 32) {
+    uint32_t af[MT][4], bf[NT][2];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) ldmatrix_x4(af[mi], a_addr[mi] + kb);
+#pragma unroll
+    for (int nj = 0; nj < NT / 2; ++nj) {
+      uint32_t t[4];
+      ldmatrix_x4(t, b_base + nj * 16 * kPitch + kb);
+      bf[2 * nj][0] = t[0];
+      bf[2 * nj][1] = t[1];
+      bf[2 * nj + 1][0] = t[2];
+      bf[2 * nj + 1][1] = t[3];
+    }
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < NT; ++ni) {
+        if constexpr (Cfg::kInDt == kF32) {
+          mma_tf32(acc[mi][ni], af[mi], bf[ni]);
+        } else {
+          mma_16<Cfg::kInDt>(acc[mi][ni], af[mi], bf[ni]);
+        }
+      }
+  }
+}
 
 template <int IN_DT, int BM, int BN, int BKB, int WARPS_M, int WARPS_N, int STAGES,
           int MIN_CTAS>
@@ -204,14 +304,12 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   int* s_xoff = s_tw + BM;
 
   const int tid = threadIdx.x;
-  __shared__ PhaseDim s_phase[3];
-  phase_dims(p, to, s_phase, tid);
+  const FastDiv div_w = tab_div(g, 2, rw), div_h = tab_div(g, 1, rh), div_d = tab_div(g, 0, rd);
   // Rows past M load the last voxel's inputs (always inside xp) and are never stored.
   for (int r = tid; r < BM; r += kThreads) {
     const int64_t m = m0 + r;
     int n, td, th, tw;
-    split_index(m < M ? m : M - 1, M, FastDiv(Tw), FastDiv(Th), FastDiv(Td), Tw, Th, Td, n, td,
-                th, tw);
+    split_index(m < M ? m : M - 1, M, div_w, div_h, div_d, Tw, Th, Td, n, td, th, tw);
     s_n[r] = m < M ? n : -1;
     s_xoff[r] = (((n * g.Dp + td + g.lo[0]) * g.Hp + th + g.lo[1]) * g.Wp + tw + g.lo[2]) *
                 g.Cp * Cfg::kElem;
@@ -224,7 +322,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
     if (m >= M) s_yoff[r] = 0;
   }
   __syncthreads();
-  const PhaseDim pdd = s_phase[0], pdh = s_phase[1], pdw = s_phase[2];
+  const PhaseDim pdd = tab_phase(g, 0, rd), pdh = tab_phase(g, 1, rh), pdw = tab_phase(g, 2, rw);
 
   // ---- loader state (byte offsets; launch_igemm checks that xp and wp fit in 2^31 bytes) ----
   const int chunk = tid % Cfg::CH;
@@ -232,15 +330,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   int a_off[Cfg::A_IT];
 #pragma unroll
   for (int i = 0; i < Cfg::A_IT; ++i) a_off[i] = s_xoff[a_r0 + i * Cfg::A_RPP] + chunk * 16;
-  int b_off[Cfg::B_IT];
-  bool b_on[Cfg::B_IT];
-#pragma unroll
-  for (int i = 0; i < Cfg::B_IT; ++i) {
-    const int idx = tid + i * kThreads;
-    b_on[i] = idx < BN * Cfg::CH;
-    const int brow = idx / Cfg::CH, bch = idx % Cfg::CH;
-    b_off[i] = (co0 + brow) * g.Cp * Cfg::kElem + bch * 16;
-  }
+  const WeightLoader<Cfg> bl(g, co0, tid);
   const uint32_t sA0 = smem_u32(sA), sB0 = smem_u32(sB);
   const uint32_t a_dst0 = sA0 + a_r0 * kPitch + chunk * 16;
   const char* __restrict__ Xp = static_cast<const char*>(g.xp);
@@ -255,24 +345,12 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
     const int offh = pdh.off0 - ki.jh * pdh.doff;
     const int offw = pdw.off0 - ki.jw * pdw.doff;
     const int a_step = ((offd * g.Hp + offh) * g.Wp + offw) * g.Cp * Cfg::kElem + ki.chunk * BKB;
-    const int kd = pdd.k0 + ki.jd * pdd.kstep;
-    const int kh = pdh.k0 + ki.jh * pdh.kstep;
-    const int kw = pdw.k0 + ki.jw * pdw.kstep;
-    const int b_step = ((kd * p.kH + kh) * p.kW + kw) * tap_bytes + ki.chunk * BKB;
     const uint32_t a_dst = a_dst0 + stage * Cfg::kAStage;
 #pragma unroll
     for (int i = 0; i < Cfg::A_IT; ++i) {
       cp_async_16(a_dst + i * Cfg::A_RPP * kPitch, Xp + (a_off[i] + a_step));
     }
-    const uint32_t b_dst = sB0 + stage * Cfg::kBStage;
-#pragma unroll
-    for (int i = 0; i < Cfg::B_IT; ++i) {
-      const int idx = tid + i * kThreads;
-      if (b_on[i]) {
-        cp_async_16(b_dst + (idx / Cfg::CH) * kPitch + (idx % Cfg::CH) * 16,
-                    Wp + (b_off[i] + b_step));
-      }
-    }
+    bl.load(sB0 + stage * Cfg::kBStage, Wp + tap_step(p, pdd, pdh, pdw, ki, tap_bytes, BKB));
   };
 
   // ---- accumulators: the mma.sync C-fragment layout (as in the other kernel) ----
@@ -297,33 +375,10 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
       sB0 + (warp_n * Cfg::WTN + r8 + (q >> 1) * 8) * kPitch + (q & 1) * 16;
 
   auto compute = [&](int stage) {
-    const uint32_t a_base = a_frag0 + stage * Cfg::kAStage;
-    const uint32_t b_base = b_frag0 + stage * Cfg::kBStage;
+    uint32_t a_addr[MT];
 #pragma unroll
-    for (int kb = 0; kb < BKB; kb += 32) {
-      uint32_t af[MT][4], bf[NT][2];
-#pragma unroll
-      for (int mi = 0; mi < MT; ++mi) ldmatrix_x4(af[mi], a_base + mi * 16 * kPitch + kb);
-#pragma unroll
-      for (int nj = 0; nj < NT / 2; ++nj) {
-        uint32_t t[4];
-        ldmatrix_x4(t, b_base + nj * 16 * kPitch + kb);
-        bf[2 * nj][0] = t[0];
-        bf[2 * nj][1] = t[1];
-        bf[2 * nj + 1][0] = t[2];
-        bf[2 * nj + 1][1] = t[3];
-      }
-#pragma unroll
-      for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < NT; ++ni) {
-          if constexpr (IN_DT == kF32) {
-            mma_tf32(acc[mi][ni], af[mi], bf[ni]);
-          } else {
-            mma_16<IN_DT>(acc[mi][ni], af[mi], bf[ni]);
-          }
-        }
-    }
+    for (int mi = 0; mi < MT; ++mi) a_addr[mi] = a_frag0 + stage * Cfg::kAStage + mi * 16 * kPitch;
+    mma_kstep<Cfg>(acc, a_addr, b_frag0 + stage * Cfg::kBStage);
   };
 
   // ---- main loop: STAGES - 1 steps in flight while one is multiplied ----
@@ -360,8 +415,288 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
 }
 
 // ---------------------------------------------------------------------------------------
+// Box tiles. The tile's BM = BD x BH x BW rows are a box of outputs of one phase (one batch
+// element), not a run of consecutive voxels. For each K chunk the CTA copies the box's input
+// patch once, (BD + (nTd - 1) doff_d) x (BH + ...) x (BW + ...) voxels of xp, and every tap of
+// the phase then reads its A fragments from that patch: ldmatrix takes one row address per lane,
+// so the rows of tap (jd, jh, jw) are the patch rows shifted by a uniform offset. The A operand
+// is read from L2 once per chunk instead of once per tap (stride 1, k = 3: 360 patch rows for a
+// 4 x 4 x 8 box against 27 x 128 rows), the B tile of each tap still streams through a STAGES-deep
+// cp.async ring. Patch rows past the end of xp (boxes that overhang the phase's extent) are
+// clamped to the last voxel; they only feed rows that are not stored.
+template <int IN_DT, int BD, int BH, int BW, int BN, int BKB, int WARPS_M, int WARPS_N,
+          int STAGES>
+struct IgBox : IgTile<IN_DT, BD * BH * BW, BN, BKB, WARPS_M, WARPS_N, STAGES> {
+  using Base = IgTile<IN_DT, BD * BH * BW, BN, BKB, WARPS_M, WARPS_N, STAGES>;
+  static_assert(BW % 8 == 0, "8 consecutive rows of an ldmatrix matrix must be patch neighbours");
+  // shared memory: [patch rows | B ring] union [epilogue registers], row info, patch offsets
+  static __host__ __device__ int main_bytes(int p_rows) {
+    return p_rows * Base::kPitch + STAGES * Base::kBStage;
+  }
+  static __host__ __device__ int union_bytes(int n_regs, int p_rows) {
+    const int regs = n_regs * Base::kTileBytes;
+    return main_bytes(p_rows) > regs ? main_bytes(p_rows) : regs;
+  }
+  static __host__ __device__ int smem_bytes(int n_regs, int p_rows) {
+    return union_bytes(n_regs, p_rows) + Base::kInfoBytes + p_rows * static_cast<int>(sizeof(int));
+  }
+};
+
+// Patch extent of one dimension for a phase: the box plus the span of the phase's taps.
+__host__ __device__ __forceinline__ int patch_extent(const PhaseDim& d, int box) {
+  return d.nT > 0 ? box + (d.nT - 1) * d.doff : 0;
+}
+
+template <int IN_DT, int BD, int BH, int BW, int BN, int BKB, int WARPS_M, int WARPS_N,
+          int STAGES, int MIN_CTAS>
+__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
+    conv_transpose3d_igemm_box_kernel(const __grid_constant__ ConvParams p,
+                                      const __grid_constant__ IgemmGeom g, int p_max) {
+  using Cfg = IgBox<IN_DT, BD, BH, BW, BN, BKB, WARPS_M, WARPS_N, STAGES>;
+  constexpr int BM = BD * BH * BW;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr int MT = Cfg::MT, NT = Cfg::NT, kPitch = Cfg::kPitch;
+  const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
+
+  // ---- phase and box: grid x = boxes x phases, phase fastest; boxes tile the largest phase ----
+  const int n_phase = sd * sh * sw;
+  const int z = static_cast<int>(blockIdx.x % static_cast<unsigned>(n_phase));
+  TileOrigin to;
+  to.rw = z % sw;
+  to.rh = (z / sw) % sh;
+  to.rd = z / (sw * sh);
+  to.Td = to.rd < p.Do ? (p.Do - to.rd + sd - 1) / sd : 0;
+  to.Th = to.rh < p.Ho ? (p.Ho - to.rh + sh - 1) / sh : 0;
+  to.Tw = to.rw < p.Wo ? (p.Wo - to.rw + sw - 1) / sw : 0;
+  to.M = 0;
+  to.m0 = 0;
+  const int nbh = ((p.Ho + sh - 1) / sh + BH - 1) / BH;
+  const int nbw = ((p.Wo + sw - 1) / sw + BW - 1) / BW;
+  const int nbd = ((p.Do + sd - 1) / sd + BD - 1) / BD;
+  int box = static_cast<int>(blockIdx.x / static_cast<unsigned>(n_phase));
+  const int tw0 = (box % nbw) * BW;
+  box /= nbw;
+  const int th0 = (box % nbh) * BH;
+  box /= nbh;
+  const int td0 = (box % nbd) * BD;
+  const int n = box / nbd;
+  if (td0 >= to.Td || th0 >= to.Th || tw0 >= to.Tw) return;  // uniform, before any barrier
+  const int co0 = blockIdx.y * BN;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* sP = smem_raw;
+  unsigned char* sB = smem_raw + p_max * kPitch;
+  float* sR = reinterpret_cast<float*>(smem_raw);  // epilogue registers, alias sP/sB
+  int64_t* s_yoff =
+      reinterpret_cast<int64_t*>(smem_raw + Cfg::union_bytes(p.epi.n_regs, p_max));
+  int* s_n = reinterpret_cast<int*>(s_yoff + BM);
+  int* s_td = s_n + BM;
+  int* s_th = s_td + BM;
+  int* s_tw = s_th + BM;
+  int* s_prow = s_tw + 2 * BM;  // (kInfoBytes reserves a sixth int per row)
+
+  const int tid = threadIdx.x;
+  for (int r = tid; r < BM; r += kThreads) {
+    const int td = td0 + r / (BH * BW), th = th0 + (r / BW) % BH, tw = tw0 + r % BW;
+    const bool ok = td < to.Td && th < to.Th && tw < to.Tw;
+    s_n[r] = ok ? n : -1;
+    s_td[r] = td;
+    s_th[r] = th;
+    s_tw[r] = tw;
+    s_yoff[r] = ok ? static_cast<int64_t>(n) * p.ys[0] +
+                         static_cast<int64_t>(to.rd + sd * td) * p.ys[2] +
+                         static_cast<int64_t>(to.rh + sh * th) * p.ys[3] +
+                         static_cast<int64_t>(to.rw + sw * tw) * p.ys[4]
+                   : 0;
+  }
+  const PhaseDim pdd = tab_phase(g, 0, to.rd), pdh = tab_phase(g, 1, to.rh),
+                 pdw = tab_phase(g, 2, to.rw);
+  const int taps = pdd.nT * pdh.nT * pdw.nT;
+  const int ED = patch_extent(pdd, BD), EH = patch_extent(pdh, BH), EW = patch_extent(pdw, BW);
+  const int p_rows = ED * EH * EW;  // <= p_max (the host sized shared memory for every phase)
+  if (taps > 0) {
+    // xp voxel of patch row (0, 0, 0): the box origin at the phase's last tap
+    const int xd0 = td0 + pdd.off0 - (pdd.nT - 1) * pdd.doff + g.lo[0];
+    const int xh0 = th0 + pdh.off0 - (pdh.nT - 1) * pdh.doff + g.lo[1];
+    const int xw0 = tw0 + pdw.off0 - (pdw.nT - 1) * pdw.doff + g.lo[2];
+    for (int r = tid; r < p_rows; r += kThreads) {
+      const int pw = r % EW, ph = (r / EW) % EH, pd = r / (EW * EH);
+      const int xd = min(xd0 + pd, g.Dp - 1), xh = min(xh0 + ph, g.Hp - 1),
+                xw = min(xw0 + pw, g.Wp - 1);
+      s_prow[r] = (((n * g.Dp + xd) * g.Hp + xh) * g.Wp + xw) * g.Cp * Cfg::kElem;
+    }
+  }
+  __syncthreads();
+
+  const uint32_t sP0 = smem_u32(sP), sB0 = smem_u32(sB);
+  const char* __restrict__ Xp = static_cast<const char*>(g.xp);
+  const char* __restrict__ Wp = static_cast<const char*>(g.wp);
+  const WeightLoader<Cfg> bl(g, co0, tid);
+  const int n_chunks = g.Cp / Cfg::BK;
+  const int tap_bytes = g.CoutP * g.Cp * Cfg::kElem;
+
+  const int lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+
+  // ldmatrix lane addresses (fragment layout as in conv_transpose3d_igemm_kernel): the lane's
+  // row m of fragment mi, as patch row (a, b, c) at tap offset 0 (the phase's last tap)
+  const int q = lane >> 3, r8 = lane & 7;
+  uint32_t a_row[MT];
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) {
+    const int m = warp_m * Cfg::WTM + mi * 16 + r8 + (q & 1) * 8;
+    const int prow = ((m / (BH * BW)) * EH + (m / BW) % BH) * EW + m % BW;
+    a_row[mi] = sP0 + prow * kPitch + (q >> 1) * 16;
+  }
+  const uint32_t b_frag0 =
+      sB0 + (warp_n * Cfg::WTN + r8 + (q >> 1) * 8) * kPitch + (q & 1) * 16;
+
+  // ---- main loop: per chunk, the patch, then the taps with the B ring STAGES - 1 ahead ----
+  if (taps > 0) {
+    for (int ch = 0; ch < n_chunks; ++ch) {
+      if (ch > 0) __syncthreads();  // the previous chunk's patch and B stages are free
+      for (int i = tid; i < p_rows * Cfg::CH; i += kThreads) {
+        const int r = i / Cfg::CH, piece = i % Cfg::CH;
+        cp_async_16(sP0 + r * kPitch + piece * 16, Xp + (s_prow[r] + ch * BKB + piece * 16));
+      }
+      KIter kl{0, 0, 0, 0};  // the tap of the next B load (chunk field unused: ch)
+      const int ch_bytes = ch * BKB;
+      int loaded = 0;
+#pragma unroll
+      for (int s = 0; s < STAGES - 1; ++s) {
+        if (loaded < taps) {
+          bl.load(sB0 + s * Cfg::kBStage,
+                  Wp + (tap_step(p, pdd, pdh, pdw, kl, tap_bytes, BKB) + ch_bytes));
+          kl.next(1, pdw.nT, pdh.nT);
+          ++loaded;
+        }
+        cp_async_commit();  // the first group carries the patch too
+      }
+      KIter kc{0, 0, 0, 0};  // the tap being multiplied
+      for (int it = 0; it < taps; ++it) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // tap it's B (and the patch) in shared memory; tap it - 1's stage free
+        if (loaded < taps) {
+          bl.load(sB0 + (loaded % STAGES) * Cfg::kBStage,
+                  Wp + (tap_step(p, pdd, pdh, pdw, kl, tap_bytes, BKB) + ch_bytes));
+          kl.next(1, pdw.nT, pdh.nT);
+          ++loaded;
+        }
+        cp_async_commit();
+        const int toff = (((pdd.nT - 1 - kc.jd) * pdd.doff * EH + (pdh.nT - 1 - kc.jh) * pdh.doff) *
+                              EW +
+                          (pdw.nT - 1 - kc.jw) * pdw.doff) *
+                         kPitch;
+        uint32_t a_addr[MT];
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) a_addr[mi] = a_row[mi] + toff;
+        mma_kstep<Cfg>(acc, a_addr, b_frag0 + (it % STAGES) * Cfg::kBStage);
+        kc.next(1, pdw.nT, pdh.nT);
+      }
+      cp_async_wait<0>();
+    }
+  }
+  __syncthreads();  // the epilogue tiles alias the pipeline buffers
+
+  gemm_epilogue<IN_DT, BM, BN, Cfg::LDC, Cfg::WTM, Cfg::WTN, MT, NT, kThreads>(
+      p, acc, sR, to, s_n, s_td, s_th, s_tw, s_yoff, 0, co0, warp_m, warp_n, tid);
+}
+
+// ---------------------------------------------------------------------------------------
 // Host side. `g` holds the geometry (igemm_geometry with ck = BKB / element size and bn = BN)
 // and the pointers of xp (scratch of N*Dp*Hp*Wp*Cp elements the caller allocated) and wp.
+
+// x -> xp (pack_input_kernel); nothing to do for an empty input.
+template <typename T, bool ROUND_TF32>
+cudaError_t pack_input(const ConvParams& p, const IgemmGeom& g, cudaStream_t stream) {
+  const int64_t vox = static_cast<int64_t>(p.N) * g.Dp * g.Hp * g.Wp;
+  if (vox == 0) return cudaSuccess;
+  const int64_t pb = (vox + kPackVox - 1) / kPackVox;
+  const int pc = g.Cp / (g.Cp % 32 == 0 ? 32 : 16);
+  if (pb > INT_MAX || pc > 65535) return cudaErrorInvalidConfiguration;
+  pack_input_kernel<T, ROUND_TF32>
+      <<<dim3(static_cast<unsigned>(pb), static_cast<unsigned>(pc), 1), 256, 0, stream>>>(p, g);
+  return cudaGetLastError();
+}
+
+// The largest patch (rows) of any phase for a BD x BH x BW box: per dimension the largest
+// extent over that dimension's phases (the extents of the three dimensions are independent).
+inline int box_patch_rows(const ConvParams& p, int bd, int bh, int bw) {
+  const int out[3] = {p.Do, p.Ho, p.Wo}, k[3] = {p.kD, p.kH, p.kW}, b[3] = {bd, bh, bw};
+  int rows = 1;
+  for (int i = 0; i < 3; ++i) {
+    int e = 0;
+    for (int r = 0; r < p.st[i]; ++r) {
+      const int x = patch_extent(phase_dim(r, out[i], p.st[i], p.pad[i], p.dil[i], k[i]), b[i]);
+      e = x > e ? x : e;
+    }
+    rows *= e;
+  }
+  return rows;
+}
+
+// Shared memory a CTA may opt into on the current device.
+inline int max_smem_optin() {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 48 * 1024;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    return 48 * 1024;
+  }
+  return v;
+}
+
+// Box-tile launch (conv_transpose3d_igemm_box_kernel). Sets `fits` to false and launches
+// nothing when the largest phase's patch does not fit in shared memory (long kernels, e.g.
+// k = 7 in every dimension with 128-byte K steps): the caller then runs the row-tile kernel of
+// the same K step and BN.
+template <int IN_DT, int BD, int BH, int BW, int BN, int BKB, int WARPS_M, int WARPS_N,
+          int STAGES, int MIN_CTAS = (WARPS_M * WARPS_N == 4 ? 2 : 1)>
+cudaError_t launch_igemm_box(const ConvParams& p, const IgemmGeom& g, cudaStream_t stream,
+                             bool& fits) {
+  using Cfg = IgBox<IN_DT, BD, BH, BW, BN, BKB, WARPS_M, WARPS_N, STAGES>;
+  using T = typename Cfg::GType;
+  fits = true;
+  if (p.epi.n_regs < 1 || p.epi.n_regs > kMaxRegs) return cudaErrorInvalidValue;
+  if (p.groups != 1 || g.Cp % Cfg::BK != 0 || g.CoutP % BN != 0) return cudaErrorInvalidValue;
+  if (p.st[0] > kMaxStride || p.st[1] > kMaxStride || p.st[2] > kMaxStride) {
+    return cudaErrorInvalidValue;  // the phase table (igemm_geometry) holds kMaxStride phases
+  }
+  auto kernel = conv_transpose3d_igemm_box_kernel<IN_DT, BD, BH, BW, BN, BKB, WARPS_M, WARPS_N,
+                                                  STAGES, MIN_CTAS>;
+  const int p_max = box_patch_rows(p, BD, BH, BW);
+  const int smem = Cfg::smem_bytes(p.epi.n_regs, p_max);
+  cudaFuncAttributes attr;
+  cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+  if (e != cudaSuccess) return e;
+  if (smem + static_cast<int>(attr.sharedSizeBytes) > max_smem_optin()) {
+    fits = false;
+    return cudaSuccess;
+  }
+  if (static_cast<int64_t>(p.N) * g.Dp * g.Hp * g.Wp == 0) return cudaSuccess;
+  e = pack_input<T, IN_DT == kF32>(p, g, stream);
+  if (e != cudaSuccess) return e;
+  const int64_t nbd = ((p.Do + p.st[0] - 1) / p.st[0] + BD - 1) / BD;
+  const int64_t nbh = ((p.Ho + p.st[1] - 1) / p.st[1] + BH - 1) / BH;
+  const int64_t nbw = ((p.Wo + p.st[2] - 1) / p.st[2] + BW - 1) / BW;
+  const int64_t n_phase = static_cast<int64_t>(p.st[0]) * p.st[1] * p.st[2];
+  const int64_t gx = static_cast<int64_t>(p.N) * nbd * nbh * nbw * n_phase;
+  const int64_t gy = g.CoutP / BN;
+  if (gx == 0 || gy == 0) return cudaSuccess;
+  if (gx > INT_MAX || gy > 65535) return cudaErrorInvalidConfiguration;
+  e = opt_in_smem(kernel, smem);
+  if (e != cudaSuccess) return e;
+  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1), Cfg::kThreads, smem,
+           stream>>>(p, g, p_max);
+  return cudaGetLastError();
+}
+
 template <int IN_DT, int BM, int BN, int BKB, int WARPS_M, int WARPS_N, int STAGES,
           int MIN_CTAS = (WARPS_M * WARPS_N == 4 ? 2 : 1)>
 cudaError_t launch_igemm_tile(const ConvParams& p, const IgemmGeom& g, cudaStream_t stream) {
@@ -369,15 +704,11 @@ cudaError_t launch_igemm_tile(const ConvParams& p, const IgemmGeom& g, cudaStrea
   using T = typename Cfg::GType;
   if (p.epi.n_regs < 1 || p.epi.n_regs > kMaxRegs) return cudaErrorInvalidValue;
   if (p.groups != 1 || g.Cp % Cfg::BK != 0 || g.CoutP % BN != 0) return cudaErrorInvalidValue;
-  // pack the input
-  const int64_t vox = static_cast<int64_t>(p.N) * g.Dp * g.Hp * g.Wp;
-  if (vox == 0) return cudaSuccess;
-  const int64_t pb = (vox + kPackVox - 1) / kPackVox;
-  const int pc = g.Cp / (g.Cp % 32 == 0 ? 32 : 16);
-  if (pb > INT_MAX || pc > 65535) return cudaErrorInvalidConfiguration;
-  pack_input_kernel<T, IN_DT == kF32>
-      <<<dim3(static_cast<unsigned>(pb), static_cast<unsigned>(pc), 1), 256, 0, stream>>>(p, g);
-  cudaError_t e = cudaGetLastError();
+  if (p.st[0] > kMaxStride || p.st[1] > kMaxStride || p.st[2] > kMaxStride) {
+    return cudaErrorInvalidValue;  // the phase table (igemm_geometry) holds kMaxStride phases
+  }
+  if (static_cast<int64_t>(p.N) * g.Dp * g.Hp * g.Wp == 0) return cudaSuccess;
+  cudaError_t e = pack_input<T, IN_DT == kF32>(p, g, stream);
   if (e != cudaSuccess) return e;
   // the GEMM
   const int64_t td = (p.Do + p.st[0] - 1) / p.st[0];
@@ -392,10 +723,8 @@ cudaError_t launch_igemm_tile(const ConvParams& p, const IgemmGeom& g, cudaStrea
   auto kernel =
       conv_transpose3d_igemm_kernel<IN_DT, BM, BN, BKB, WARPS_M, WARPS_N, STAGES, MIN_CTAS>;
   const int smem = Cfg::smem_bytes(p.epi.n_regs);
-  if (smem > 48 * 1024) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-  }
+  e = opt_in_smem(kernel, smem);
+  if (e != cudaSuccess) return e;
   kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1), Cfg::kThreads, smem,
            stream>>>(p, g);
   return cudaGetLastError();
@@ -410,9 +739,36 @@ cudaError_t launch_igemm_tile(const ConvParams& p, const IgemmGeom& g, cudaStrea
 //   8    64-byte K steps, 3 stages, 8 warps: 128 x 128 (2 x 4)
 //   9    as 3, registers capped for 3 CTAs per multiprocessor
 //   10   as 0, 2 stages, registers capped for 3 CTAs per multiprocessor
+//   11-17 box tiles (conv_transpose3d_igemm_box_kernel), BD x BH x BW = 4 x 4 x 8 unless said;
+//        each falls back to the row-tile configuration of the same K step and BN (in
+//        parentheses) when its patch does not fit in shared memory:
+//   11   128-byte K steps, 3 stages, BN 64, 2 x 2 warps (0)
+//   12   64-byte K steps, 4 stages, BN 32, 4 x 1 warps (4)
+//   13   64-byte K steps, 4 stages, BN 64, 2 x 2 warps (3)
+//   14   as 11 with a 2 x 4 x 16 box (0)
+//   15   64-byte K steps, 4 stages, BN 16, 4 x 1 warps (5)
+//   16   64-byte K steps, 3 stages, BN 128, 2 x 4 warps (8)
+//   17   128-byte K steps, 3 stages, BN 32, 4 x 1 warps (1)
 template <int IN_DT>
 cudaError_t launch_igemm(const ConvParams& p, const IgemmGeom& g, int config,
                          cudaStream_t stream) {
+  bool fits = true;
+  cudaError_t e = cudaSuccess;
+  switch (config) {
+    case 11: e = launch_igemm_box<IN_DT, 4, 4, 8, 64, 128, 2, 2, 3>(p, g, stream, fits); break;
+    case 12: e = launch_igemm_box<IN_DT, 4, 4, 8, 32, 64, 4, 1, 4>(p, g, stream, fits); break;
+    case 13: e = launch_igemm_box<IN_DT, 4, 4, 8, 64, 64, 2, 2, 4>(p, g, stream, fits); break;
+    case 14: e = launch_igemm_box<IN_DT, 2, 4, 16, 64, 128, 2, 2, 3>(p, g, stream, fits); break;
+    case 15: e = launch_igemm_box<IN_DT, 4, 4, 8, 16, 64, 4, 1, 4>(p, g, stream, fits); break;
+    case 16: e = launch_igemm_box<IN_DT, 4, 4, 8, 128, 64, 2, 4, 3>(p, g, stream, fits); break;
+    case 17: e = launch_igemm_box<IN_DT, 4, 4, 8, 32, 128, 4, 1, 3>(p, g, stream, fits); break;
+    default: break;
+  }
+  if (config >= 11 && config <= 17) {
+    if (fits) return e;
+    constexpr int kFallback[7] = {0, 4, 3, 0, 5, 8, 1};
+    config = kFallback[config - 11];
+  }
   switch (config) {
     case 0: return launch_igemm_tile<IN_DT, 128, 64, 128, 2, 2, 3>(p, g, stream);
     case 1: return launch_igemm_tile<IN_DT, 128, 32, 128, 4, 1, 3>(p, g, stream);

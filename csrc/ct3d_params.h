@@ -129,14 +129,26 @@ struct ConvParams {
   Epilogue epi;
 };
 
+// The channels-last implicit GEMM tabulates the stride phases of each dimension (strides up to
+// kMaxStride; _cuda.py sends larger strides to the other kernels).
+constexpr int kMaxStride = 8;
+
+// One stride phase of one dimension (the fields of ct3d_conv.cuh PhaseDim) and the magic
+// numbers of a division by its output extent T (ct3d_conv.cuh FastDiv, T >= 1).
+struct PhaseEntry {
+  int32_t T, k0, nT, kstep, off0, doff;
+  uint32_t div_m, div_l;
+};
+
 // Geometry of the packed operands of the channels-last implicit GEMM (ct3d_igemm.cuh):
-// igemm_plan fills the extents, the caller the pointers.
+// igemm_plan fills the extents and the phase table, the caller the pointers.
 struct IgemmGeom {
   const void* xp;  // (N, Dp, Hp, Wp, Cp), C fastest: the input with a zero halo
   const void* wp;  // (kD, kH, kW, CoutP, Cp), C_in fastest: the packed weight
   int32_t Dp, Hp, Wp, Cp;
   int32_t lo[3];  // zero halo in front of the input along d, h, w
   int32_t CoutP;
+  PhaseEntry ph[3][kMaxStride];  // [dimension d, h, w][phase residue]
 };
 
 }  // namespace ct3d

@@ -63,13 +63,20 @@ ALGO = os.environ.get("CT3D_FX_ALGO", "auto")
 _ALGO_CODE = {"auto": 0, "gemm": 1, "direct": 2, "igemm": 0}
 
 #: Tile configurations of the channels-last implicit GEMM, by id: (bytes per K step, BM, BN,
-#: warps). Mirrors csrc/ct3d_igemm.cuh ``launch_igemm``.
+#: warps). Mirrors csrc/ct3d_igemm.cuh ``launch_igemm``: 0-10 tile BM consecutive voxels of a
+#: phase; 11-17 (``IGEMM_BOX_CONFIGS``) tile a box of BM = 128 voxels and read its input patch
+#: once per K chunk for all taps (falling back to a row tile of the same K step and BN when the
+#: patch does not fit in shared memory).
 IGEMM_CONFIGS = {
     0: (128, 128, 64, 4), 1: (128, 128, 32, 4), 2: (128, 128, 16, 4),
     3: (64, 128, 64, 4), 4: (64, 128, 32, 4), 5: (64, 128, 16, 4),
     6: (128, 128, 128, 8), 7: (64, 256, 64, 8), 8: (64, 128, 128, 8),
     9: (64, 128, 64, 4), 10: (128, 128, 64, 4),
+    11: (128, 128, 64, 4), 12: (64, 128, 32, 4), 13: (64, 128, 64, 4), 14: (128, 128, 64, 4),
+    15: (64, 128, 16, 4), 16: (64, 128, 128, 8), 17: (128, 128, 32, 4),
 }
+IGEMM_BOX_CONFIGS = tuple(range(11, 18))
+_IGEMM_MAX_STRIDE = 8  # csrc/ct3d_params.h kMaxStride: the kernel tabulates the stride phases
 
 #: Configuration override for the channels-last implicit GEMM (an ``IGEMM_CONFIGS`` id); None
 #: picks by shape (``_igemm_config``). Read when a call signature is first planned. For timing
@@ -215,9 +222,8 @@ def _make_plan(input, weight, bias, stride, padding, output_padding, dilation, g
     plan.patches = [(i, field, idx) for i, r in enumerate(rows) for field, idx in r.patches]
     plan.regs = [n_regs, out_reg]
     plan.conv = [*st, *pa, *di, int(groups)]
-    streams = bool(plan.slot_strides[:, [0, 2, 3, 4]].any())  # a slot beyond per-channel
     plan.igemm_ok, plan.igemm_auto, plan.igemm_tiles = _igemm_rule(input, weight, conv_shape,
-                                                                   st, pa, di, groups, streams)
+                                                                   st, pa, di, groups)
     return plan
 
 
@@ -240,31 +246,44 @@ def _phase_halo(n_in: int, n_out: int, s: int, pad: int, dil: int, k: int) -> Tu
     return -lo_idx, hi_idx - (n_in - 1)
 
 
-def _igemm_config(cin: int, cout: int, elem: int, macs: float, streams: bool) -> int:
+def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool,
+                  taps: int) -> int:
     """The channels-last implicit GEMM's tile configuration (an ``IGEMM_CONFIGS`` id) by shape,
-    from the H200 sweep in docs/kernel.md (v9): 128 x 32 tiles with 64-byte K steps up to 32
-    output channels; 128 x 64 tiles above: 128-byte K steps when C_in fills them (3 stages
-    where the K of a phase is long, macs >= 400 multiply-adds per output; else 2 stages and 3
-    CTAs per multiprocessor), else 64-byte steps. An epilogue that streams a full-size tensor
-    (``streams``: l2_26's 1 GB side input) keeps the 128 x 32 tile, whose 108 registers leave
-    room for more warps to keep its loads in flight."""
-    if cout <= 32 or (streams and cout <= 64):
+    from the H200 sweeps in docs/kernel.md (v9 row tiles, v10 box tiles).
+
+    Stride 1 in every dimension (every tap in one phase, 27 to 125 taps): box tiles, whose input
+    patch is read once per K chunk for all taps: BN 16 up to 16 output channels, BN 32 up to 32,
+    else BN 64 with 128-byte K steps when C_in fills them and the kernel has at most 27 taps
+    (l2_61), else 64-byte steps (larger patches keep 2-3 CTAs per multiprocessor: l2_77, l1_68).
+    Strided: row tiles, 128 x 32 with 64-byte K steps up to 32 output channels; above, 128-byte
+    K steps when C_in fills them (3 stages where a phase's K is long, ``macs`` >= 400
+    multiply-adds per output, as a 2 x 4 x 16 box: l2_78; else 2 stages and 3 CTAs per
+    multiprocessor), else 64-byte steps."""
+    fills_128 = (cin * elem) % 128 == 0
+    if stride1:
+        if cout <= 16:
+            return 15
+        if cout <= 32:
+            return 12
+        return 11 if fills_128 and taps <= 27 else 13
+    if cout <= 32:
         return 4
-    if (cin * elem) % 128 == 0:
-        return 0 if macs >= 400 else 10
+    if fills_128:
+        return 14 if macs >= 400 else 10
     return 3
 
 
-def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False):
+def _igemm_rule(input, weight, conv_shape, st, pa, di, groups):
     """(applies, picked by "auto", tiles) for the channels-last implicit GEMM."""
-    if groups != 1:
+    if groups != 1 or max(st) > _IGEMM_MAX_STRIDE:
         return False, False, None
     cin, cout = weight.size(0), weight.size(1)
     ks = weight.shape[2:]
     elem = input.element_size()
     macs = cin * math.prod(ks) / (st[0] * st[1] * st[2])
-    config = (_igemm_config(cin, cout, elem, macs, streams) if IGEMM_CONFIG is None
-              else IGEMM_CONFIG)
+    stride1 = all(v == 1 for v in st)
+    config = (_igemm_config(cin, cout, elem, macs, stride1, math.prod(ks))
+              if IGEMM_CONFIG is None else IGEMM_CONFIG)
     kbytes, _, bn, _ = IGEMM_CONFIGS[config]
     ck = kbytes // elem
     cp = -(-cin // ck) * ck
@@ -279,10 +298,11 @@ def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False):
     if not fits:
         return False, False, None
     # "auto" leaves to launch_conv: the direct kernel's shapes (csrc/ct3d_conv.cuh direct_pays:
-    # few multiply-adds per output) and C_out < 32, where the strided-input GEMM's 256 x 16 and
-    # 128 x 32 tiles measured faster (l1_58, l1_70).
+    # few multiply-adds per output) and strided shapes with C_out < 32, where the strided-input
+    # GEMM's 256 x 16 and 128 x 32 tiles measured faster; stride-1 shapes with C_out < 32 take
+    # the box tiles (l1_58 1.95 -> 1.03 ms, l1_70 11.1 -> 7.1 ms).
     direct = macs <= 32 or (input.dtype == torch.float32 and cin <= 8 and macs <= 128)
-    return True, not direct and cout >= 32, (ck, bn, config)
+    return True, not direct and (cout >= 32 or stride1), (ck, bn, config)
 
 
 class _NotCovered(Exception):

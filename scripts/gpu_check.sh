@@ -9,11 +9,16 @@
 #   test      pytest tests/test_cuda_kernel.py tests/test_build.py (GPU and CPU tests);
 #             the sweep's per-configuration errors go to LOGDIR/sweep.json (CT3D_TEST_REPORT=
 #             to skip that file: at most 8 files come back from the device)
-#   sanitize  compute-sanitizer memcheck over the edge-tile tests
+#   igemm     pytest -k igemm over tests/test_cuda_kernel.py (the channels-last GEMM's tile
+#             configurations, row and box tiles), stopping at the first failure
+#   sanitize  compute-sanitizer memcheck over the edge-tile and box-patch tests
 #   example   python examples/quickstart.py, when it exists
 #   time      fused op vs eager (ConvTranspose3d + epilogue) on suite problems, TF32 / exact
 #             FP32 / BF16 (set CT3D_TIME_MODES="tf32" to shorten); LOGDIR/time.json
 #   profile   ncu (Nsight Compute) on one launch each of two suite shapes
+#   sweep     scripts/time_kernels.py on the suite for the kernel choices in CT3D_SWEEP_ALGOS
+#             (default: auto and every IGEMM_CONFIGS id), CT3D_SWEEP_ONLY (a --only regex),
+#             CT3D_SWEEP_DTYPE (--dtype, default fp32); LOGDIR/sweep_time[_DTYPE].json
 #   bench     python -m ct3d_fx.bench (suite, no torch.compile), when ct3d_fx/bench.py exists;
 #             LOGDIR/bench.json (CT3D_BENCH_BUDGET_S, default 240: the runner's --budget-s)
 # Exit status: 0 when every step passed. The last lines printed are a summary.
@@ -71,7 +76,19 @@ step_test() {
 step_sanitize() {
   compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
     --report-api-errors no \
-    "$PY" -m pytest -p no:cacheprovider -q tests/test_cuda_kernel.py -k edge_tiles
+    "$PY" -m pytest -p no:cacheprovider -q tests/test_cuda_kernel.py \
+    -k "edge_tiles or box_large_patch"
+}
+
+step_igemm() {
+  "$PY" -m pytest -p no:cacheprovider -q -x -rfE tests/test_cuda_kernel.py -k igemm
+}
+
+step_sweep() {
+  local algos=${CT3D_SWEEP_ALGOS:-auto,$(seq -s, -f 'igemm:%g' 0 17)}
+  local dt=${CT3D_SWEEP_DTYPE:-fp32}
+  "$PY" scripts/time_kernels.py --algos "$algos" ${CT3D_SWEEP_ONLY:+--only "$CT3D_SWEEP_ONLY"} \
+    --dtype "$dt" --json "$LOG/sweep_time_$dt.json"
 }
 
 step_time() {
@@ -218,13 +235,15 @@ step_bench() {
 
 export LOG PY
 export -f step_install step_build step_test step_sanitize step_example step_time step_profile \
-  step_bench
+  step_bench step_igemm step_sweep
 for s in $STEPS; do
   case $s in
     install) run_step install 300 ;;
     build) run_step build 400 ;;
     test) run_step test 420 ;;
     sanitize) run_step sanitize 300 ;;
+    igemm) run_step igemm 400 ;;
+    sweep) run_step sweep 500 ;;
     example) run_step example 120 ;;
     time) run_step time 420 ;;
     profile) run_step profile 240 ;;

@@ -4,8 +4,9 @@
         python scripts/profile_shapes.py [ID:ALGO ...]
 
 ID is a suite problem (benchmarks/suite.json; the convolution alone, float32, TF32 as PyTorch
-defaults), ALGO one of auto, gemm, direct (``ct3d_fx._cuda.ALGO``). Default: l2_58 and l2_20
-with both kernels. Prints the kernel that ran for each launch.
+defaults), ALGO one of auto, gemm, direct, igemm (``ct3d_fx._cuda.ALGO``), optionally followed by
+``:N``, an ``IGEMM_CONFIGS`` id for igemm. Default: l2_58 and l2_20 with both kernels. Prints the
+kernel that ran for each launch.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def main(specs) -> None:
     problems = {p["id"]: p for p in bench.load_suite()["problems"]}
     _cuda.AUTOTUNE = False
     for spec in specs:
-        pid, algo = spec.split(":")
+        pid, algo, *cfg = spec.split(":")
         ct = problems[pid]["ct"]
         xs = problems[pid]["x"]
         k = ct["k"] if isinstance(ct["k"], list) else [ct["k"]] * 3
@@ -38,6 +39,8 @@ def main(specs) -> None:
         trip = [(v if isinstance(v, list) else [v] * 3)
                 for v in (ct["stride"], ct["padding"], ct["output_padding"], ct["dilation"])]
         _cuda.ALGO = algo
+        _cuda.IGEMM_CONFIG = int(cfg[0]) if cfg else None
+        _cuda._plans.clear()
         OP(x, w, b, *trip, g, [], [], [])
         torch.cuda.synchronize()
         print(f"{pid}:{algo} ran {_cuda.LAST_KERNEL}", flush=True)

@@ -678,6 +678,42 @@ def test_igemm_configs(seed, ext, poison, monkeypatch):
         assert _cuda.LAST_KERNEL != "igemm", f"{case}: ran the igemm"
 
 
+# The box-tile configurations (patch read once per K chunk for every tap) on every sweep seed,
+# one configuration per seed in turn: edge boxes that overhang a phase, several K chunks,
+# dilation and stride phases without taps; checked like the sweep.
+@cuda_test
+@pytest.mark.parametrize("seed", range(SWEEP))
+def test_igemm_box_configs(seed, ext, poison, monkeypatch):
+    case = make_case(seed)
+    config = _cuda.IGEMM_BOX_CONFIGS[seed % len(_cuda.IGEMM_BOX_CONFIGS)]
+    monkeypatch.setattr(_cuda, "ALGO", "igemm")
+    monkeypatch.setattr(_cuda, "IGEMM_CONFIG", config)
+    monkeypatch.setattr(_cuda, "_plans", {})
+    _check_case(case, build_args(case, "cuda"), record=False)
+    if case.groups == 1 and case.precision != "fp32":
+        assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
+
+
+# Boxes larger than the output (one partial box per phase) and kernels whose patch exceeds
+# shared memory for the 128-byte K step (k = 9: (4 + 8) x (4 + 8) x (8 + 8) rows x 144 bytes,
+# configuration 11 falls back to configuration 0), with several K chunks (C_in = 40).
+@cuda_test
+@pytest.mark.parametrize("config", [11, 13, 16])
+@pytest.mark.parametrize("kernel,stride,spatial", [
+    ([9, 9, 9], [1, 1, 1], [3, 4, 5]),
+    ([3, 5, 7], [1, 1, 1], [6, 7, 19]),
+    ([4, 3, 5], [2, 3, 2], [5, 2, 7]),
+])
+def test_igemm_box_large_patch(config, kernel, stride, spatial, ext, poison, monkeypatch):
+    case = Case(0, "tf32", 2, 40, 24, 1, list(spatial), list(kernel), list(stride), [0, 1, 2],
+                [s - 1 for s in stride], [1, 1, 1], True, "contiguous", "contiguous", 2)
+    monkeypatch.setattr(_cuda, "ALGO", "igemm")
+    monkeypatch.setattr(_cuda, "IGEMM_CONFIG", config)
+    monkeypatch.setattr(_cuda, "_plans", {})
+    _check_case(case, build_args(case, "cuda"), record=False)
+    assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
+
+
 def test_phase_halo_matches_brute_force():
     """_cuda._phase_halo (mirror of csrc/ct3d_igemm.cuh igemm_halo): the zero halo around the
     input equals the extremes of the input indices any output reads, over random geometry."""
@@ -697,14 +733,16 @@ def test_phase_halo_matches_brute_force():
         assert (lo, hi) == (want_lo, want_hi), (n_in, n_out, s, pad, dil, k)
 
 
-# (C_in, C_out, kernel, precision -> kernel launch_conv picks); stride 2, so the FFMAs per
-# output are C_in * kD kH kW / 8: 10 (the C_in = 3 suite shapes), 105 (l1_72: C_in/groups = 8),
-# 54 (l2_15, l2_74: C_in = 16), 216 (C_in = 64).
+# (C_in, C_out, kernel, stride, precision -> kernel launch_conv picks); with stride 2 the FFMAs
+# per output are C_in * kD kH kW / 8: 10 (the C_in = 3 suite shapes), 105 (l1_72: C_in/groups =
+# 8), 54 (l2_15, l2_74: C_in = 16), 216 (C_in = 64). Stride 1 with C_out < 32 (l1_58) takes the
+# channels-last GEMM's box tiles on tensor cores.
 AUTO_CHOICE = [
-    (3, 16, [3, 3, 3], {"tf32": "direct", "fp32": "direct", "bf16": "direct"}),
-    (8, 8, [3, 5, 7], {"tf32": "direct", "fp32": "direct", "bf16": "gemm"}),
-    (16, 32, [3, 3, 3], {"tf32": "igemm", "fp32": "direct", "bf16": "igemm"}),
-    (64, 16, [3, 3, 3], {"tf32": "gemm", "fp32": "gemm", "bf16": "gemm"}),
+    (3, 16, [3, 3, 3], 2, {"tf32": "direct", "fp32": "direct", "bf16": "direct"}),
+    (8, 8, [3, 5, 7], 2, {"tf32": "direct", "fp32": "direct", "bf16": "gemm"}),
+    (16, 32, [3, 3, 3], 2, {"tf32": "igemm", "fp32": "direct", "bf16": "igemm"}),
+    (64, 16, [3, 3, 3], 2, {"tf32": "gemm", "fp32": "gemm", "bf16": "gemm"}),
+    (32, 16, [3, 5, 7], 1, {"tf32": "igemm", "fp32": "gemm", "bf16": "igemm"}),
 ]
 
 
@@ -714,10 +752,10 @@ AUTO_CHOICE = [
 def test_auto_kernel_choice(idx, precision, ext, poison):
     """The automatic choice between the direct kernel, the strided-input GEMM (launch_conv,
     csrc/ct3d_conv.cuh) and the channels-last implicit GEMM (_cuda._igemm_rule)."""
-    cin, cout, k, want = AUTO_CHOICE[idx]
+    cin, cout, k, stride, want = AUTO_CHOICE[idx]
     draw = _Draw(3 + idx, "cuda", DTYPES[precision])
     x, w = draw.normal((2, cin, 4, 6, 8)), draw.normal((cin, cout, *k), 0.1)
-    args = (x, w, None, [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1], 1, [], [], [])
+    args = (x, w, None, [stride] * 3, [1, 1, 1], [stride - 1] * 3, [1, 1, 1], 1, [], [], [])
     with _precision(precision):
         assert _cuda.fallback_reason(*args) is None
         out = OP(*args)
