@@ -233,14 +233,17 @@ int64_t launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at:
 // arguments as launch() (w: the caller's weight, for its shape) plus wpk, the weight packed by
 // _cuda.py as (kD, kH, kW, CoutP, Cp) contiguous (float32 values TF32-rounded), ck = channels
 // per K step (16 or 32 float32, 32 or 64 half), bn = output channels per tile (16, 32, 64,
-// 128), config = the tile configuration (csrc/ct3d_igemm.cuh launch_igemm) with those values.
-// Allocates the padded channels-last input copy (N, Dp, Hp, Wp, Cp) on the current stream.
+// 128), config = the tile configuration (csrc/ct3d_igemm.cuh launch_igemm) with those values,
+// bm = its output voxels per tile, splits = split-K factor (1: none; row tiles only).
+// Allocates the padded channels-last input copy (N, Dp, Hp, Wp, Cp) on the current stream, and
+// for splits > 1 the FP32 partial tiles and the zeroed per-tile counters.
 int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
                      const c10::optional<at::Tensor>& bias, at::Tensor& y,
                      const std::vector<at::Tensor>& slots, const at::Tensor& slot_strides,
                      const at::Tensor& prog_i, const at::Tensor& prog_f,
                      const std::vector<int64_t>& regs, const std::vector<int64_t>& conv,
-                     const at::Tensor& wpk, int64_t ck, int64_t bn, int64_t config) {
+                     const at::Tensor& wpk, int64_t ck, int64_t bn, int64_t config, int64_t bm,
+                     int64_t splits) {
   const ct3d::ConvParams p = prepare(x, w, bias, y, slots, slot_strides, prog_i, prog_f, regs,
                                      conv, ct3d::kModeTensorCore, ct3d::kAlgoAuto);
   const at::Device dev = x.device();
@@ -274,6 +277,25 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
   at::Tensor xp = at::empty({xp_elems}, x.options());
   g.xp = xp.data_ptr();
   g.wp = wpk.data_ptr();
+  TORCH_CHECK(splits >= 1 && splits <= 1024 && bm >= 16 && bm <= 256,
+              "ct3d: split-K factor must be in [1, 1024] and bm in [16, 256], got ", splits,
+              " and ", bm);
+  g.splits = static_cast<int32_t>(splits);
+  at::Tensor ws, counters;
+  if (splits > 1) {
+    int64_t m_max = p.N;
+    for (int i = 0; i < 3; ++i) {
+      const int64_t out = i == 0 ? p.Do : i == 1 ? p.Ho : p.Wo;
+      m_max *= (out + p.st[i] - 1) / p.st[i];
+    }
+    const int64_t tiles =
+        (m_max + bm - 1) / bm * p.st[0] * p.st[1] * p.st[2] * (g.CoutP / bn);
+    g.ws_floats = tiles * splits * bm * bn;
+    ws = at::empty({g.ws_floats}, x.options().dtype(at::kFloat));
+    counters = at::zeros({tiles}, x.options().dtype(at::kInt));
+    g.ws = ws.data_ptr<float>();
+    g.counters = counters.data_ptr<int32_t>();
+  }
   const int cfg = static_cast<int>(config);
   cudaError_t err;
   if (x.scalar_type() == at::kFloat) {
@@ -299,7 +321,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("launch_igemm", &launch_igemm, "Launch the channels-last implicit GEMM (see "
         "csrc/binding.cpp)", py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"),
         py::arg("slots"), py::arg("slot_strides"), py::arg("prog_i"), py::arg("prog_f"),
-        py::arg("regs"), py::arg("conv"), py::arg("wpk"), py::arg("ck"), py::arg("bn"), py::arg("config"));
+        py::arg("regs"), py::arg("conv"), py::arg("wpk"), py::arg("ck"), py::arg("bn"),
+        py::arg("config"), py::arg("bm") = 128, py::arg("splits") = 1);
   m.attr("MAX_INSTR") = ct3d::kMaxInstr;
   m.attr("MAX_SLOTS") = ct3d::kMaxSlots;
   m.attr("MAX_REGS") = ct3d::kMaxRegs;

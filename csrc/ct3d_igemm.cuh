@@ -274,6 +274,42 @@ __device__ __forceinline__ void mma_kstep(float (&acc)[Cfg::MT][Cfg::NT][4],
   }
 }
 
+// Split-K fix-up, after the main loop of split blockIdx.z of a tile: writes this CTA's partial
+// accumulators (PER per thread, thread-fastest so the writes coalesce) to the workspace and
+// counts the arrival; returns false for every split but the last to arrive, which sums all
+// partials in split order (its own from registers) into acc and returns true. Uniform per CTA.
+template <int THREADS, int PER>
+__device__ __forceinline__ bool splitk_reduce(const IgemmGeom& g, float* acc, int tid) {
+  const int64_t tile = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+  const int z = blockIdx.z;
+  float* base = g.ws + tile * g.splits * (static_cast<int64_t>(PER) * THREADS);
+  float* mine = base + static_cast<int64_t>(z) * PER * THREADS;
+#pragma unroll
+  for (int i = 0; i < PER; ++i) __stcg(mine + i * THREADS + tid, acc[i]);
+  __threadfence();  // the partial is visible device-wide before the arrival is counted
+  __shared__ int s_last;
+  __syncthreads();
+  if (tid == 0) {
+    const int before = atomicAdd(g.counters + tile, 1);
+    s_last = before == g.splits - 1;
+    if (s_last) g.counters[tile] = 0;  // every split has arrived: reset for the next launch
+  }
+  __syncthreads();
+  if (!s_last) return false;
+  __threadfence();  // acquire: the other splits' partials
+  float sum[PER];
+#pragma unroll
+  for (int i = 0; i < PER; ++i) sum[i] = 0.0f;
+  for (int zz = 0; zz < g.splits; ++zz) {
+    const float* part = base + static_cast<int64_t>(zz) * PER * THREADS;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) sum[i] += zz == z ? acc[i] : __ldcg(part + i * THREADS + tid);
+  }
+#pragma unroll
+  for (int i = 0; i < PER; ++i) acc[i] = sum[i];
+  return true;
+}
+
 template <int IN_DT, int BM, int BN, int BKB, int WARPS_M, int WARPS_N, int STAGES,
           int MIN_CTAS>
 __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
@@ -337,7 +373,12 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   const char* __restrict__ Wp = static_cast<const char*>(g.wp);
 
   const int n_chunks = g.Cp / Cfg::BK;
-  const int total = pdd.nT * pdh.nT * pdw.nT * n_chunks;
+  const int all_steps = pdd.nT * pdh.nT * pdw.nT * n_chunks;
+  // split-K: this CTA's K steps [s_begin, s_begin + total)
+  const int split = blockIdx.z;
+  const int s_begin = static_cast<int>(static_cast<int64_t>(all_steps) * split / g.splits);
+  const int total =
+      static_cast<int>(static_cast<int64_t>(all_steps) * (split + 1) / g.splits) - s_begin;
   const int tap_bytes = g.CoutP * g.Cp * Cfg::kElem;
 
   auto load_stage = [&](int stage, const KIter& ki) {
@@ -383,7 +424,15 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
 
   // ---- main loop: STAGES - 1 steps in flight while one is multiplied ----
   if (total > 0) {
-    KIter kl{0, 0, 0, 0};
+    KIter kl;  // step s_begin: chunk fastest, then the w, h, d taps
+    {
+      int t = s_begin / n_chunks;
+      kl.chunk = s_begin - t * n_chunks;
+      kl.jw = t % pdw.nT;
+      t /= pdw.nT;
+      kl.jh = t % pdh.nT;
+      kl.jd = t / pdh.nT;
+    }
     int loaded = 0;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -407,6 +456,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
     }
     cp_async_wait<0>();
   }
+  if (g.splits > 1 && !splitk_reduce<kThreads, MT * NT * 4>(g, &acc[0][0][0], tid)) return;
   __syncthreads();  // the epilogue tiles alias the pipeline buffers
 
   // ---- epilogue: fragments + bias -> register 0, the program, the store (groups == 1) ----
@@ -663,6 +713,7 @@ cudaError_t launch_igemm_box(const ConvParams& p, const IgemmGeom& g, cudaStream
   using Cfg = IgBox<IN_DT, BD, BH, BW, BN, BKB, WARPS_M, WARPS_N, STAGES>;
   using T = typename Cfg::GType;
   fits = true;
+  if (g.splits != 1) return cudaErrorInvalidValue;  // split-K: row tiles only
   if (p.epi.n_regs < 1 || p.epi.n_regs > kMaxRegs) return cudaErrorInvalidValue;
   if (p.groups != 1 || g.Cp % Cfg::BK != 0 || g.CoutP % BN != 0) return cudaErrorInvalidValue;
   if (p.st[0] > kMaxStride || p.st[1] > kMaxStride || p.st[2] > kMaxStride) {
@@ -720,13 +771,19 @@ cudaError_t launch_igemm_tile(const ConvParams& p, const IgemmGeom& g, cudaStrea
   const int64_t gy = g.CoutP / BN;
   if (gx == 0 || gy == 0) return cudaSuccess;
   if (gx > INT_MAX || gy > 65535) return cudaErrorInvalidConfiguration;
+  if (g.splits < 1 || g.splits > 65535) return cudaErrorInvalidValue;
+  if (g.splits > 1 && (g.ws == nullptr || g.counters == nullptr ||
+                       g.ws_floats < gx * gy * g.splits * BM * BN)) {
+    return cudaErrorInvalidValue;
+  }
   auto kernel =
       conv_transpose3d_igemm_kernel<IN_DT, BM, BN, BKB, WARPS_M, WARPS_N, STAGES, MIN_CTAS>;
   const int smem = Cfg::smem_bytes(p.epi.n_regs);
   e = opt_in_smem(kernel, smem);
   if (e != cudaSuccess) return e;
-  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1), Cfg::kThreads, smem,
-           stream>>>(p, g);
+  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy),
+                static_cast<unsigned>(g.splits)),
+           Cfg::kThreads, smem, stream>>>(p, g);
   return cudaGetLastError();
 }
 
@@ -749,6 +806,8 @@ cudaError_t launch_igemm_tile(const ConvParams& p, const IgemmGeom& g, cudaStrea
 //   15   64-byte K steps, 4 stages, BN 16, 4 x 1 warps (5)
 //   16   64-byte K steps, 3 stages, BN 128, 2 x 4 warps (8)
 //   17   128-byte K steps, 3 stages, BN 32, 4 x 1 warps (1)
+//   18   row tile 64 x 64, 128-byte K steps, 2 stages, 2 x 2 warps, 4 CTAs per multiprocessor
+//        (epilogues that stream a full-size tensor: more loads in flight per multiprocessor)
 template <int IN_DT>
 cudaError_t launch_igemm(const ConvParams& p, const IgemmGeom& g, int config,
                          cudaStream_t stream) {
@@ -781,6 +840,7 @@ cudaError_t launch_igemm(const ConvParams& p, const IgemmGeom& g, int config,
     case 8: return launch_igemm_tile<IN_DT, 128, 128, 64, 2, 4, 3>(p, g, stream);
     case 9: return launch_igemm_tile<IN_DT, 128, 64, 64, 2, 2, 4, 3>(p, g, stream);
     case 10: return launch_igemm_tile<IN_DT, 128, 64, 128, 2, 2, 2, 3>(p, g, stream);
+    case 18: return launch_igemm_tile<IN_DT, 64, 64, 128, 2, 2, 2, 4>(p, g, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -149,6 +149,14 @@ struct IgemmGeom {
   int32_t lo[3];  // zero halo in front of the input along d, h, w
   int32_t CoutP;
   PhaseEntry ph[3][kMaxStride];  // [dimension d, h, w][phase residue]
+  // Split-K (row tiles only): the K steps of each tile are divided among `splits` CTAs
+  // (grid z); each writes its FP32 partial tile to `ws` (tiles x splits x BM x BN floats,
+  // ws_floats of them) and bumps the tile's counter in `counters` (zeroed, one int per tile);
+  // the last to arrive sums the partials in split order (deterministic) and runs the epilogue.
+  int32_t splits;  // 1: no split
+  float* ws;
+  int64_t ws_floats;
+  int32_t* counters;
 };
 
 }  // namespace ct3d

@@ -74,8 +74,15 @@ IGEMM_CONFIGS = {
     9: (64, 128, 64, 4), 10: (128, 128, 64, 4),
     11: (128, 128, 64, 4), 12: (64, 128, 32, 4), 13: (64, 128, 64, 4), 14: (128, 128, 64, 4),
     15: (64, 128, 16, 4), 16: (64, 128, 128, 8), 17: (128, 128, 32, 4),
+    18: (128, 64, 64, 4),
 }
 IGEMM_BOX_CONFIGS = tuple(range(11, 18))
+#: The row-tile configuration of the same K step and BN as each box configuration (the
+#: fallback of csrc/ct3d_igemm.cuh launch_igemm; split-K runs on row tiles).
+_BOX_FALLBACK = {11: 0, 12: 4, 13: 3, 14: 0, 15: 5, 16: 8, 17: 1}
+#: Split-K override for the channels-last implicit GEMM's row tiles (None: by shape,
+#: ``_igemm_splits``). Read when a call signature is first planned. For tests.
+IGEMM_SPLITS: Optional[int] = None
 _IGEMM_MAX_STRIDE = 8  # csrc/ct3d_params.h kMaxStride: the kernel tabulates the stride phases
 
 #: Configuration override for the channels-last implicit GEMM (an ``IGEMM_CONFIGS`` id); None
@@ -222,8 +229,9 @@ def _make_plan(input, weight, bias, stride, padding, output_padding, dilation, g
     plan.patches = [(i, field, idx) for i, r in enumerate(rows) for field, idx in r.patches]
     plan.regs = [n_regs, out_reg]
     plan.conv = [*st, *pa, *di, int(groups)]
+    streams = bool(plan.slot_strides[:, [0, 2, 3, 4]].any())  # a slot beyond per-channel
     plan.igemm_ok, plan.igemm_auto, plan.igemm_tiles = _igemm_rule(input, weight, conv_shape,
-                                                                   st, pa, di, groups)
+                                                                   st, pa, di, groups, streams)
     return plan
 
 
@@ -246,8 +254,8 @@ def _phase_halo(n_in: int, n_out: int, s: int, pad: int, dil: int, k: int) -> Tu
     return -lo_idx, hi_idx - (n_in - 1)
 
 
-def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool,
-                  taps: int) -> int:
+def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool, taps: int,
+                  streams: bool = False) -> int:
     """The channels-last implicit GEMM's tile configuration (an ``IGEMM_CONFIGS`` id) by shape,
     from the H200 sweeps in docs/kernel.md (v9 row tiles, v10 box tiles).
 
@@ -258,8 +266,12 @@ def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool,
     Strided: row tiles, 128 x 32 with 64-byte K steps up to 32 output channels; above, 128-byte
     K steps when C_in fills them (3 stages where a phase's K is long, ``macs`` >= 400
     multiply-adds per output, as a 2 x 4 x 16 box: l2_78; else 2 stages and 3 CTAs per
-    multiprocessor), else 64-byte steps."""
+    multiprocessor), else 64-byte steps. An epilogue that streams a full-size tensor
+    (``streams``: l2_26's 1 GB side input) takes 64 x 64 tiles at 4 CTAs per multiprocessor
+    when C_in fills 128-byte steps (more of its loads in flight)."""
     fills_128 = (cin * elem) % 128 == 0
+    if streams and not stride1 and 32 < cout <= 64 and fills_128:
+        return 18
     if stride1:
         if cout <= 16:
             return 15
@@ -273,7 +285,7 @@ def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool,
     return 3
 
 
-def _igemm_rule(input, weight, conv_shape, st, pa, di, groups):
+def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False):
     """(applies, picked by "auto", tiles) for the channels-last implicit GEMM."""
     if groups != 1 or max(st) > _IGEMM_MAX_STRIDE:
         return False, False, None
@@ -282,7 +294,7 @@ def _igemm_rule(input, weight, conv_shape, st, pa, di, groups):
     elem = input.element_size()
     macs = cin * math.prod(ks) / (st[0] * st[1] * st[2])
     stride1 = all(v == 1 for v in st)
-    config = (_igemm_config(cin, cout, elem, macs, stride1, math.prod(ks))
+    config = (_igemm_config(cin, cout, elem, macs, stride1, math.prod(ks), streams)
               if IGEMM_CONFIG is None else IGEMM_CONFIG)
     kbytes, _, bn, _ = IGEMM_CONFIGS[config]
     ck = kbytes // elem
@@ -302,7 +314,45 @@ def _igemm_rule(input, weight, conv_shape, st, pa, di, groups):
     # GEMM's 256 x 16 and 128 x 32 tiles measured faster; stride-1 shapes with C_out < 32 take
     # the box tiles (l1_58 1.95 -> 1.03 ms, l1_70 11.1 -> 7.1 ms).
     direct = macs <= 32 or (input.dtype == torch.float32 and cin <= 8 and macs <= 128)
-    return True, not direct and (cout >= 32 or stride1), (ck, bn, config)
+    bm = IGEMM_CONFIGS[config][1]
+    splits = _igemm_splits(input, conv_shape, st, ks, cp // ck, bm, cout_p // bn)
+    if splits > 1 and config in IGEMM_BOX_CONFIGS:
+        config = _BOX_FALLBACK[config]  # split-K runs on the row tiles (same K step and BN)
+        bm = IGEMM_CONFIGS[config][1]
+    return True, not direct and (cout >= 32 or stride1), (ck, bn, config, bm, splits)
+
+
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (cached)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+_SM_COUNT: Dict[int, int] = {}
+
+
+def _igemm_splits(input, conv_shape, st, ks, chunks: int, bm: int, n_tiles: int) -> int:
+    """Split-K factor of the channels-last GEMM: where its tiles (output voxels of a phase x
+    channel tiles) are fewer than the multiprocessors and each tile has a long K (small inputs
+    through many channels: the first layers of a GAN generator at batch 1), the K steps of
+    a tile are divided among up to 32 CTAs, keeping at least 4 steps each, to fill about two
+    CTAs per multiprocessor. ``IGEMM_SPLITS`` overrides it (tests)."""
+    if IGEMM_SPLITS is not None:
+        return IGEMM_SPLITS
+    if input.device.type != "cuda":
+        return 1
+    n_phase = st[0] * st[1] * st[2]
+    m_max = input.size(0)
+    for i in range(3):
+        m_max *= -(-conv_shape[2 + i] // st[i])
+    tiles = -(-m_max // bm) * n_phase * n_tiles
+    steps = chunks * math.prod(ks) // n_phase  # K steps of an average phase
+    sms = _sm_count(input.device)
+    if tiles >= sms or steps < 8:
+        return 1
+    return max(1, min(32, -(-2 * sms // tiles), steps // 4))
 
 
 class _NotCovered(Exception):
@@ -480,6 +530,10 @@ def _get_plan(*args) -> _Plan:
     return _plan_for(_key(*args), args)
 
 
+#: Call signatures (``_key``) whose arguments passed ``ops.check_args``.
+_checked: set = set()
+
+
 def _plan_for(key: tuple, args: tuple) -> _Plan:
     plan = _plans.get(key)
     if plan is None:
@@ -615,10 +669,10 @@ def _run_fused(ext, plan, input, weight, bias, extras, mode):
     global LAST_KERNEL
     if (mode == _MODE_TENSOR_CORE and plan.igemm_ok
             and (ALGO == "igemm" or (ALGO == "auto" and plan.igemm_auto))):
-        ck, bn, config = plan.igemm_tiles
+        ck, bn, config, bm, splits = plan.igemm_tiles
         wpk = _packed_weight_igemm(weight, ck, bn)
         ext.launch_igemm(input, weight, bias_c, out, slots, plan.slot_strides, plan.prog_i,
-                         prog_f, plan.regs, plan.conv, wpk, ck, bn, config)
+                         prog_f, plan.regs, plan.conv, wpk, ck, bn, config, bm, splits)
         LAST_KERNEL = "igemm"
         return out
     wp = _packed_weight(weight)
@@ -633,12 +687,26 @@ def _cuda_impl(input, weight, bias, stride, padding, output_padding, dilation, g
                program, scalars, extras):
     args = (input, weight, bias, stride, padding, output_padding, dilation, groups, program,
             scalars, extras)
-    check_args(*args)
+    return run(args)
+
+
+def run(args: tuple) -> torch.Tensor:
+    """The op's CUDA implementation on ``args`` (the op's 11 arguments): the fused kernel, or
+    the reference where the kernel does not apply or the autotune measured it slower. The
+    checks of ``ops.check_args`` run once per call signature (every value they read is part of
+    the plan key). ``fuse.FusedSite`` calls this directly, without the dispatcher, when no
+    autograd, tracing or dispatch mode is involved (about 40 us less host time per site)."""
+    key = _key(*args)
+    if key not in _checked:
+        check_args(*args)
+        if len(_checked) >= _PLANS_MAX:
+            _checked.clear()
+        _checked.add(key)
     ext = _build.load()
     if ext is None:
         return reference(*args)
-    key = _key(*args)
     plan = _plan_for(key, args)
+    input, weight, bias, extras = args[0], args[1], args[2], args[10]
     if plan.fallback is not None:
         return reference(*args)
     if input.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:

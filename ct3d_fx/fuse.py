@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import patterns
+from . import _cuda, patterns
 from .config import Config, VerificationError
 from .ops import INSTR_WIDTH, Opcode
 from .report import RewriteReport, SiteRecord
@@ -498,13 +498,37 @@ class FusedSite(nn.Module):
                 k = list(weight.shape[2:])
                 out_pad = conv._output_padding(input, size, self.stride, self.padding, k, 3,
                                                self.dilation)
-            return torch.ops.ct3d.conv_transpose3d_epilogue(
-                input, weight, bias, self.stride, self.padding, out_pad, self.dilation,
-                self.groups, self.program, self.scalars, list(extras))
+            args = (input, weight, bias, self.stride, self.padding, out_pad, self.dilation,
+                    self.groups, self.program, self.scalars, list(extras))
+            if _direct_call_ok(input, weight, bias, extras):
+                return _cuda.run(args)
+            return torch.ops.ct3d.conv_transpose3d_epilogue(*args)
         except (ValueError, TypeError, RuntimeError) as e:
             if type(e) not in (ValueError, TypeError, RuntimeError):
                 raise  # subclasses (torch.OutOfMemoryError, ...) keep their type and message
             raise type(e)(f"ct3d_fx site {self.fqn!r}: {e}") from e
+
+
+_fx_symbolic_tracing = getattr(fx._symbolic_trace, "is_fx_symbolic_tracing",
+                               fx._symbolic_trace.is_fx_tracing)
+
+
+def _direct_call_ok(input, weight, bias, extras) -> bool:
+    """Whether a site may call the op's CUDA implementation (``_cuda.run``) directly instead of
+    through the dispatcher: plain CUDA tensors, no gradient to record, no torch.compile or fx
+    tracing, no dispatch or torch-function mode. The result is the same; the host time per call
+    drops by about 40 us, which decides small models (a GAN generator at batch 1)."""
+    if type(input) is not torch.Tensor or not input.is_cuda:  # (a Proxy while fx traces)
+        return False
+    tensors = (input, weight) + (() if bias is None else (bias,)) + tuple(extras)
+    if any(type(t) not in (torch.Tensor, nn.Parameter) for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if torch.compiler.is_compiling() or _fx_symbolic_tracing():
+        return False
+    return not (torch._C._is_torch_function_mode_enabled()
+                or torch._C._len_torch_dispatch_stack() > 0)
 
 
 def _build_unfused(m: Match, e: _Emitter, root: nn.Module) -> fx.GraphModule:

@@ -694,6 +694,37 @@ def test_igemm_box_configs(seed, ext, poison, monkeypatch):
         assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
 
 
+# Split-K on the row tiles: each tile's K steps divided among 2-5 CTAs (more than a phase has
+# steps included: empty splits), partials summed by the last CTA in split order, so the result
+# is still bitwise repeatable (_check_case runs each call twice).
+@cuda_test
+@pytest.mark.parametrize("seed", range(0, SWEEP, 2))
+def test_igemm_split_k(seed, ext, poison, monkeypatch):
+    case = make_case(seed)
+    config = (0, 3, 4, 10, 18)[seed % 5]
+    monkeypatch.setattr(_cuda, "ALGO", "igemm")
+    monkeypatch.setattr(_cuda, "IGEMM_CONFIG", config)
+    monkeypatch.setattr(_cuda, "IGEMM_SPLITS", 2 + seed % 4)
+    monkeypatch.setattr(_cuda, "_plans", {})
+    _check_case(case, build_args(case, "cuda"), record=False)
+    if case.groups == 1 and case.precision != "fp32":
+        assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
+
+
+# Split-K by shape: a GAN generator's layer at batch 1 (512 -> 256 channels, 4^3 -> 8^3 voxels:
+# 32 tiles of 128 x 64 for 132 multiprocessors) splits; a large problem does not.
+@cuda_test
+def test_igemm_split_k_rule(ext):
+    x = torch.randn(1, 512, 4, 4, 4, device="cuda")
+    w = torch.randn(512, 256, 4, 4, 4, device="cuda")
+    ok, auto, tiles = _cuda._igemm_rule(x, w, (1, 256, 8, 8, 8), [2] * 3, [1] * 3, [1] * 3, 1)
+    assert ok and auto and tiles[4] > 1, tiles
+    x = torch.randn(16, 32, 16, 32, 32, device="cuda")
+    w = torch.randn(32, 64, 3, 3, 3, device="cuda")
+    ok, auto, tiles = _cuda._igemm_rule(x, w, (16, 64, 32, 64, 64), [2] * 3, [1] * 3, [1] * 3, 1)
+    assert ok and auto and tiles[4] == 1, tiles
+
+
 # Boxes larger than the output (one partial box per phase) and kernels whose patch exceeds
 # shared memory for the 128-byte K step (k = 9: (4 + 8) x (4 + 8) x (8 + 8) rows x 144 bytes,
 # configuration 11 falls back to configuration 0), with several K chunks (C_in = 40).
