@@ -229,11 +229,11 @@ int64_t launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at:
   return kernel;
 }
 
-// The channels-last implicit GEMM (csrc/ct3d_igemm.cuh): tensor cores, any groups. Same
+// The channels-last implicit GEMM (csrc/ct3d_igemm.cuh): tensor cores, groups == 1. Same
 // arguments as launch() (w: the caller's weight, for its shape) plus wpk, the weight packed by
-// _cuda.py as (groups x kD, kH, kW, CoutP, Cpg) contiguous (float32 values TF32-rounded), ck =
-// channels per K step (16 or 32 float32, 32 or 64 half), bn = output channels per tile (16, 32,
-// 64, 128), config = the tile configuration (csrc/ct3d_igemm.cuh launch_igemm) with those values,
+// _cuda.py as (kD, kH, kW, CoutP, Cp) contiguous (float32 values TF32-rounded), ck = channels
+// per K step (16 or 32 float32, 32 or 64 half), bn = output channels per tile (16, 32, 64,
+// 128), config = the tile configuration (csrc/ct3d_igemm.cuh launch_igemm) with those values,
 // bm = its output voxels per tile, splits = split-K factor (1: none; row tiles only).
 // Allocates the padded channels-last input copy (N, Dp, Hp, Wp, Cp) on the current stream, and
 // for splits > 1 the FP32 partial tiles and the zeroed per-tile counters.
@@ -247,6 +247,8 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
   const ct3d::ConvParams p = prepare(x, w, bias, y, slots, slot_strides, prog_i, prog_f, regs,
                                      conv, ct3d::kModeTensorCore, ct3d::kAlgoAuto);
   const at::Device dev = x.device();
+  TORCH_CHECK(p.groups == 1, "ct3d: the channels-last implicit GEMM needs groups == 1, got ",
+              p.groups);
   TORCH_CHECK(p.st[0] <= ct3d::kMaxStride && p.st[1] <= ct3d::kMaxStride &&
                   p.st[2] <= ct3d::kMaxStride,
               "ct3d: the channels-last implicit GEMM takes strides up to ", ct3d::kMaxStride,
@@ -261,10 +263,10 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
   ct3d::igemm_plan(p, static_cast<int>(ck), static_cast<int>(bn), &g);
   check_cuda_on(wpk, dev, "packed weight");
   TORCH_CHECK(wpk.scalar_type() == x.scalar_type() && wpk.is_contiguous() && wpk.dim() == 5 &&
-                  wpk.size(0) == static_cast<int64_t>(p.groups) * p.kD && wpk.size(1) == p.kH &&
-                  wpk.size(2) == p.kW && wpk.size(3) == g.CoutP && wpk.size(4) == g.Cpg,
-              "ct3d: packed weight must be contiguous (", p.groups * p.kD, ", ", p.kH, ", ",
-              p.kW, ", ", g.CoutP, ", ", g.Cpg, ") of the input's dtype, got ", wpk.sizes(), " ",
+                  wpk.size(0) == p.kD && wpk.size(1) == p.kH && wpk.size(2) == p.kW &&
+                  wpk.size(3) == g.CoutP && wpk.size(4) == g.Cp,
+              "ct3d: packed weight must be contiguous (", p.kD, ", ", p.kH, ", ", p.kW, ", ",
+              g.CoutP, ", ", g.Cp, ") of the input's dtype, got ", wpk.sizes(), " ",
               wpk.scalar_type());
   const int64_t xp_elems = static_cast<int64_t>(p.N) * g.Dp * g.Hp * g.Wp * g.Cp;
   TORCH_CHECK(xp_elems * esize < INT32_MAX && wpk.numel() * esize < INT32_MAX,
@@ -287,7 +289,7 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
       m_max *= (out + p.st[i] - 1) / p.st[i];
     }
     const int64_t tiles =
-        (m_max + bm - 1) / bm * p.st[0] * p.st[1] * p.st[2] * p.groups * (g.CoutP / bn);
+        (m_max + bm - 1) / bm * p.st[0] * p.st[1] * p.st[2] * (g.CoutP / bn);
     g.ws_floats = tiles * splits * bm * bn;
     ws = at::empty({g.ws_floats}, x.options().dtype(at::kFloat));
     counters = at::zeros({tiles}, x.options().dtype(at::kInt));

@@ -1,4 +1,4 @@
-// Channels-last implicit GEMM for the tensor cores (TF32 / FP16 / BF16), any groups. No torch
+// Channels-last implicit GEMM for the tensor cores (TF32 / FP16 / BF16), groups == 1. No torch
 // header.
 //
 // Same gather form and stride phases as conv_transpose3d_fused_kernel (ct3d_conv.cuh), but the
@@ -6,14 +6,10 @@
 //
 //   xp (N, Dp, Hp, Wp, Cp)   made by pack_input_kernel from x of any strides: the input plus a
 //                            zero halo (lo in front, enough behind) so that every tap of every
-//                            phase reads inside xp, and each group's C_in / groups channels
-//                            padded with zeros to Cpg (a multiple of the K step), Cp = groups x
-//                            Cpg; float32 values rounded to TF32 once here (cvt.rna);
-//   wp (groups x kD, kH, kW, CoutP, Cpg)  the weight, C_in fastest, each group's C_out / groups
-//                            padded to CoutP (a multiple of BN), TF32-rounded for float32
-//                            (_cuda.py packs and caches it).
-// Grid y walks groups x (CoutP / BN) channel tiles; a tile reads its group's Cpg channels of xp
-// and its group's weights.
+//                            phase reads inside xp, and C_in padded with zeros to Cp (a multiple
+//                            of the K step); float32 values rounded to TF32 once here (cvt.rna);
+//   wp (kD, kH, kW, CoutP, Cp)  the weight, C_in fastest, C_out padded to CoutP (a multiple of
+//                            BN), TF32-rounded for float32 (_cuda.py packs and caches it).
 //
 // With both operands K-contiguous and in bounds, a K step (one tap, BKB bytes of input
 // channels) is a rectangle of 16-byte rows for A and B: cp.async copies them into shared
@@ -58,9 +54,8 @@ inline void igemm_geometry(const ConvParams& p, int ck, int bn, IgemmGeom& g) {
   igemm_halo(p.Wi, p.Wo, p.st[2], p.pad[2], p.dil[2], p.kW, lo, hi);
   g.lo[2] = lo;
   g.Wp = p.Wi + lo + hi;
-  g.Cpg = (p.cin_g + ck - 1) / ck * ck;
-  g.Cp = g.Cpg * p.groups;
-  g.CoutP = (p.cout_g + bn - 1) / bn * bn;
+  g.Cp = (p.Cin + ck - 1) / ck * ck;
+  g.CoutP = (p.Cout + bn - 1) / bn * bn;
   const int out[3] = {p.Do, p.Ho, p.Wo}, k[3] = {p.kD, p.kH, p.kW};
   for (int i = 0; i < 3; ++i) {
     for (int r = 0; r < kMaxStride && r < p.st[i]; ++r) {
@@ -133,11 +128,7 @@ __global__ void __launch_bounds__(256)
     }
     for (int c = tid / kPackVox; c < cc; c += 256 / kPackVox) {
       T val = T(0);
-      // xp channel c0 + c -> channel ci of group grp
-      const int grp = (c0 + c) / g.Cpg, ci = (c0 + c) - grp * g.Cpg;
-      if (src != nullptr && ci < p.cin_g) {
-        val = __ldg(src + static_cast<int64_t>(grp * p.cin_g + ci) * p.xs[1]);
-      }
+      if (src != nullptr && c0 + c < p.Cin) val = __ldg(src + static_cast<int64_t>(c0 + c) * p.xs[1]);
       if constexpr (ROUND_TF32) val = __uint_as_float(f32_to_tf32(val));
       tile[c][j] = val;
     }
@@ -225,7 +216,7 @@ struct WeightLoader {
     for (int i = 0; i < Cfg::B_IT; ++i) {
       const int idx = tid + i * Cfg::kThreads;
       on[i] = idx < Cfg::kBN * Cfg::CH;
-      off[i] = (co0 + idx / Cfg::CH) * g.Cpg * Cfg::kElem + (idx % Cfg::CH) * 16;
+      off[i] = (co0 + idx / Cfg::CH) * g.Cp * Cfg::kElem + (idx % Cfg::CH) * 16;
     }
   }
   // src: the packed weight at the step's tap and channel chunk
@@ -335,9 +326,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
   const int rd = to.rd, rh = to.rh, rw = to.rw, Td = to.Td, Th = to.Th, Tw = to.Tw;
   const int64_t M = to.M, m0 = to.m0;
-  const int n_ty = g.CoutP / BN;  // channel tiles per group
-  const int grp = static_cast<int>(blockIdx.y) / n_ty;
-  const int co0 = (static_cast<int>(blockIdx.y) - grp * n_ty) * BN;
+  const int co0 = blockIdx.y * BN;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* sA = smem_raw;
@@ -358,10 +347,8 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
     int n, td, th, tw;
     split_index(m < M ? m : M - 1, M, div_w, div_h, div_d, Tw, Th, Td, n, td, th, tw);
     s_n[r] = m < M ? n : -1;
-    s_xoff[r] = ((((n * g.Dp + td + g.lo[0]) * g.Hp + th + g.lo[1]) * g.Wp + tw + g.lo[2]) *
-                     g.Cp +
-                 grp * g.Cpg) *
-                Cfg::kElem;
+    s_xoff[r] = (((n * g.Dp + td + g.lo[0]) * g.Hp + th + g.lo[1]) * g.Wp + tw + g.lo[2]) *
+                g.Cp * Cfg::kElem;
     s_td[r] = td;
     s_th[r] = th;
     s_tw[r] = tw;
@@ -383,18 +370,16 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   const uint32_t sA0 = smem_u32(sA), sB0 = smem_u32(sB);
   const uint32_t a_dst0 = sA0 + a_r0 * kPitch + chunk * 16;
   const char* __restrict__ Xp = static_cast<const char*>(g.xp);
-  const char* __restrict__ Wp = static_cast<const char*>(g.wp) +
-                               static_cast<int64_t>(grp) * p.kD * p.kH * p.kW * g.CoutP * g.Cpg *
-                                   Cfg::kElem;  // the group's weights
+  const char* __restrict__ Wp = static_cast<const char*>(g.wp);
 
-  const int n_chunks = g.Cpg / Cfg::BK;
+  const int n_chunks = g.Cp / Cfg::BK;
   const int all_steps = pdd.nT * pdh.nT * pdw.nT * n_chunks;
   // split-K: this CTA's K steps [s_begin, s_begin + total)
   const int split = blockIdx.z;
   const int s_begin = static_cast<int>(static_cast<int64_t>(all_steps) * split / g.splits);
   const int total =
       static_cast<int>(static_cast<int64_t>(all_steps) * (split + 1) / g.splits) - s_begin;
-  const int tap_bytes = g.CoutP * g.Cpg * Cfg::kElem;
+  const int tap_bytes = g.CoutP * g.Cp * Cfg::kElem;
 
   auto load_stage = [&](int stage, const KIter& ki) {
     const int offd = pdd.off0 - ki.jd * pdd.doff;
@@ -474,9 +459,9 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   if (g.splits > 1 && !splitk_reduce<kThreads, MT * NT * 4>(g, &acc[0][0][0], tid)) return;
   __syncthreads();  // the epilogue tiles alias the pipeline buffers
 
-  // ---- epilogue: fragments + bias -> register 0, the program, the store ----
+  // ---- epilogue: fragments + bias -> register 0, the program, the store (groups == 1) ----
   gemm_epilogue<IN_DT, BM, BN, Cfg::LDC, Cfg::WTM, Cfg::WTN, MT, NT, kThreads>(
-      p, acc, sR, to, s_n, s_td, s_th, s_tw, s_yoff, grp, co0, warp_m, warp_n, tid);
+      p, acc, sR, to, s_n, s_td, s_th, s_tw, s_yoff, 0, co0, warp_m, warp_n, tid);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -546,9 +531,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   const int td0 = (box % nbd) * BD;
   const int n = box / nbd;
   if (td0 >= to.Td || th0 >= to.Th || tw0 >= to.Tw) return;  // uniform, before any barrier
-  const int n_ty = g.CoutP / BN;  // channel tiles per group
-  const int grp = static_cast<int>(blockIdx.y) / n_ty;
-  const int co0 = (static_cast<int>(blockIdx.y) - grp * n_ty) * BN;
+  const int co0 = blockIdx.y * BN;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* sP = smem_raw;
@@ -590,19 +573,17 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
       const int pw = r % EW, ph = (r / EW) % EH, pd = r / (EW * EH);
       const int xd = min(xd0 + pd, g.Dp - 1), xh = min(xh0 + ph, g.Hp - 1),
                 xw = min(xw0 + pw, g.Wp - 1);
-      s_prow[r] = ((((n * g.Dp + xd) * g.Hp + xh) * g.Wp + xw) * g.Cp + grp * g.Cpg) * Cfg::kElem;
+      s_prow[r] = (((n * g.Dp + xd) * g.Hp + xh) * g.Wp + xw) * g.Cp * Cfg::kElem;
     }
   }
   __syncthreads();
 
   const uint32_t sP0 = smem_u32(sP), sB0 = smem_u32(sB);
   const char* __restrict__ Xp = static_cast<const char*>(g.xp);
-  const char* __restrict__ Wp = static_cast<const char*>(g.wp) +
-                               static_cast<int64_t>(grp) * p.kD * p.kH * p.kW * g.CoutP * g.Cpg *
-                                   Cfg::kElem;  // the group's weights
+  const char* __restrict__ Wp = static_cast<const char*>(g.wp);
   const WeightLoader<Cfg> bl(g, co0, tid);
-  const int n_chunks = g.Cpg / Cfg::BK;
-  const int tap_bytes = g.CoutP * g.Cpg * Cfg::kElem;
+  const int n_chunks = g.Cp / Cfg::BK;
+  const int tap_bytes = g.CoutP * g.Cp * Cfg::kElem;
 
   const int lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
@@ -675,7 +656,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   __syncthreads();  // the epilogue tiles alias the pipeline buffers
 
   gemm_epilogue<IN_DT, BM, BN, Cfg::LDC, Cfg::WTM, Cfg::WTN, MT, NT, kThreads>(
-      p, acc, sR, to, s_n, s_td, s_th, s_tw, s_yoff, grp, co0, warp_m, warp_n, tid);
+      p, acc, sR, to, s_n, s_td, s_th, s_tw, s_yoff, 0, co0, warp_m, warp_n, tid);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -734,9 +715,7 @@ cudaError_t launch_igemm_box(const ConvParams& p, const IgemmGeom& g, cudaStream
   fits = true;
   if (g.splits != 1) return cudaErrorInvalidValue;  // split-K: row tiles only
   if (p.epi.n_regs < 1 || p.epi.n_regs > kMaxRegs) return cudaErrorInvalidValue;
-  if (g.Cpg % Cfg::BK != 0 || g.CoutP % BN != 0 || g.Cp != g.Cpg * p.groups) {
-    return cudaErrorInvalidValue;
-  }
+  if (p.groups != 1 || g.Cp % Cfg::BK != 0 || g.CoutP % BN != 0) return cudaErrorInvalidValue;
   if (p.st[0] > kMaxStride || p.st[1] > kMaxStride || p.st[2] > kMaxStride) {
     return cudaErrorInvalidValue;  // the phase table (igemm_geometry) holds kMaxStride phases
   }
@@ -759,7 +738,7 @@ cudaError_t launch_igemm_box(const ConvParams& p, const IgemmGeom& g, cudaStream
   const int64_t nbw = ((p.Wo + p.st[2] - 1) / p.st[2] + BW - 1) / BW;
   const int64_t n_phase = static_cast<int64_t>(p.st[0]) * p.st[1] * p.st[2];
   const int64_t gx = static_cast<int64_t>(p.N) * nbd * nbh * nbw * n_phase;
-  const int64_t gy = static_cast<int64_t>(p.groups) * (g.CoutP / BN);
+  const int64_t gy = g.CoutP / BN;
   if (gx == 0 || gy == 0) return cudaSuccess;
   if (gx > INT_MAX || gy > 65535) return cudaErrorInvalidConfiguration;
   e = opt_in_smem(kernel, smem);
@@ -775,9 +754,7 @@ cudaError_t launch_igemm_tile(const ConvParams& p, const IgemmGeom& g, cudaStrea
   using Cfg = IgTile<IN_DT, BM, BN, BKB, WARPS_M, WARPS_N, STAGES>;
   using T = typename Cfg::GType;
   if (p.epi.n_regs < 1 || p.epi.n_regs > kMaxRegs) return cudaErrorInvalidValue;
-  if (g.Cpg % Cfg::BK != 0 || g.CoutP % BN != 0 || g.Cp != g.Cpg * p.groups) {
-    return cudaErrorInvalidValue;
-  }
+  if (p.groups != 1 || g.Cp % Cfg::BK != 0 || g.CoutP % BN != 0) return cudaErrorInvalidValue;
   if (p.st[0] > kMaxStride || p.st[1] > kMaxStride || p.st[2] > kMaxStride) {
     return cudaErrorInvalidValue;  // the phase table (igemm_geometry) holds kMaxStride phases
   }
@@ -791,7 +768,7 @@ cudaError_t launch_igemm_tile(const ConvParams& p, const IgemmGeom& g, cudaStrea
   const int64_t m_max = static_cast<int64_t>(p.N) * td * th * tw;
   const int64_t n_phase = static_cast<int64_t>(p.st[0]) * p.st[1] * p.st[2];
   const int64_t gx = (m_max + BM - 1) / BM * n_phase;
-  const int64_t gy = static_cast<int64_t>(p.groups) * (g.CoutP / BN);
+  const int64_t gy = g.CoutP / BN;
   if (gx == 0 || gy == 0) return cudaSuccess;
   if (gx > INT_MAX || gy > 65535) return cudaErrorInvalidConfiguration;
   if (g.splits < 1 || g.splits > 65535) return cudaErrorInvalidValue;

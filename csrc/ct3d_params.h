@@ -143,12 +143,11 @@ struct PhaseEntry {
 // Geometry of the packed operands of the channels-last implicit GEMM (ct3d_igemm.cuh):
 // igemm_plan fills the extents and the phase table, the caller the pointers.
 struct IgemmGeom {
-  const void* xp;  // (N, Dp, Hp, Wp, groups x Cpg), C fastest: the input with a zero halo
-  const void* wp;  // (groups x kD, kH, kW, CoutP, Cpg), C_in fastest: the packed weight
-  int32_t Dp, Hp, Wp, Cp;  // Cp = groups x Cpg: channels of an xp voxel
-  int32_t Cpg;             // C_in / groups padded to a multiple of the K step
+  const void* xp;  // (N, Dp, Hp, Wp, Cp), C fastest: the input with a zero halo
+  const void* wp;  // (kD, kH, kW, CoutP, Cp), C_in fastest: the packed weight
+  int32_t Dp, Hp, Wp, Cp;
   int32_t lo[3];  // zero halo in front of the input along d, h, w
-  int32_t CoutP;  // C_out / groups padded to a multiple of BN
+  int32_t CoutP;
   PhaseEntry ph[3][kMaxStride];  // [dimension d, h, w][phase residue]
   // Split-K (row tiles only): the K steps of each tile are divided among `splits` CTAs
   // (grid z); each writes its FP32 partial tile to `ws` (tiles x splits x BM x BN floats,

@@ -9,7 +9,7 @@ launches it. Everything that depends only on the call's signature (shapes, strid
 devices, conv parameters, program, scalars) is computed once and cached, so the hot path is a
 dictionary lookup, a weight repack and the launch.
 
-Kernels: on tensor cores the channels-last implicit GEMM
+Kernels: for groups == 1 on tensor cores the channels-last implicit GEMM
 (csrc/ct3d_igemm.cuh: the input is first copied into a zero-padded NDHWC scratch tensor, the
 weight repacked and cached, then one GEMM kernel with the epilogue), else the strided-input
 GEMM or the direct kernel of csrc/ct3d_conv.cuh (``ALGO`` and ``_igemm_rule``).
@@ -53,10 +53,10 @@ __all__ = ["POISON_OUTPUT", "fallback_reason", "MAX_INSTR", "MAX_SLOTS", "MAX_RE
 POISON_OUTPUT = False
 
 #: Which kernel runs: "auto" (by shape: the channels-last implicit GEMM, csrc/ct3d_igemm.cuh,
-#: on tensor cores unless the direct kernel's rule holds; otherwise
+#: for groups == 1 on tensor cores unless the direct kernel's rule holds; otherwise
 #: csrc/ct3d_conv.cuh launch_conv picks the direct FP32 kernel for few input channels per group
-#: or the strided-input implicit GEMM), "igemm" (wherever it applies: tensor cores, strides up
-#: to 8, 32-bit offsets), "gemm" or "direct" (where the direct kernel applies: W stride 1 or 2,
+#: or the strided-input implicit GEMM), "igemm" (wherever it applies: tensor cores, groups ==
+#: 1, 32-bit offsets), "gemm" or "direct" (where the direct kernel applies: W stride 1 or 2,
 #: the phase's weights within 64 KB; else the GEMM). Tests and timing scripts set it; the
 #: environment variable CT3D_FX_ALGO gives the default.
 ALGO = os.environ.get("CT3D_FX_ALGO", "auto")
@@ -286,48 +286,40 @@ def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool, ta
 
 
 def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False):
-    """(applies, picked by "auto", tiles) for the channels-last implicit GEMM; tiles = (channels
-    per K step, BN, configuration, BM, split-K factor)."""
-    if max(st) > _IGEMM_MAX_STRIDE:
+    """(applies, picked by "auto", tiles) for the channels-last implicit GEMM."""
+    if groups != 1 or max(st) > _IGEMM_MAX_STRIDE:
         return False, False, None
-    cin_g, cout_g = weight.size(0) // groups, weight.size(1)
+    cin, cout = weight.size(0), weight.size(1)
     ks = weight.shape[2:]
     elem = input.element_size()
-    macs = cin_g * math.prod(ks) / (st[0] * st[1] * st[2])
+    macs = cin * math.prod(ks) / (st[0] * st[1] * st[2])
     stride1 = all(v == 1 for v in st)
-    config = (_igemm_config(cin_g, cout_g, elem, macs, stride1, math.prod(ks), streams)
+    config = (_igemm_config(cin, cout, elem, macs, stride1, math.prod(ks), streams)
               if IGEMM_CONFIG is None else IGEMM_CONFIG)
     kbytes, _, bn, _ = IGEMM_CONFIGS[config]
     ck = kbytes // elem
-    cp = -(-cin_g // ck) * ck
+    cp = -(-cin // ck) * ck
     vox = input.size(0)
     for i in range(3):
         lo, hi = _phase_halo(input.size(2 + i), conv_shape[2 + i], st[i], pa[i], di[i], ks[i])
         vox *= input.size(2 + i) + lo + hi
-    cout_p = -(-cout_g // bn) * bn
-    fits = (vox * cp * groups * elem < 2 ** 31 - 1
-            and groups * math.prod(ks) * cout_p * cp * elem < 2 ** 31 - 1
-            and groups * (cout_p // bn) <= _MAX_GRID_Y)
+    cout_p = -(-cout // bn) * bn
+    fits = (vox * cp * elem < 2 ** 31 - 1
+            and math.prod(ks) * cout_p * cp * elem < 2 ** 31 - 1
+            and -(-cout_p // bn) <= _MAX_GRID_Y)
     if not fits:
         return False, False, None
     # "auto" leaves to launch_conv: the direct kernel's shapes (csrc/ct3d_conv.cuh direct_pays:
     # few multiply-adds per output) and strided shapes with C_out < 32, where the strided-input
     # GEMM's 256 x 16 and 128 x 32 tiles measured faster; stride-1 shapes with C_out < 32 take
-    # the box tiles (l1_58 1.95 -> 1.03 ms, l1_70 11.1 -> 7.1 ms). Grouped convolutions run it
-    # only when forced: on l1_72 (8 channels per group, half of each K step and of each 16-wide
-    # tile empty) its best tile was 11% faster than the direct kernel in TF32 and 18% slower
-    # than the strided-input GEMM in BF16 (docs/kernel.md, v10), too little to pick it by rule.
-    if groups > 1:
-        auto = False
-    else:
-        direct = macs <= 32 or (input.dtype == torch.float32 and cin_g <= 8 and macs <= 128)
-        auto = not direct and (cout_g >= 32 or stride1)
+    # the box tiles (l1_58 1.95 -> 1.03 ms, l1_70 11.1 -> 7.1 ms).
+    direct = macs <= 32 or (input.dtype == torch.float32 and cin <= 8 and macs <= 128)
     bm = IGEMM_CONFIGS[config][1]
-    splits = _igemm_splits(input, conv_shape, st, ks, cp // ck, bm, groups * (cout_p // bn))
+    splits = _igemm_splits(input, conv_shape, st, ks, cp // ck, bm, cout_p // bn)
     if splits > 1 and config in IGEMM_BOX_CONFIGS:
         config = _BOX_FALLBACK[config]  # split-K runs on the row tiles (same K step and BN)
         bm = IGEMM_CONFIGS[config][1]
-    return True, auto, (ck, bn, config, bm, splits)
+    return True, not direct and (cout >= 32 or stride1), (ck, bn, config, bm, splits)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -619,7 +611,7 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
         if hit is not None and hit[0]() is weight:
             return hit[1]
     wp = weight.detach().permute(2, 3, 4, 0, 1).contiguous().permute(3, 4, 0, 1, 2)
-    if key is not None and not (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if key is not None and not torch.cuda.is_current_stream_capturing():
         if len(_packed) >= _PACKED_MAX:
             _packed.clear()
         _packed[key] = (weakref.ref(weight), wp)
@@ -634,28 +626,25 @@ def _round_tf32_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _packed_weight_igemm(weight: torch.Tensor, ck: int, bn: int, groups: int = 1) -> torch.Tensor:
-    """(groups x kD, kH, kW, C_out/groups padded to bn, C_in/groups padded to ck) contiguous
-    copy, C_in fastest, for the channels-last implicit GEMM; float32 values rounded to TF32.
-    ``weight`` is (C_in, C_out/groups, kD, kH, kW). Cached like ``_packed_weight``."""
+def _packed_weight_igemm(weight: torch.Tensor, ck: int, bn: int) -> torch.Tensor:
+    """(kD, kH, kW, C_out padded to bn, C_in padded to ck) contiguous copy, C_in fastest, for
+    the channels-last implicit GEMM; float32 values rounded to TF32. Cached like
+    ``_packed_weight``."""
     key = None
     if not (torch.is_inference_mode_enabled() and weight.is_inference()):
-        key = ("igemm", ck, bn, groups, weight.data_ptr(), tuple(weight.shape), weight.stride(),
+        key = ("igemm", ck, bn, weight.data_ptr(), tuple(weight.shape), weight.stride(),
                weight.dtype, weight.device, weight._version)
         hit = _packed.get(key)
         if hit is not None and hit[0]() is weight:
             return hit[1]
-    cin_g, cout_g = weight.size(0) // groups, weight.size(1)
-    kd, kh, kw = weight.shape[2:]
-    cp, cout_p = -(-cin_g // ck) * ck, -(-cout_g // bn) * bn
-    # (groups, cin_g, cout_g, kD, kH, kW) -> (groups, kD, kH, kW, cout_g, cin_g)
-    w = weight.detach().reshape(groups, cin_g, cout_g, kd, kh, kw).permute(0, 3, 4, 5, 2, 1)
-    wp = torch.zeros(groups, kd, kh, kw, cout_p, cp, dtype=weight.dtype, device=weight.device)
-    wp[..., :cout_g, :cin_g] = w
-    wp = wp.view(groups * kd, kh, kw, cout_p, cp)
+    cin, cout = weight.size(0), weight.size(1)
+    cp, cout_p = -(-cin // ck) * ck, -(-cout // bn) * bn
+    w = weight.detach().permute(2, 3, 4, 1, 0)
+    wp = torch.zeros(*w.shape[:3], cout_p, cp, dtype=weight.dtype, device=weight.device)
+    wp[..., :cout, :cin] = w
     if wp.dtype == torch.float32:
         _round_tf32_(wp)
-    if key is not None and not (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if key is not None and not torch.cuda.is_current_stream_capturing():
         if len(_packed) >= _PACKED_MAX:
             _packed.clear()
         _packed[key] = (weakref.ref(weight), wp)
@@ -681,7 +670,7 @@ def _run_fused(ext, plan, input, weight, bias, extras, mode):
     if (mode == _MODE_TENSOR_CORE and plan.igemm_ok
             and (ALGO == "igemm" or (ALGO == "auto" and plan.igemm_auto))):
         ck, bn, config, bm, splits = plan.igemm_tiles
-        wpk = _packed_weight_igemm(weight, ck, bn, plan.conv[-1])
+        wpk = _packed_weight_igemm(weight, ck, bn)
         ext.launch_igemm(input, weight, bias_c, out, slots, plan.slot_strides, plan.prog_i,
                          prog_f, plan.regs, plan.conv, wpk, ck, bn, config, bm, splits)
         LAST_KERNEL = "igemm"
