@@ -326,6 +326,22 @@ __device__ __forceinline__ void phase_dims(const ConvParams& p, const TileOrigin
   }
 }
 
+// Element e of a BM-row tile in voxel-fast order (row m = e % BM, column c = e / BM, at
+// out[c * LDC + m]): everything of its ElemPos but the output position d, h, w.
+template <int BM, int LDC>
+__device__ __forceinline__ ElemPos tile_elem(const ConvParams& p, int e, const int* s_n, int grp,
+                                             int co0) {
+  const int m = e % BM;
+  const int c = e / BM;
+  ElemPos q;
+  q.idx = c * LDC + m;
+  q.col = c;
+  q.n = s_n[m];
+  q.ok = q.n >= 0 && co0 + c < p.cout_g;
+  q.c = grp * p.cout_g + co0 + c;
+  return q;
+}
+
 // The end of a GEMM tile: accumulator fragments (mma.sync C layout, warp tile WTM x WTN) plus
 // bias into tile register 0 (sR, pitch LDC), the epilogue program over the tile (voxel-fast
 // element order), then one store per output element. Columns are channels co0.. of group grp.
@@ -362,13 +378,7 @@ __device__ __forceinline__ void gemm_epilogue(const ConvParams& p, const float (
   auto pos = [&](int i) {
     const int e = tid + i * THREADS;
     const int m = e % BM;
-    const int c = e / BM;
-    ElemPos q;
-    q.idx = c * LDC + m;
-    q.col = c;
-    q.n = s_n[m];
-    q.ok = q.n >= 0 && co0 + c < p.cout_g;
-    q.c = grp * p.cout_g + co0 + c;
+    ElemPos q = tile_elem<BM, LDC>(p, e, s_n, grp, co0);
     q.d = t.rd + sd * s_td[m];
     q.h = t.rh + sh * s_th[m];
     q.w = t.rw + sw * s_tw[m];
@@ -977,13 +987,7 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
     auto pos = [&](int i) {
       const int e = tid + i * kThreads;
       const int m = e % BM;
-      const int c = e / BM;
-      ElemPos q;
-      q.idx = c * LDC + m;
-      q.col = c;
-      q.n = s_n[m];
-      q.ok = q.n >= 0 && co0 + c < p.cout_g;
-      q.c = grp * p.cout_g + co0 + c;
+      ElemPos q = tile_elem<BM, LDC>(p, e, s_n, grp, co0);
       q.d = s_d[m];
       q.h = s_h[m];
       q.w = s_w[m];

@@ -240,6 +240,17 @@ __device__ __forceinline__ int tap_step(const ConvParams& p, const PhaseDim& pdd
   return ((kd * p.kH + kh) * p.kW + kw) * tap_bytes + ki.chunk * bkb;
 }
 
+// Zeroes the mma.sync accumulator fragments of a warp tile.
+template <int MT, int NT>
+__device__ __forceinline__ void zero_acc(float (&acc)[MT][NT][4]) {
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+}
+
 // One K step of the warp tile: fragments by ldmatrix.x4 from shared memory (A rows at
 // a_addr[mi], the 16 rows of m-fragment mi given by each lane's own address, so the rows may lie
 // anywhere; B at b_base, rows of the stage's [n][k] tile), then MT x NT mma.sync.
@@ -398,12 +409,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   const int lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
   float acc[MT][NT][4];
-#pragma unroll
-  for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NT; ++ni)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+  zero_acc(acc);
 
   // ldmatrix lane addresses. A (16 x 32 bytes per fragment): matrices (rows 0-7, bytes 0-15),
   // (rows 8-15, 0-15), (rows 0-7, 16-31), (rows 8-15, 16-31) = a0..a3 of the mma. B (stored
@@ -588,12 +594,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   const int lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
   float acc[MT][NT][4];
-#pragma unroll
-  for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NT; ++ni)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+  zero_acc(acc);
 
   // ldmatrix lane addresses (fragment layout as in conv_transpose3d_igemm_kernel): the lane's
   // row m of fragment mi, as patch row (a, b, c) at tap offset 0 (the phase's last tap)

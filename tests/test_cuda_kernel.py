@@ -660,6 +660,17 @@ def test_both_kernels(seed, algo, ext, poison, monkeypatch):
     assert _cuda.LAST_KERNEL == want, f"{case}: ran {_cuda.LAST_KERNEL}, expected {want}"
 
 
+def _check_forced_igemm(case, monkeypatch, config, splits=None):
+    """_check_case with the channels-last implicit GEMM forced in tile configuration ``config``
+    (and split-K factor ``splits``), planned afresh."""
+    monkeypatch.setattr(_cuda, "ALGO", "igemm")
+    monkeypatch.setattr(_cuda, "IGEMM_CONFIG", config)
+    if splits is not None:
+        monkeypatch.setattr(_cuda, "IGEMM_SPLITS", splits)
+    monkeypatch.setattr(_cuda, "_plans", {})
+    _check_case(case, build_args(case, "cuda"), record=False)
+
+
 # The channels-last implicit GEMM forced on the sweep's configurations, each tile configuration
 # on every len(IGEMM_CONFIGS)-th seed; checked like the sweep. It runs for groups == 1 on tensor
 # cores (not exact FP32); elsewhere the call takes the other kernels.
@@ -667,11 +678,7 @@ def test_both_kernels(seed, algo, ext, poison, monkeypatch):
 @pytest.mark.parametrize("seed", range(SWEEP))
 def test_igemm_configs(seed, ext, poison, monkeypatch):
     case = make_case(seed)
-    config = seed % len(_cuda.IGEMM_CONFIGS)
-    monkeypatch.setattr(_cuda, "ALGO", "igemm")
-    monkeypatch.setattr(_cuda, "IGEMM_CONFIG", config)
-    monkeypatch.setattr(_cuda, "_plans", {})
-    _check_case(case, build_args(case, "cuda"), record=False)
+    _check_forced_igemm(case, monkeypatch, seed % len(_cuda.IGEMM_CONFIGS))
     if case.groups == 1 and case.precision != "fp32":
         assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
     else:
@@ -686,10 +693,7 @@ def test_igemm_configs(seed, ext, poison, monkeypatch):
 def test_igemm_box_configs(seed, ext, poison, monkeypatch):
     case = make_case(seed)
     config = _cuda.IGEMM_BOX_CONFIGS[seed % len(_cuda.IGEMM_BOX_CONFIGS)]
-    monkeypatch.setattr(_cuda, "ALGO", "igemm")
-    monkeypatch.setattr(_cuda, "IGEMM_CONFIG", config)
-    monkeypatch.setattr(_cuda, "_plans", {})
-    _check_case(case, build_args(case, "cuda"), record=False)
+    _check_forced_igemm(case, monkeypatch, config)
     if case.groups == 1 and case.precision != "fp32":
         assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
 
@@ -701,12 +705,7 @@ def test_igemm_box_configs(seed, ext, poison, monkeypatch):
 @pytest.mark.parametrize("seed", range(0, SWEEP, 2))
 def test_igemm_split_k(seed, ext, poison, monkeypatch):
     case = make_case(seed)
-    config = (0, 3, 4, 10, 18)[seed % 5]
-    monkeypatch.setattr(_cuda, "ALGO", "igemm")
-    monkeypatch.setattr(_cuda, "IGEMM_CONFIG", config)
-    monkeypatch.setattr(_cuda, "IGEMM_SPLITS", 2 + seed % 4)
-    monkeypatch.setattr(_cuda, "_plans", {})
-    _check_case(case, build_args(case, "cuda"), record=False)
+    _check_forced_igemm(case, monkeypatch, (0, 3, 4, 10, 18)[seed % 5], splits=2 + seed % 4)
     if case.groups == 1 and case.precision != "fp32":
         assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
 
@@ -738,10 +737,7 @@ def test_igemm_split_k_rule(ext):
 def test_igemm_box_large_patch(config, kernel, stride, spatial, ext, poison, monkeypatch):
     case = Case(0, "tf32", 2, 40, 24, 1, list(spatial), list(kernel), list(stride), [0, 1, 2],
                 [s - 1 for s in stride], [1, 1, 1], True, "contiguous", "contiguous", 2)
-    monkeypatch.setattr(_cuda, "ALGO", "igemm")
-    monkeypatch.setattr(_cuda, "IGEMM_CONFIG", config)
-    monkeypatch.setattr(_cuda, "_plans", {})
-    _check_case(case, build_args(case, "cuda"), record=False)
+    _check_forced_igemm(case, monkeypatch, config)
     assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
 
 
