@@ -236,7 +236,9 @@ int64_t launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at:
 // 128), config = the tile configuration (csrc/ct3d_igemm.cuh launch_igemm) with those values,
 // bm = its output voxels per tile, splits = split-K factor (1: none; row tiles only).
 // Allocates the padded channels-last input copy (N, Dp, Hp, Wp, Cp) on the current stream, and
-// for splits > 1 the FP32 partial tiles and the zeroed per-tile counters.
+// for splits > 1 the FP32 partial tiles and the zeroed per-tile counters. Returns 3 when the
+// sm_90a wgmma kernel ran (configurations 19-22 on compute capability 9.0), 2 otherwise, -1
+// for an empty output.
 int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
                      const c10::optional<at::Tensor>& bias, at::Tensor& y,
                      const std::vector<at::Tensor>& slots, const at::Tensor& slot_strides,
@@ -298,16 +300,17 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
   }
   const int cfg = static_cast<int>(config);
   cudaError_t err;
+  int wgmma = 0;
   if (x.scalar_type() == at::kFloat) {
-    err = ct3d::launch_f32_tf32_igemm(p, g, cfg, stream);
+    err = ct3d::launch_f32_tf32_igemm(p, g, cfg, stream, &wgmma);
   } else if (x.scalar_type() == at::kHalf) {
-    err = ct3d::launch_f16_tc_igemm(p, g, cfg, stream);
+    err = ct3d::launch_f16_tc_igemm(p, g, cfg, stream, &wgmma);
   } else {
-    err = ct3d::launch_bf16_tc_igemm(p, g, cfg, stream);
+    err = ct3d::launch_bf16_tc_igemm(p, g, cfg, stream, &wgmma);
   }
   TORCH_CHECK(err == cudaSuccess, "ct3d: fused conv_transpose3d (implicit GEMM) launch failed: ",
               cudaGetErrorString(err));
-  return 2;
+  return wgmma ? 3 : 2;
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // Instantiates the fused kernel for FP16 tensor cores. Includes no torch header.
 #include "ct3d_conv.cuh"
 #include "ct3d_igemm.cuh"
+#include "ct3d_wgmma.cuh"
 #include "ct3d_launch.h"
 
 namespace ct3d {
@@ -10,8 +11,8 @@ cudaError_t launch_f16_tc(const ConvParams& p, cudaStream_t stream, int* kernel)
 }
 
 cudaError_t launch_f16_tc_igemm(const ConvParams& p, const IgemmGeom& g, int config,
-                                 cudaStream_t stream) {
-  return launch_igemm<kF16>(p, g, config, stream);
+                                 cudaStream_t stream, int* wgmma) {
+  return launch_igemm_any<kF16>(p, g, config, stream, wgmma);
 }
 
 }  // namespace ct3d

@@ -75,11 +75,20 @@ IGEMM_CONFIGS = {
     11: (128, 128, 64, 4), 12: (64, 128, 32, 4), 13: (64, 128, 64, 4), 14: (128, 128, 64, 4),
     15: (64, 128, 16, 4), 16: (64, 128, 128, 8), 17: (128, 128, 32, 4),
     18: (128, 64, 64, 4),
+    19: (64, 128, 64, 4), 20: (64, 128, 128, 4), 21: (128, 128, 64, 4),
+    22: (64, 256, 64, 8), 23: (128, 256, 64, 8), 24: (64, 256, 128, 8),
 }
 IGEMM_BOX_CONFIGS = tuple(range(11, 18))
+#: Box tiles on Hopper's warpgroup MMA (csrc/ct3d_wgmma.cuh, sm_90a): a 2 x 8 x 8 (19-21, one
+#: warpgroup) or 4 x 8 x 8 (22-24, two) box of one phase, operands read by wgmma.mma_async
+#: straight from shared memory. On a device other than compute capability 9.0 each runs the
+#: mma.sync box configuration of the same K step and BN (19, 22 -> 13; 20, 24 -> 16;
+#: 21, 23 -> 11).
+IGEMM_WGMMA_CONFIGS = (19, 20, 21, 22, 23, 24)
 #: The row-tile configuration of the same K step and BN as each box configuration (the
 #: fallback of csrc/ct3d_igemm.cuh launch_igemm; split-K runs on row tiles).
-_BOX_FALLBACK = {11: 0, 12: 4, 13: 3, 14: 0, 15: 5, 16: 8, 17: 1}
+_BOX_FALLBACK = {11: 0, 12: 4, 13: 3, 14: 0, 15: 5, 16: 8, 17: 1, 19: 3, 20: 8, 21: 0, 22: 3,
+                 23: 0, 24: 8}
 #: Split-K override for the channels-last implicit GEMM's row tiles (None: by shape,
 #: ``_igemm_splits``). Read when a call signature is first planned. For tests.
 IGEMM_SPLITS: Optional[int] = None
@@ -93,6 +102,8 @@ IGEMM_CONFIG: Optional[int] = None
 #: The kernel the last launch ran: "gemm", "direct", or None (nothing launched yet, or an
 #: empty output). For tests.
 LAST_KERNEL: Optional[str] = None
+#: Whether the last channels-last GEMM launch ran the sm_90a wgmma kernel. For tests.
+LAST_WGMMA: bool = False
 
 MAX_INSTR = 48  # csrc/ct3d_params.h kMaxInstr
 MAX_SLOTS = 16  # csrc/ct3d_params.h kMaxSlots
@@ -255,7 +266,7 @@ def _phase_halo(n_in: int, n_out: int, s: int, pad: int, dil: int, k: int) -> Tu
 
 
 def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool, taps: int,
-                  streams: bool = False) -> int:
+                  streams: bool = False, wgmma: bool = False) -> int:
     """The channels-last implicit GEMM's tile configuration (an ``IGEMM_CONFIGS`` id) by shape,
     from the H200 sweeps in docs/kernel.md (v9 row tiles, v10 box tiles).
 
@@ -268,10 +279,22 @@ def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool, ta
     multiply-adds per output, as a 2 x 4 x 16 box: l2_78; else 2 stages and 3 CTAs per
     multiprocessor), else 64-byte steps. An epilogue that streams a full-size tensor
     (``streams``: l2_26's 1 GB side input) takes 64 x 64 tiles at 4 CTAs per multiprocessor
-    when C_in fills 128-byte steps (more of its loads in flight)."""
+    when C_in fills 128-byte steps (more of its loads in flight).
+
+    On Hopper (``wgmma``: compute capability 9.0) stride-1 shapes with more than 32 output
+    channels take the wgmma box tiles of two warpgroups (a 4 x 8 x 8 box): BN 128 above 64
+    output channels when C_in has at least 128 bytes (l2_61, l2_77), else BN 64 with 128-byte
+    K chunks when C_in fills them in float32 (l1_68), 64-byte chunks otherwise (l1_61; every
+    such half-precision shape: l1_68, l2_13 in bf16); float32 with C_in under 128 bytes (l2_13)
+    keeps the mma.sync box (H200 sweeps, docs/kernel.md v11)."""
     fills_128 = (cin * elem) % 128 == 0
     if streams and not stride1 and 32 < cout <= 64 and fills_128:
         return 18
+    if stride1 and wgmma and cout > 32:
+        if cout > 64 and cin * elem >= 128:
+            return 24
+        if cout <= 64 and (elem == 2 or cin * elem >= 128):
+            return 23 if elem == 4 and fills_128 else 22
     if stride1:
         if cout <= 16:
             return 15
@@ -294,7 +317,8 @@ def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False):
     elem = input.element_size()
     macs = cin * math.prod(ks) / (st[0] * st[1] * st[2])
     stride1 = all(v == 1 for v in st)
-    config = (_igemm_config(cin, cout, elem, macs, stride1, math.prod(ks), streams)
+    config = (_igemm_config(cin, cout, elem, macs, stride1, math.prod(ks), streams,
+                            _has_wgmma(input.device))
               if IGEMM_CONFIG is None else IGEMM_CONFIG)
     kbytes, _, bn, _ = IGEMM_CONFIGS[config]
     ck = kbytes // elem
@@ -316,7 +340,7 @@ def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False):
     direct = macs <= 32 or (input.dtype == torch.float32 and cin <= 8 and macs <= 128)
     bm = IGEMM_CONFIGS[config][1]
     splits = _igemm_splits(input, conv_shape, st, ks, cp // ck, bm, cout_p // bn)
-    if splits > 1 and config in IGEMM_BOX_CONFIGS:
+    if splits > 1 and config in _BOX_FALLBACK:
         config = _BOX_FALLBACK[config]  # split-K runs on the row tiles (same K step and BN)
         bm = IGEMM_CONFIGS[config][1]
     return True, not direct and (cout >= 32 or stride1), (ck, bn, config, bm, splits)
@@ -331,6 +355,20 @@ def _sm_count(device: torch.device) -> int:
 
 
 _SM_COUNT: Dict[int, int] = {}
+
+
+def _has_wgmma(device: torch.device) -> bool:
+    """Whether the wgmma configurations run on ``device`` (compute capability 9.0: the extension
+    is built for sm_90a there); cached."""
+    if device.type != "cuda":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _WGMMA:
+        _WGMMA[idx] = torch.cuda.get_device_capability(idx) == (9, 0)
+    return _WGMMA[idx]
+
+
+_WGMMA: Dict[int, bool] = {}
 
 
 def _igemm_splits(input, conv_shape, st, ks, chunks: int, bm: int, n_tiles: int) -> int:
@@ -666,13 +704,15 @@ def _run_fused(ext, plan, input, weight, bias, extras, mode):
         raise ValueError(f"ct3d_fx._cuda.ALGO must be one of {sorted(_ALGO_CODE)}, got {ALGO!r}")
     bias_c = None if bias is None else bias.contiguous()
     slots = [extras[i] for i in plan.slot_extras]
-    global LAST_KERNEL
+    global LAST_KERNEL, LAST_WGMMA
     if (mode == _MODE_TENSOR_CORE and plan.igemm_ok
             and (ALGO == "igemm" or (ALGO == "auto" and plan.igemm_auto))):
         ck, bn, config, bm, splits = plan.igemm_tiles
         wpk = _packed_weight_igemm(weight, ck, bn)
-        ext.launch_igemm(input, weight, bias_c, out, slots, plan.slot_strides, plan.prog_i,
-                         prog_f, plan.regs, plan.conv, wpk, ck, bn, config, bm, splits)
+        ran = ext.launch_igemm(input, weight, bias_c, out, slots, plan.slot_strides,
+                               plan.prog_i, prog_f, plan.regs, plan.conv, wpk, ck, bn, config,
+                               bm, splits)
+        LAST_WGMMA = ran == 3
         LAST_KERNEL = "igemm"
         return out
     wp = _packed_weight(weight)

@@ -11,7 +11,10 @@
 #             to skip that file: at most 8 files come back from the device)
 #   igemm     pytest -k igemm over tests/test_cuda_kernel.py (the channels-last GEMM's tile
 #             configurations, row and box tiles), stopping at the first failure
-#   sanitize  compute-sanitizer memcheck over the edge-tile and box-patch tests
+#   probe     scripts/wgmma_probe.cu (the wgmma operand layout on its own: one m64n64 product
+#             against a CPU result) and the count of HGMMA instructions in its SASS
+#   wgmma     pytest -k wgmma (plus the large-patch box tests) over tests/test_cuda_kernel.py
+#   sanitize  compute-sanitizer memcheck over the edge-tile, box-patch and wgmma tests
 #   example   python examples/quickstart.py, when it exists
 #   time      fused op vs eager (ConvTranspose3d + epilogue) on suite problems, TF32 / exact
 #             FP32 / BF16 (set CT3D_TIME_MODES="tf32" to shorten); LOGDIR/time.json
@@ -77,7 +80,19 @@ step_sanitize() {
   compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
     --report-api-errors no \
     "$PY" -m pytest -p no:cacheprovider -q tests/test_cuda_kernel.py \
-    -k "edge_tiles or box_large_patch"
+    -k "edge_tiles or box_large_patch or wgmma_runs"
+}
+
+step_probe() {
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc scripts/wgmma_probe.cu \
+    -o /tmp/wgmma_probe || return 2
+  echo "HGMMA instructions in the probe's SASS: $(cuobjdump -sass /tmp/wgmma_probe | grep -c HGMMA)"
+  /tmp/wgmma_probe
+}
+
+step_wgmma() {
+  "$PY" -m pytest -p no:cacheprovider -q -rfE --maxfail=5 tests/test_cuda_kernel.py \
+    -k "wgmma or box_large_patch"
 }
 
 step_igemm() {
@@ -235,7 +250,7 @@ step_bench() {
 
 export LOG PY
 export -f step_install step_build step_test step_sanitize step_example step_time step_profile \
-  step_bench step_igemm step_sweep
+  step_bench step_igemm step_sweep step_probe step_wgmma
 for s in $STEPS; do
   case $s in
     install) run_step install 300 ;;
@@ -243,6 +258,8 @@ for s in $STEPS; do
     test) run_step test 420 ;;
     sanitize) run_step sanitize 300 ;;
     igemm) run_step igemm 400 ;;
+    probe) run_step probe 120 ;;
+    wgmma) run_step wgmma 300 ;;
     sweep) run_step sweep 500 ;;
     example) run_step example 120 ;;
     time) run_step time 420 ;;

@@ -698,6 +698,48 @@ def test_igemm_box_configs(seed, ext, poison, monkeypatch):
         assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
 
 
+def _wgmma_device() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+# The wgmma box configurations (sm_90a: operands read by the tensor cores from shared memory in
+# the plane layout, one tap's MMAs in flight) on every sweep seed, one configuration per seed in
+# turn; checked like the sweep. On a compute capability 9.0 device the wgmma kernel must be
+# what ran (elsewhere the configurations fall back to the mma.sync box tiles).
+@cuda_test
+@pytest.mark.parametrize("seed", range(SWEEP))
+def test_igemm_wgmma_configs(seed, ext, poison, monkeypatch):
+    case = make_case(seed)
+    config = _cuda.IGEMM_WGMMA_CONFIGS[seed % len(_cuda.IGEMM_WGMMA_CONFIGS)]
+    _check_forced_igemm(case, monkeypatch, config, splits=1)  # split-K runs on row tiles
+    if case.groups == 1 and case.precision != "fp32":
+        assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
+        # (where the patch or an epilogue of several tile registers does not fit in shared
+        # memory, the mma.sync box tiles run instead: test_igemm_wgmma_runs checks shapes that
+        # fit)
+        if not _wgmma_device():
+            assert not _cuda.LAST_WGMMA, f"{case}: wgmma ran off compute capability 9.0"
+
+
+# Each wgmma configuration on shapes whose patch and epilogue fit: on compute capability 9.0 the
+# wgmma kernel is what runs (a stride-1 and a stride-2 shape, several K chunks, boxes that
+# overhang the output), with results checked like the sweep.
+@cuda_test
+@pytest.mark.parametrize("config", _cuda.IGEMM_WGMMA_CONFIGS)
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("kernel,stride,spatial", [
+    ([3, 3, 3], [1, 1, 1], [5, 9, 11]),
+    ([3, 4, 3], [2, 2, 1], [4, 6, 7]),
+])
+def test_igemm_wgmma_runs(config, precision, kernel, stride, spatial, ext, poison, monkeypatch):
+    n_ops = 0 if _cuda.IGEMM_CONFIGS[config][2] == 128 else 2  # BN 128: one tile register
+    case = Case(0, precision, 2, 72, 40, 1, list(spatial), list(kernel), list(stride), [1, 1, 0],
+                [s - 1 for s in stride], [1, 1, 1], True, "contiguous", "contiguous", n_ops)
+    _check_forced_igemm(case, monkeypatch, config, splits=1)
+    assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
+    assert _cuda.LAST_WGMMA == _wgmma_device(), f"{case}: wgmma ran: {_cuda.LAST_WGMMA}"
+
+
 # Split-K on the row tiles: each tile's K steps divided among 2-5 CTAs (more than a phase has
 # steps included: empty splits), partials summed by the last CTA in split order, so the result
 # is still bitwise repeatable (_check_case runs each call twice).
@@ -728,7 +770,7 @@ def test_igemm_split_k_rule(ext):
 # shared memory for the 128-byte K step (k = 9: (4 + 8) x (4 + 8) x (8 + 8) rows x 144 bytes,
 # configuration 11 falls back to configuration 0), with several K chunks (C_in = 40).
 @cuda_test
-@pytest.mark.parametrize("config", [11, 13, 16])
+@pytest.mark.parametrize("config", [11, 13, 16, *_cuda.IGEMM_WGMMA_CONFIGS])
 @pytest.mark.parametrize("kernel,stride,spatial", [
     ([9, 9, 9], [1, 1, 1], [3, 4, 5]),
     ([3, 5, 7], [1, 1, 1], [6, 7, 19]),
@@ -739,6 +781,30 @@ def test_igemm_box_large_patch(config, kernel, stride, spatial, ext, poison, mon
                 [s - 1 for s in stride], [1, 1, 1], True, "contiguous", "contiguous", 2)
     _check_forced_igemm(case, monkeypatch, config)
     assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
+
+
+def test_igemm_config_rule_wgmma():
+    """The tile rule (no GPU needed): on Hopper, stride-1 shapes with more than 32 output
+    channels take the two-warpgroup wgmma boxes the H200 sweeps measured fastest; elsewhere, and
+    off Hopper, the mma.sync choices stay."""
+    rule = _cuda._igemm_config
+    # (cin, cout, elem, kernel taps) -> (config with wgmma, config without)
+    for cin, cout, elem, taps, want, before in [
+        (64, 128, 4, 27, 24, 11),   # l2_61
+        (64, 128, 4, 125, 24, 13),  # l2_77
+        (32, 64, 4, 75, 23, 13),    # l1_68
+        (48, 48, 4, 27, 22, 13),    # l1_61
+        (16, 64, 4, 27, 13, 13),    # l2_13 (float32: C_in under 128 bytes keeps mma.sync)
+        (16, 64, 2, 27, 22, 13),    # l2_13 in bf16
+        (32, 16, 4, 105, 15, 15),   # l1_58: 16 output channels
+        (48, 24, 4, 27, 12, 12),    # l1_70
+    ]:
+        macs = cin * taps
+        assert rule(cin, cout, elem, macs, True, taps, wgmma=True) == want, (cin, cout, elem)
+        assert rule(cin, cout, elem, macs, True, taps, wgmma=False) == before, (cin, cout, elem)
+    # strided shapes do not change: l2_100, l2_3
+    assert rule(64, 128, 4, 216, False, 27, wgmma=True) == rule(64, 128, 4, 216, False, 27) == 10
+    assert rule(32, 64, 4, 108, False, 27, wgmma=True) == rule(32, 64, 4, 108, False, 27) == 10
 
 
 def test_phase_halo_matches_brute_force():

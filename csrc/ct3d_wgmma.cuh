@@ -1,0 +1,451 @@
+// Box tiles on Hopper's warpgroup MMA (wgmma.mma_async, sm_90a only). No torch header.
+//
+// The same implicit GEMM as conv_transpose3d_igemm_box_kernel (ct3d_igemm.cuh): xp and wp
+// packed channels-last, a CTA's rows a box of outputs of one stride phase, the box's input
+// patch copied once per K chunk and read by every tap at a uniform row shift, the B tile of
+// each tap streamed through a cp.async ring. What changes is the multiply: one warpgroup (the
+// CTA's 4 warps) issues wgmma.mma_async with both operands read by the tensor cores straight
+// from shared memory (no ldmatrix, no operand registers; the accumulators stay in registers),
+// and keeps one tap's MMAs in flight while the next tap's B tile lands.
+//
+// wgmma reads K-major operands as "core matrices" of 8 rows x 16 bytes stored contiguously
+// (128 bytes; no swizzle). Shared memory is therefore laid out in planes, one per 16-byte
+// piece of the K chunk: plane k holds piece k of every row, 16 bytes a row. Then
+//   * 8 consecutive rows of a plane are one core matrix, wherever the first row starts;
+//   * one wgmma K step (32 bytes: 8 TF32 or 16 FP16/BF16 values) spans two planes, so the
+//     descriptor's leading-dimension byte offset (the K direction) is the plane size;
+//   * the stride-dimension byte offset (between 8-row groups of M or N) is 8 rows for B, and
+//     for A the patch's row pitch in H (EW rows): a box is BD x 8 x 8 voxels, each m64 MMA takes
+//     one D slice of it (8 H rows x 8 W voxels), so its 8 core matrices in M are the 8 H rows of
+//     the patch shifted by the tap.
+// The accumulator fragments of m64nN (warp w of the warpgroup owns rows 16w..16w+15 of each
+// m64 slice, in the mma.sync C layout per n8 block) go to the shared epilogue
+// (gemm_epilogue) with the tile's rows numbered so that its mma.sync row formula holds:
+// epilogue row w * 16 * BD + b * 16 + l is row 16 w + l of slice b, the voxel (b, 2 w + l / 8,
+// l % 8) of the box.
+#pragma once
+
+#include "ct3d_igemm.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define CT3D_HAS_WGMMA 1
+#else
+#define CT3D_HAS_WGMMA 0
+#endif
+
+namespace ct3d {
+
+// Shared-memory matrix descriptor of wgmma: start address, leading-dimension (K) and
+// stride-dimension (M/N) byte offsets between core matrices, no swizzle. All in 16-byte units.
+__device__ __forceinline__ uint64_t wg_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32);
+}
+
+__device__ __forceinline__ void wg_fence() {
+#if CT3D_HAS_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit() {
+#if CT3D_HAS_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+#if CT3D_HAS_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Shared memory written through the generic proxy (cp.async, plain stores) and read next by
+// the tensor cores (async proxy): each writing thread fences before the barrier.
+__device__ __forceinline__ void fence_proxy_async() {
+#if CT3D_HAS_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Keeps the compiler from moving accesses of the accumulators across a wgmma fence or wait.
+template <int MT, int NT>
+__device__ __forceinline__ void wg_fence_acc(float (&acc)[MT][NT][4]) {
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(acc[mi][ni][r])::"memory");
+}
+
+#define CT3D_WG_F4(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define CT3D_WG_R32                          \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,"                \
+  "%8,%9,%10,%11,%12,%13,%14,%15,"           \
+  "%16,%17,%18,%19,%20,%21,%22,%23,"         \
+  "%24,%25,%26,%27,%28,%29,%30,%31},"
+#define CT3D_WG_R64                          \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,"                \
+  "%8,%9,%10,%11,%12,%13,%14,%15,"           \
+  "%16,%17,%18,%19,%20,%21,%22,%23,"         \
+  "%24,%25,%26,%27,%28,%29,%30,%31,"         \
+  "%32,%33,%34,%35,%36,%37,%38,%39,"         \
+  "%40,%41,%42,%43,%44,%45,%46,%47,"         \
+  "%48,%49,%50,%51,%52,%53,%54,%55,"         \
+  "%56,%57,%58,%59,%60,%61,%62,%63},"
+
+// One wgmma K step (32 bytes of K) of an m64 x BN slice: d += A * B^T, FP32 accumulation.
+// TF32: m64nNk8 (inputs already rounded to TF32 when packed); FP16/BF16: m64nNk16, both
+// operands K-major.
+template <int IN_DT, int BN>
+__device__ __forceinline__ void wgmma_step(float (&d)[BN / 8][4], uint64_t da, uint64_t db) {
+#if CT3D_HAS_WGMMA
+  static_assert(BN == 64 || BN == 128, "wgmma tiles of 64 or 128 channels");
+  if constexpr (BN == 64) {
+    if constexpr (IN_DT == kF32) {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 " CT3D_WG_R32
+                   " %32, %33, p, 1, 1;\n}\n"
+                   : CT3D_WG_F4(0), CT3D_WG_F4(1), CT3D_WG_F4(2), CT3D_WG_F4(3), CT3D_WG_F4(4),
+                     CT3D_WG_F4(5), CT3D_WG_F4(6), CT3D_WG_F4(7)
+                   : "l"(da), "l"(db), "r"(1));
+    } else if constexpr (IN_DT == kF16) {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " CT3D_WG_R32
+                   " %32, %33, p, 1, 1, 0, 0;\n}\n"
+                   : CT3D_WG_F4(0), CT3D_WG_F4(1), CT3D_WG_F4(2), CT3D_WG_F4(3), CT3D_WG_F4(4),
+                     CT3D_WG_F4(5), CT3D_WG_F4(6), CT3D_WG_F4(7)
+                   : "l"(da), "l"(db), "r"(1));
+    } else {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " CT3D_WG_R32
+                   " %32, %33, p, 1, 1, 0, 0;\n}\n"
+                   : CT3D_WG_F4(0), CT3D_WG_F4(1), CT3D_WG_F4(2), CT3D_WG_F4(3), CT3D_WG_F4(4),
+                     CT3D_WG_F4(5), CT3D_WG_F4(6), CT3D_WG_F4(7)
+                   : "l"(da), "l"(db), "r"(1));
+    }
+  } else {
+    if constexpr (IN_DT == kF32) {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 " CT3D_WG_R64
+                   " %64, %65, p, 1, 1;\n}\n"
+                   : CT3D_WG_F4(0), CT3D_WG_F4(1), CT3D_WG_F4(2), CT3D_WG_F4(3), CT3D_WG_F4(4),
+                     CT3D_WG_F4(5), CT3D_WG_F4(6), CT3D_WG_F4(7), CT3D_WG_F4(8), CT3D_WG_F4(9),
+                     CT3D_WG_F4(10), CT3D_WG_F4(11), CT3D_WG_F4(12), CT3D_WG_F4(13),
+                     CT3D_WG_F4(14), CT3D_WG_F4(15)
+                   : "l"(da), "l"(db), "r"(1));
+    } else if constexpr (IN_DT == kF16) {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " CT3D_WG_R64
+                   " %64, %65, p, 1, 1, 0, 0;\n}\n"
+                   : CT3D_WG_F4(0), CT3D_WG_F4(1), CT3D_WG_F4(2), CT3D_WG_F4(3), CT3D_WG_F4(4),
+                     CT3D_WG_F4(5), CT3D_WG_F4(6), CT3D_WG_F4(7), CT3D_WG_F4(8), CT3D_WG_F4(9),
+                     CT3D_WG_F4(10), CT3D_WG_F4(11), CT3D_WG_F4(12), CT3D_WG_F4(13),
+                     CT3D_WG_F4(14), CT3D_WG_F4(15)
+                   : "l"(da), "l"(db), "r"(1));
+    } else {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " CT3D_WG_R64
+                   " %64, %65, p, 1, 1, 0, 0;\n}\n"
+                   : CT3D_WG_F4(0), CT3D_WG_F4(1), CT3D_WG_F4(2), CT3D_WG_F4(3), CT3D_WG_F4(4),
+                     CT3D_WG_F4(5), CT3D_WG_F4(6), CT3D_WG_F4(7), CT3D_WG_F4(8), CT3D_WG_F4(9),
+                     CT3D_WG_F4(10), CT3D_WG_F4(11), CT3D_WG_F4(12), CT3D_WG_F4(13),
+                     CT3D_WG_F4(14), CT3D_WG_F4(15)
+                   : "l"(da), "l"(db), "r"(1));
+    }
+  }
+#endif
+}
+
+#undef CT3D_WG_F4
+#undef CT3D_WG_R32
+#undef CT3D_WG_R64
+
+// Tile configuration: a BD x 8 x 8 box (BM = 64 BD rows, BD = SPW x WGS m64 slices) x BN
+// channels, K chunks of BKB bytes, a STAGES-deep B ring; WGS warpgroups, each multiplying SPW
+// slices of the box with the whole B tile (two warpgroups halve the B traffic per output).
+template <int IN_DT, int SPW, int WGS, int BN, int BKB, int STAGES>
+struct WgBox {
+  static constexpr int kThreads = 128 * WGS;
+  static constexpr int BD = SPW * WGS, BH = 8, BW = 8, BM = BD * 64;
+  static constexpr int MT = SPW, NT = BN / 8;
+  static_assert(BKB == 64 || BKB == 128, "K chunks of 64 or 128 bytes");
+  static_assert(STAGES >= 3, "one tap in flight while the next lands needs 3 stages");
+  using GType = typename std::conditional<IN_DT == kF32, float, uint16_t>::type;
+  static constexpr int kElem = static_cast<int>(sizeof(GType));
+  static constexpr int BK = BKB / kElem;  // channels per chunk
+  static constexpr int CH = BKB / 16;     // planes (16-byte pieces) per chunk
+  static constexpr int kBStage = BN * BKB;
+  static constexpr int LDC = BM + 4;
+  static constexpr int kTileBytes = BN * LDC * static_cast<int>(sizeof(float));
+  static constexpr int kInfoBytes = BM * static_cast<int>(sizeof(int64_t) + 4 * sizeof(int));
+  static __host__ __device__ int main_bytes(int p_rows) {
+    return p_rows * BKB + STAGES * kBStage;
+  }
+  static __host__ __device__ int union_bytes(int n_regs, int p_rows) {
+    const int regs = n_regs * kTileBytes;
+    return main_bytes(p_rows) > regs ? main_bytes(p_rows) : regs;
+  }
+  static __host__ __device__ int smem_bytes(int n_regs, int p_rows) {
+    return union_bytes(n_regs, p_rows) + kInfoBytes + p_rows * static_cast<int>(sizeof(int));
+  }
+};
+
+template <int IN_DT, int SPW, int WGS, int BN, int BKB, int STAGES, int MIN_CTAS>
+__global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
+    conv_transpose3d_igemm_wgmma_kernel(const __grid_constant__ ConvParams p,
+                                        const __grid_constant__ IgemmGeom g, int p_max) {
+#if CT3D_HAS_WGMMA
+  using Cfg = WgBox<IN_DT, SPW, WGS, BN, BKB, STAGES>;
+  constexpr int BD = Cfg::BD, BH = Cfg::BH, BW = Cfg::BW, BM = Cfg::BM;
+  constexpr int kThreads = Cfg::kThreads, MT = Cfg::MT, NT = Cfg::NT, CH = Cfg::CH;
+  const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
+
+  // ---- phase and box (as the mma.sync box kernel): grid x = boxes x phases, phase fastest ----
+  const int n_phase = sd * sh * sw;
+  const int z = static_cast<int>(blockIdx.x % static_cast<unsigned>(n_phase));
+  TileOrigin to;
+  to.rw = z % sw;
+  to.rh = (z / sw) % sh;
+  to.rd = z / (sw * sh);
+  to.Td = to.rd < p.Do ? (p.Do - to.rd + sd - 1) / sd : 0;
+  to.Th = to.rh < p.Ho ? (p.Ho - to.rh + sh - 1) / sh : 0;
+  to.Tw = to.rw < p.Wo ? (p.Wo - to.rw + sw - 1) / sw : 0;
+  to.M = 0;
+  to.m0 = 0;
+  const int nbh = ((p.Ho + sh - 1) / sh + BH - 1) / BH;
+  const int nbw = ((p.Wo + sw - 1) / sw + BW - 1) / BW;
+  const int nbd = ((p.Do + sd - 1) / sd + BD - 1) / BD;
+  int box = static_cast<int>(blockIdx.x / static_cast<unsigned>(n_phase));
+  const int tw0 = (box % nbw) * BW;
+  box /= nbw;
+  const int th0 = (box % nbh) * BH;
+  box /= nbh;
+  const int td0 = (box % nbd) * BD;
+  const int n = box / nbd;
+  if (td0 >= to.Td || th0 >= to.Th || tw0 >= to.Tw) return;  // uniform, before any barrier
+  const int co0 = blockIdx.y * BN;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int p_plane = p_max * 16;  // bytes of one plane of the patch
+  unsigned char* sB = smem_raw + p_max * BKB;
+  float* sR = reinterpret_cast<float*>(smem_raw);  // epilogue registers, alias patch and ring
+  int64_t* s_yoff =
+      reinterpret_cast<int64_t*>(smem_raw + Cfg::union_bytes(p.epi.n_regs, p_max));
+  int* s_n = reinterpret_cast<int*>(s_yoff + BM);
+  int* s_td = s_n + BM;
+  int* s_th = s_td + BM;
+  int* s_tw = s_th + BM;
+  int* s_prow = s_tw + BM;
+
+  const int tid = threadIdx.x;
+  for (int r = tid; r < BM; r += kThreads) {
+    // epilogue row r = v * 16 SPW + j * 16 + l (v: warp of the CTA, j: its warpgroup's slice):
+    // row 16 (v % 4) + l of slice b = (v / 4) SPW + j
+    const int v = r / (16 * SPW), j = (r / 16) % SPW, l = r % 16;
+    const int td = td0 + (v / 4) * SPW + j, th = th0 + 2 * (v % 4) + l / 8, tw = tw0 + l % 8;
+    const bool ok = td < to.Td && th < to.Th && tw < to.Tw;
+    s_n[r] = ok ? n : -1;
+    s_td[r] = td;
+    s_th[r] = th;
+    s_tw[r] = tw;
+    s_yoff[r] = ok ? static_cast<int64_t>(n) * p.ys[0] +
+                         static_cast<int64_t>(to.rd + sd * td) * p.ys[2] +
+                         static_cast<int64_t>(to.rh + sh * th) * p.ys[3] +
+                         static_cast<int64_t>(to.rw + sw * tw) * p.ys[4]
+                   : 0;
+  }
+  const PhaseDim pdd = tab_phase(g, 0, to.rd), pdh = tab_phase(g, 1, to.rh),
+                 pdw = tab_phase(g, 2, to.rw);
+  const int taps = pdd.nT * pdh.nT * pdw.nT;
+  const int ED = patch_extent(pdd, BD), EH = patch_extent(pdh, BH), EW = patch_extent(pdw, BW);
+  const int p_rows = ED * EH * EW;  // <= p_max
+  if (taps > 0) {
+    const int xd0 = td0 + pdd.off0 - (pdd.nT - 1) * pdd.doff + g.lo[0];
+    const int xh0 = th0 + pdh.off0 - (pdh.nT - 1) * pdh.doff + g.lo[1];
+    const int xw0 = tw0 + pdw.off0 - (pdw.nT - 1) * pdw.doff + g.lo[2];
+    for (int r = tid; r < p_rows; r += kThreads) {
+      const int pw = r % EW, ph = (r / EW) % EH, pd = r / (EW * EH);
+      const int xd = min(xd0 + pd, g.Dp - 1), xh = min(xh0 + ph, g.Hp - 1),
+                xw = min(xw0 + pw, g.Wp - 1);
+      s_prow[r] = (((n * g.Dp + xd) * g.Hp + xh) * g.Wp + xw) * g.Cp * Cfg::kElem;
+    }
+  }
+  __syncthreads();
+
+  const uint32_t sP0 = smem_u32(smem_raw), sB0 = smem_u32(sB);
+  const char* __restrict__ Xp = static_cast<const char*>(g.xp);
+  const char* __restrict__ Wp = static_cast<const char*>(g.wp);
+  const int n_chunks = g.Cp / Cfg::BK;
+  const int tap_bytes = g.CoutP * g.Cp * Cfg::kElem;
+  // B loader: piece `piece` of weight row co0 + row into plane `piece` of a stage
+  auto load_b = [&](int stage, int src_off) {
+    const uint32_t dst = sB0 + stage * Cfg::kBStage;
+    for (int i = tid; i < BN * CH; i += kThreads) {
+      const int row = i / CH, piece = i % CH;
+      cp_async_16(dst + piece * (BN * 16) + row * 16,
+                  Wp + (src_off + (co0 + row) * g.Cp * Cfg::kElem + piece * 16));
+    }
+  };
+  // this warpgroup's first slice: patch row offset (bytes) at the phase's last tap
+  const int slice0 = (tid >> 7) * SPW;
+
+  float acc[MT][NT][4];
+  zero_acc(acc);
+  wg_fence_acc(acc);
+
+  constexpr int PF = STAGES - 2;  // taps of B loaded ahead
+  if (taps > 0) {
+    for (int ch = 0; ch < n_chunks; ++ch) {
+      if (ch > 0) {
+        wg_wait<0>();
+        wg_fence_acc(acc);
+        __syncthreads();  // the previous chunk's MMAs are done: patch and ring are free
+      }
+      for (int i = tid; i < p_rows * CH; i += kThreads) {
+        const int r = i / CH, piece = i % CH;
+        cp_async_16(sP0 + piece * p_plane + r * 16, Xp + (s_prow[r] + ch * BKB + piece * 16));
+      }
+      KIter kl{0, 0, 0, 0};  // tap of the next B load
+      const int ch_bytes = ch * BKB;
+      int loaded = 0;
+#pragma unroll
+      for (int s = 0; s < PF; ++s) {
+        if (loaded < taps) {
+          load_b(loaded % STAGES, tap_step(p, pdd, pdh, pdw, kl, tap_bytes, BKB) + ch_bytes);
+          kl.next(1, pdw.nT, pdh.nT);
+          ++loaded;
+        }
+        cp_async_commit();  // the first group carries the patch too
+      }
+      KIter kc{0, 0, 0, 0};  // tap being multiplied
+      for (int it = 0; it < taps; ++it) {
+        cp_async_wait<PF - 1>();  // tap it's B (and the patch) landed, for this thread
+        fence_proxy_async();
+        wg_wait<1>();  // tap it - 2's MMAs are done: its stage may be refilled
+        __syncthreads();
+        if (loaded < taps) {
+          load_b(loaded % STAGES, tap_step(p, pdd, pdh, pdw, kl, tap_bytes, BKB) + ch_bytes);
+          kl.next(1, pdw.nT, pdh.nT);
+          ++loaded;
+        }
+        cp_async_commit();
+        // patch rows of this tap: the phase's last tap reads from row 0
+        const int toff = ((pdd.nT - 1 - kc.jd) * pdd.doff * EH + (pdh.nT - 1 - kc.jh) * pdh.doff) *
+                             EW +
+                         (pdw.nT - 1 - kc.jw) * pdw.doff;
+        const uint32_t a0 = sP0 + (slice0 * EH * EW + toff) * 16;
+        const uint32_t b0 = sB0 + (it % STAGES) * Cfg::kBStage;
+        wg_fence();
+#pragma unroll
+        for (int s = 0; s < BKB / 32; ++s) {
+          const uint64_t db = wg_desc(b0 + 2 * s * (BN * 16), BN * 16, 128);
+#pragma unroll
+          for (int j = 0; j < SPW; ++j) {
+            const uint64_t da =
+                wg_desc(a0 + j * (EH * EW * 16) + 2 * s * p_plane, p_plane, EW * 16);
+            wgmma_step<IN_DT, BN>(acc[j], da, db);
+          }
+        }
+        wg_commit();
+        kc.next(1, pdw.nT, pdh.nT);
+      }
+      cp_async_wait<0>();
+    }
+    wg_wait<0>();
+    wg_fence_acc(acc);
+  }
+  __syncthreads();  // the epilogue tiles alias the patch and the ring
+
+  gemm_epilogue<IN_DT, BM, BN, Cfg::LDC, 16 * SPW, BN, MT, NT, kThreads>(
+      p, acc, sR, to, s_n, s_td, s_th, s_tw, s_yoff, 0, co0, tid >> 5, 0, tid);
+#endif
+}
+
+// Whether the current device runs the sm_90a wgmma kernels (compute capability 9.0).
+inline bool device_has_wgmma() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
+
+// wgmma box launch. Sets `fits` to false and launches nothing where the kernel cannot run:
+// not a compute capability 9.0 device, split-K, or the largest phase's patch does not fit in
+// shared memory; the caller then runs the mma.sync box configuration of the same K step and BN.
+template <int IN_DT, int SPW, int WGS, int BN, int BKB, int STAGES, int MIN_CTAS>
+cudaError_t launch_igemm_wgmma(const ConvParams& p, const IgemmGeom& g, cudaStream_t stream,
+                               bool& fits) {
+  using Cfg = WgBox<IN_DT, SPW, WGS, BN, BKB, STAGES>;
+  using T = typename Cfg::GType;
+  fits = false;
+  if (g.splits != 1 || !device_has_wgmma()) return cudaSuccess;
+  if (p.epi.n_regs < 1 || p.epi.n_regs > kMaxRegs) return cudaErrorInvalidValue;
+  if (p.groups != 1 || g.Cp % Cfg::BK != 0 || g.CoutP % BN != 0) return cudaErrorInvalidValue;
+  if (p.st[0] > kMaxStride || p.st[1] > kMaxStride || p.st[2] > kMaxStride) {
+    return cudaErrorInvalidValue;
+  }
+  auto kernel = conv_transpose3d_igemm_wgmma_kernel<IN_DT, SPW, WGS, BN, BKB, STAGES, MIN_CTAS>;
+  // (the descriptors' 14-bit fields hold offsets up to 256 KB, more than shared memory)
+  const int p_max = box_patch_rows(p, Cfg::BD, Cfg::BH, Cfg::BW);
+  const int smem = Cfg::smem_bytes(p.epi.n_regs, p_max);
+  cudaFuncAttributes attr;
+  cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+  if (e != cudaSuccess) return e;
+  if (smem + static_cast<int>(attr.sharedSizeBytes) > max_smem_optin()) return cudaSuccess;
+  fits = true;
+  if (static_cast<int64_t>(p.N) * g.Dp * g.Hp * g.Wp == 0) return cudaSuccess;
+  e = pack_input<T, IN_DT == kF32>(p, g, stream);
+  if (e != cudaSuccess) return e;
+  const int64_t nbd = ((p.Do + p.st[0] - 1) / p.st[0] + Cfg::BD - 1) / Cfg::BD;
+  const int64_t nbh = ((p.Ho + p.st[1] - 1) / p.st[1] + Cfg::BH - 1) / Cfg::BH;
+  const int64_t nbw = ((p.Wo + p.st[2] - 1) / p.st[2] + Cfg::BW - 1) / Cfg::BW;
+  const int64_t n_phase = static_cast<int64_t>(p.st[0]) * p.st[1] * p.st[2];
+  const int64_t gx = static_cast<int64_t>(p.N) * nbd * nbh * nbw * n_phase;
+  const int64_t gy = g.CoutP / BN;
+  if (gx == 0 || gy == 0) return cudaSuccess;
+  if (gx > INT_MAX || gy > 65535) return cudaErrorInvalidConfiguration;
+  e = opt_in_smem(kernel, smem);
+  if (e != cudaSuccess) return e;
+  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1), Cfg::kThreads, smem,
+           stream>>>(p, g, p_max);
+  return cudaGetLastError();
+}
+
+// launch_igemm plus the wgmma configurations (_cuda.py IGEMM_CONFIGS; each falls back to the
+// mma.sync box configuration of the same K step and BN, in parentheses). Box BD x 8 x 8,
+// warpgroups, BN, K chunk bytes, stages:
+//   19   2 x 8 x 8, 1 warpgroup, BN 64, 64-byte chunks, 4 stages (13)
+//   20   2 x 8 x 8, 1 warpgroup, BN 128, 64-byte chunks, 4 stages (16)
+//   21   2 x 8 x 8, 1 warpgroup, BN 64, 128-byte chunks, 4 stages (11)
+//   22   4 x 8 x 8, 2 warpgroups, BN 64, 64-byte chunks, 6 stages (13)
+//   23   4 x 8 x 8, 2 warpgroups, BN 64, 128-byte chunks, 4 stages (11)
+//   24   4 x 8 x 8, 2 warpgroups, BN 128, 64-byte chunks, 4 stages (16)
+// Sets *wgmma (when given) to whether the wgmma kernel ran.
+template <int IN_DT>
+cudaError_t launch_igemm_any(const ConvParams& p, const IgemmGeom& g, int config,
+                             cudaStream_t stream, int* wgmma = nullptr) {
+  if (wgmma != nullptr) *wgmma = 0;
+  bool fits = false;
+  cudaError_t e = cudaSuccess;
+  int fallback = config;
+  switch (config) {
+    case 19: e = launch_igemm_wgmma<IN_DT, 2, 1, 64, 64, 4, 3>(p, g, stream, fits); fallback = 13; break;
+    case 20: e = launch_igemm_wgmma<IN_DT, 2, 1, 128, 64, 4, 1>(p, g, stream, fits); fallback = 16; break;
+    case 21: e = launch_igemm_wgmma<IN_DT, 2, 1, 64, 128, 4, 2>(p, g, stream, fits); fallback = 11; break;
+    case 22: e = launch_igemm_wgmma<IN_DT, 2, 2, 64, 64, 6, 2>(p, g, stream, fits); fallback = 13; break;
+    case 23: e = launch_igemm_wgmma<IN_DT, 2, 2, 64, 128, 4, 1>(p, g, stream, fits); fallback = 11; break;
+    case 24: e = launch_igemm_wgmma<IN_DT, 2, 2, 128, 64, 4, 1>(p, g, stream, fits); fallback = 16; break;
+    default: return launch_igemm<IN_DT>(p, g, config, stream);
+  }
+  if (e != cudaSuccess) return e;
+  if (fits) {
+    if (wgmma != nullptr) *wgmma = 1;
+    return e;
+  }
+  return launch_igemm<IN_DT>(p, g, fallback, stream);
+}
+
+}  // namespace ct3d
