@@ -320,6 +320,15 @@ def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False):
     config = (_igemm_config(cin, cout, elem, macs, stride1, math.prod(ks), streams,
                             _has_wgmma(input.device))
               if IGEMM_CONFIG is None else IGEMM_CONFIG)
+    if IGEMM_CONFIG is None and config in IGEMM_WGMMA_CONFIGS:
+        # few tiles (split-K): the wgmma boxes would fall back to row tiles of their BN (128
+        # for 24, 8 warps), slower than the mma.sync choice's own fallback (GAN generator's
+        # first layer at batch 1); the wgmma kernel has no split-K
+        _, bm_w, bn_w, _ = IGEMM_CONFIGS[config]
+        ck_w = IGEMM_CONFIGS[config][0] // elem
+        if _igemm_splits(input, conv_shape, st, ks, -(-cin // ck_w), bm_w,
+                         -(-cout // bn_w)) > 1:
+            config = _igemm_config(cin, cout, elem, macs, stride1, math.prod(ks), streams)
     kbytes, _, bn, _ = IGEMM_CONFIGS[config]
     ck = kbytes // elem
     cp = -(-cin // ck) * ck

@@ -760,6 +760,11 @@ def test_igemm_split_k_rule(ext):
     w = torch.randn(512, 256, 4, 4, 4, device="cuda")
     ok, auto, tiles = _cuda._igemm_rule(x, w, (1, 256, 8, 8, 8), [2] * 3, [1] * 3, [1] * 3, 1)
     assert ok and auto and tiles[4] > 1, tiles
+    # a stride-1 first layer (1^3 -> 4^3 voxels): split-K on the mma.sync choice's row tile, not
+    # on the wgmma box's BN-128 fallback
+    x1 = torch.randn(1, 512, 1, 1, 1, device="cuda")
+    ok, auto, tiles = _cuda._igemm_rule(x1, w, (1, 256, 4, 4, 4), [1] * 3, [0] * 3, [1] * 3, 1)
+    assert ok and auto and tiles[4] > 1 and tiles[2] == 3, tiles
     x = torch.randn(16, 32, 16, 32, 32, device="cuda")
     w = torch.randn(32, 64, 3, 3, 3, device="cuda")
     ok, auto, tiles = _cuda._igemm_rule(x, w, (16, 64, 32, 64, 64), [2] * 3, [1] * 3, [1] * 3, 1)
