@@ -503,21 +503,16 @@ __host__ __device__ __forceinline__ int patch_extent(const PhaseDim& d, int box)
   return d.nT > 0 ? box + (d.nT - 1) * d.doff : 0;
 }
 
-template <int IN_DT, int BD, int BH, int BW, int BN, int BKB, int WARPS_M, int WARPS_N,
-          int STAGES, int MIN_CTAS>
-__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
-    conv_transpose3d_igemm_box_kernel(const __grid_constant__ ConvParams p,
-                                      const __grid_constant__ IgemmGeom g, int p_max) {
-  using Cfg = IgBox<IN_DT, BD, BH, BW, BN, BKB, WARPS_M, WARPS_N, STAGES>;
-  constexpr int BM = BD * BH * BW;
-  constexpr int kThreads = Cfg::kThreads;
-  constexpr int MT = Cfg::MT, NT = Cfg::NT, kPitch = Cfg::kPitch;
+// The box of a box-tile CTA (this kernel and the wgmma boxes, ct3d_wgmma.cuh): grid x = boxes x
+// phases, phase fastest, the boxes tiling the largest phase. Sets the phase fields of `to` (M and
+// m0 are 0: unused) and the box origin (td0, th0, tw0) of batch element n; false when the box lies
+// past this phase's outputs (uniform for the CTA).
+template <int BD, int BH, int BW>
+__device__ __forceinline__ bool box_origin(const ConvParams& p, TileOrigin& to, int& td0,
+                                           int& th0, int& tw0, int& n) {
   const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
-
-  // ---- phase and box: grid x = boxes x phases, phase fastest; boxes tile the largest phase ----
   const int n_phase = sd * sh * sw;
   const int z = static_cast<int>(blockIdx.x % static_cast<unsigned>(n_phase));
-  TileOrigin to;
   to.rw = z % sw;
   to.rh = (z / sw) % sh;
   to.rd = z / (sw * sh);
@@ -530,13 +525,49 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   const int nbw = ((p.Wo + sw - 1) / sw + BW - 1) / BW;
   const int nbd = ((p.Do + sd - 1) / sd + BD - 1) / BD;
   int box = static_cast<int>(blockIdx.x / static_cast<unsigned>(n_phase));
-  const int tw0 = (box % nbw) * BW;
+  tw0 = (box % nbw) * BW;
   box /= nbw;
-  const int th0 = (box % nbh) * BH;
+  th0 = (box % nbh) * BH;
   box /= nbh;
-  const int td0 = (box % nbd) * BD;
-  const int n = box / nbd;
-  if (td0 >= to.Td || th0 >= to.Th || tw0 >= to.Tw) return;  // uniform, before any barrier
+  td0 = (box % nbd) * BD;
+  n = box / nbd;
+  return td0 < to.Td && th0 < to.Th && tw0 < to.Tw;
+}
+
+// Byte offsets in xp of the p_rows = ED x EH x EW rows of a box's input patch (row (0, 0, 0) is
+// the box origin at the phase's last tap); rows past the end of xp are clamped to its last voxel
+// (they only feed rows that are not stored). Threads tid, tid + threads, ... write s_prow.
+__device__ __forceinline__ void box_patch_offsets(const IgemmGeom& g, const PhaseDim& pdd,
+                                                  const PhaseDim& pdh, const PhaseDim& pdw,
+                                                  int td0, int th0, int tw0, int n, int EH,
+                                                  int EW, int p_rows, int elem, int* s_prow,
+                                                  int tid, int threads) {
+  const int xd0 = td0 + pdd.off0 - (pdd.nT - 1) * pdd.doff + g.lo[0];
+  const int xh0 = th0 + pdh.off0 - (pdh.nT - 1) * pdh.doff + g.lo[1];
+  const int xw0 = tw0 + pdw.off0 - (pdw.nT - 1) * pdw.doff + g.lo[2];
+  for (int r = tid; r < p_rows; r += threads) {
+    const int pw = r % EW, ph = (r / EW) % EH, pd = r / (EW * EH);
+    const int xd = min(xd0 + pd, g.Dp - 1), xh = min(xh0 + ph, g.Hp - 1),
+              xw = min(xw0 + pw, g.Wp - 1);
+    s_prow[r] = (((n * g.Dp + xd) * g.Hp + xh) * g.Wp + xw) * g.Cp * elem;
+  }
+}
+
+template <int IN_DT, int BD, int BH, int BW, int BN, int BKB, int WARPS_M, int WARPS_N,
+          int STAGES, int MIN_CTAS>
+__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
+    conv_transpose3d_igemm_box_kernel(const __grid_constant__ ConvParams p,
+                                      const __grid_constant__ IgemmGeom g, int p_max) {
+  using Cfg = IgBox<IN_DT, BD, BH, BW, BN, BKB, WARPS_M, WARPS_N, STAGES>;
+  constexpr int BM = BD * BH * BW;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr int MT = Cfg::MT, NT = Cfg::NT, kPitch = Cfg::kPitch;
+  const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
+
+  // ---- phase and box ----
+  TileOrigin to;
+  int td0, th0, tw0, n;
+  if (!box_origin<BD, BH, BW>(p, to, td0, th0, tw0, n)) return;  // uniform, before any barrier
   const int co0 = blockIdx.y * BN;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -571,16 +602,8 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   const int ED = patch_extent(pdd, BD), EH = patch_extent(pdh, BH), EW = patch_extent(pdw, BW);
   const int p_rows = ED * EH * EW;  // <= p_max (the host sized shared memory for every phase)
   if (taps > 0) {
-    // xp voxel of patch row (0, 0, 0): the box origin at the phase's last tap
-    const int xd0 = td0 + pdd.off0 - (pdd.nT - 1) * pdd.doff + g.lo[0];
-    const int xh0 = th0 + pdh.off0 - (pdh.nT - 1) * pdh.doff + g.lo[1];
-    const int xw0 = tw0 + pdw.off0 - (pdw.nT - 1) * pdw.doff + g.lo[2];
-    for (int r = tid; r < p_rows; r += kThreads) {
-      const int pw = r % EW, ph = (r / EW) % EH, pd = r / (EW * EH);
-      const int xd = min(xd0 + pd, g.Dp - 1), xh = min(xh0 + ph, g.Hp - 1),
-                xw = min(xw0 + pw, g.Wp - 1);
-      s_prow[r] = (((n * g.Dp + xd) * g.Hp + xh) * g.Wp + xw) * g.Cp * Cfg::kElem;
-    }
+    box_patch_offsets(g, pdd, pdh, pdw, td0, th0, tw0, n, EH, EW, p_rows, Cfg::kElem, s_prow,
+                      tid, kThreads);
   }
   __syncthreads();
 

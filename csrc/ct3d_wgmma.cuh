@@ -200,29 +200,10 @@ __global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
   constexpr int kThreads = Cfg::kThreads, MT = Cfg::MT, NT = Cfg::NT, CH = Cfg::CH;
   const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
 
-  // ---- phase and box (as the mma.sync box kernel): grid x = boxes x phases, phase fastest ----
-  const int n_phase = sd * sh * sw;
-  const int z = static_cast<int>(blockIdx.x % static_cast<unsigned>(n_phase));
+  // ---- phase and box (as the mma.sync box kernel) ----
   TileOrigin to;
-  to.rw = z % sw;
-  to.rh = (z / sw) % sh;
-  to.rd = z / (sw * sh);
-  to.Td = to.rd < p.Do ? (p.Do - to.rd + sd - 1) / sd : 0;
-  to.Th = to.rh < p.Ho ? (p.Ho - to.rh + sh - 1) / sh : 0;
-  to.Tw = to.rw < p.Wo ? (p.Wo - to.rw + sw - 1) / sw : 0;
-  to.M = 0;
-  to.m0 = 0;
-  const int nbh = ((p.Ho + sh - 1) / sh + BH - 1) / BH;
-  const int nbw = ((p.Wo + sw - 1) / sw + BW - 1) / BW;
-  const int nbd = ((p.Do + sd - 1) / sd + BD - 1) / BD;
-  int box = static_cast<int>(blockIdx.x / static_cast<unsigned>(n_phase));
-  const int tw0 = (box % nbw) * BW;
-  box /= nbw;
-  const int th0 = (box % nbh) * BH;
-  box /= nbh;
-  const int td0 = (box % nbd) * BD;
-  const int n = box / nbd;
-  if (td0 >= to.Td || th0 >= to.Th || tw0 >= to.Tw) return;  // uniform, before any barrier
+  int td0, th0, tw0, n;
+  if (!box_origin<BD, BH, BW>(p, to, td0, th0, tw0, n)) return;  // uniform, before any barrier
   const int co0 = blockIdx.y * BN;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -260,15 +241,8 @@ __global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
   const int ED = patch_extent(pdd, BD), EH = patch_extent(pdh, BH), EW = patch_extent(pdw, BW);
   const int p_rows = ED * EH * EW;  // <= p_max
   if (taps > 0) {
-    const int xd0 = td0 + pdd.off0 - (pdd.nT - 1) * pdd.doff + g.lo[0];
-    const int xh0 = th0 + pdh.off0 - (pdh.nT - 1) * pdh.doff + g.lo[1];
-    const int xw0 = tw0 + pdw.off0 - (pdw.nT - 1) * pdw.doff + g.lo[2];
-    for (int r = tid; r < p_rows; r += kThreads) {
-      const int pw = r % EW, ph = (r / EW) % EH, pd = r / (EW * EH);
-      const int xd = min(xd0 + pd, g.Dp - 1), xh = min(xh0 + ph, g.Hp - 1),
-                xw = min(xw0 + pw, g.Wp - 1);
-      s_prow[r] = (((n * g.Dp + xd) * g.Hp + xh) * g.Wp + xw) * g.Cp * Cfg::kElem;
-    }
+    box_patch_offsets(g, pdd, pdh, pdw, td0, th0, tw0, n, EH, EW, p_rows, Cfg::kElem, s_prow,
+                      tid, kThreads);
   }
   __syncthreads();
 
@@ -432,12 +406,30 @@ cudaError_t launch_igemm_any(const ConvParams& p, const IgemmGeom& g, int config
   cudaError_t e = cudaSuccess;
   int fallback = config;
   switch (config) {
-    case 19: e = launch_igemm_wgmma<IN_DT, 2, 1, 64, 64, 4, 3>(p, g, stream, fits); fallback = 13; break;
-    case 20: e = launch_igemm_wgmma<IN_DT, 2, 1, 128, 64, 4, 1>(p, g, stream, fits); fallback = 16; break;
-    case 21: e = launch_igemm_wgmma<IN_DT, 2, 1, 64, 128, 4, 2>(p, g, stream, fits); fallback = 11; break;
-    case 22: e = launch_igemm_wgmma<IN_DT, 2, 2, 64, 64, 6, 2>(p, g, stream, fits); fallback = 13; break;
-    case 23: e = launch_igemm_wgmma<IN_DT, 2, 2, 64, 128, 4, 1>(p, g, stream, fits); fallback = 11; break;
-    case 24: e = launch_igemm_wgmma<IN_DT, 2, 2, 128, 64, 4, 1>(p, g, stream, fits); fallback = 16; break;
+    case 19:
+      e = launch_igemm_wgmma<IN_DT, 2, 1, 64, 64, 4, 3>(p, g, stream, fits);
+      fallback = 13;
+      break;
+    case 20:
+      e = launch_igemm_wgmma<IN_DT, 2, 1, 128, 64, 4, 1>(p, g, stream, fits);
+      fallback = 16;
+      break;
+    case 21:
+      e = launch_igemm_wgmma<IN_DT, 2, 1, 64, 128, 4, 2>(p, g, stream, fits);
+      fallback = 11;
+      break;
+    case 22:
+      e = launch_igemm_wgmma<IN_DT, 2, 2, 64, 64, 6, 2>(p, g, stream, fits);
+      fallback = 13;
+      break;
+    case 23:
+      e = launch_igemm_wgmma<IN_DT, 2, 2, 64, 128, 4, 1>(p, g, stream, fits);
+      fallback = 11;
+      break;
+    case 24:
+      e = launch_igemm_wgmma<IN_DT, 2, 2, 128, 64, 4, 1>(p, g, stream, fits);
+      fallback = 16;
+      break;
     default: return launch_igemm<IN_DT>(p, g, config, stream);
   }
   if (e != cudaSuccess) return e;
