@@ -292,21 +292,39 @@ struct TileOrigin {
   int64_t M, m0;   // rows (voxels) of the phase, first row of the tile (m0 >= M: no work)
 };
 
-template <int BM>
-__device__ __forceinline__ TileOrigin tile_origin(const ConvParams& p) {
+// The phase of this CTA (grid x = tiles x phases, phase fastest): sets t's phase and its output
+// extents; returns the CTA's tile index within the phase (blockIdx.x / phases).
+__device__ __forceinline__ unsigned phase_origin(const ConvParams& p, TileOrigin& t) {
   const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
   const int n_phase = sd * sh * sw;
   const int z = static_cast<int>(blockIdx.x % static_cast<unsigned>(n_phase));
-  TileOrigin t;
   t.rw = z % sw;
   t.rh = (z / sw) % sh;
   t.rd = z / (sw * sh);
   t.Td = t.rd < p.Do ? (p.Do - t.rd + sd - 1) / sd : 0;
   t.Th = t.rh < p.Ho ? (p.Ho - t.rh + sh - 1) / sh : 0;
   t.Tw = t.rw < p.Wo ? (p.Wo - t.rw + sw - 1) / sw : 0;
+  return blockIdx.x / static_cast<unsigned>(n_phase);
+}
+
+template <int BM>
+__device__ __forceinline__ TileOrigin tile_origin(const ConvParams& p) {
+  TileOrigin t;
+  const unsigned tile = phase_origin(p, t);
   t.M = static_cast<int64_t>(p.N) * t.Td * t.Th * t.Tw;
-  t.m0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(n_phase)) * BM;
+  t.m0 = static_cast<int64_t>(tile) * BM;
   return t;
+}
+
+// Zeroes the mma.sync accumulator fragments of a warp tile.
+template <int MT, int NT>
+__device__ __forceinline__ void zero_acc(float (&acc)[MT][NT][4]) {
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
 }
 
 // The tap geometry of the tile's phase, computed by three threads into shared memory, and, when
@@ -600,12 +618,7 @@ __global__ void __launch_bounds__(kThreads, (BM == 64 && MODE == kModeTensorCore
   const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
   const int lg = lane >> 2, lt = lane & 3;
   float acc[MT][NT][4];
-#pragma unroll
-  for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NT; ++ni)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+  zero_acc(acc);
 
   auto compute = [&](int buf) {
     const SType* As = sA + buf * (BM * LDK);

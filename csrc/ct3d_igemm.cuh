@@ -240,17 +240,6 @@ __device__ __forceinline__ int tap_step(const ConvParams& p, const PhaseDim& pdd
   return ((kd * p.kH + kh) * p.kW + kw) * tap_bytes + ki.chunk * bkb;
 }
 
-// Zeroes the mma.sync accumulator fragments of a warp tile.
-template <int MT, int NT>
-__device__ __forceinline__ void zero_acc(float (&acc)[MT][NT][4]) {
-#pragma unroll
-  for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NT; ++ni)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
-}
-
 // One K step of the warp tile: fragments by ldmatrix.x4 from shared memory (A rows at
 // a_addr[mi], the 16 rows of m-fragment mi given by each lane's own address, so the rows may lie
 // anywhere; B at b_base, rows of the stage's [n][k] tile), then MT x NT mma.sync.
@@ -511,20 +500,12 @@ template <int BD, int BH, int BW>
 __device__ __forceinline__ bool box_origin(const ConvParams& p, TileOrigin& to, int& td0,
                                            int& th0, int& tw0, int& n) {
   const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
-  const int n_phase = sd * sh * sw;
-  const int z = static_cast<int>(blockIdx.x % static_cast<unsigned>(n_phase));
-  to.rw = z % sw;
-  to.rh = (z / sw) % sh;
-  to.rd = z / (sw * sh);
-  to.Td = to.rd < p.Do ? (p.Do - to.rd + sd - 1) / sd : 0;
-  to.Th = to.rh < p.Ho ? (p.Ho - to.rh + sh - 1) / sh : 0;
-  to.Tw = to.rw < p.Wo ? (p.Wo - to.rw + sw - 1) / sw : 0;
+  int box = static_cast<int>(phase_origin(p, to));
   to.M = 0;
   to.m0 = 0;
   const int nbh = ((p.Ho + sh - 1) / sh + BH - 1) / BH;
   const int nbw = ((p.Wo + sw - 1) / sw + BW - 1) / BW;
   const int nbd = ((p.Do + sd - 1) / sd + BD - 1) / BD;
-  int box = static_cast<int>(blockIdx.x / static_cast<unsigned>(n_phase));
   tw0 = (box % nbw) * BW;
   box /= nbw;
   th0 = (box % nbh) * BH;
@@ -562,6 +543,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   constexpr int BM = BD * BH * BW;
   constexpr int kThreads = Cfg::kThreads;
   constexpr int MT = Cfg::MT, NT = Cfg::NT, kPitch = Cfg::kPitch;
+
   const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
 
   // ---- phase and box ----
