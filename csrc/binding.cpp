@@ -148,7 +148,12 @@ ct3d::ConvParams prepare(const at::Tensor& x, const at::Tensor& w,
     const at::Tensor& t = slots[i];
     check_cuda_on(t, dev, "epilogue tensor");
     p.epi.slot[i].ptr = t.data_ptr();
-    for (int j = 0; j < 5; ++j) p.epi.slot[i].s[j] = ss[i * 5 + j];
+    bool like_y = true;
+    for (int j = 0; j < 5; ++j) {
+      p.epi.slot[i].s[j] = ss[i * 5 + j];
+      like_y = like_y && ss[i * 5 + j] == p.ys[j];
+    }
+    p.epi.slot[i].like_y = like_y ? 1 : 0;
     p.epi.slot[i].dtype = dtype_code(t.scalar_type(), "epilogue tensor");
   }
   p.epi.n_slots = static_cast<int32_t>(n_slots);

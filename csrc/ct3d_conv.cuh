@@ -344,13 +344,32 @@ __device__ __forceinline__ void phase_dims(const ConvParams& p, const TileOrigin
   }
 }
 
-// Element e of a BM-row tile in voxel-fast order (row m = e % BM, column c = e / BM, at
-// out[c * LDC + m]): everything of its ElemPos but the output position d, h, w.
-template <int BM, int LDC>
-__device__ __forceinline__ ElemPos tile_elem(const ConvParams& p, int e, const int* s_n, int grp,
-                                             int co0) {
-  const int m = e % BM;
-  const int c = e / BM;
+// Element i of thread tid's share of a BM-row tile in voxel-fast order: e = tid + i * THREADS,
+// row m = e % BM, column c = e / BM. The epilogue program recomputes this for every element of
+// every instruction, so the modulo and division are resolved at compile time where THREADS and
+// BM divide one another (every tile of the kernels; tid < THREADS).
+template <int BM, int THREADS>
+__device__ __forceinline__ void tile_rc(int tid, int i, int& m, int& c) {
+  const unsigned t = static_cast<unsigned>(tid), u = static_cast<unsigned>(i);
+  if constexpr (THREADS % BM == 0) {
+    m = static_cast<int>(t % BM);
+    c = static_cast<int>(t / BM + u * (THREADS / BM));
+  } else if constexpr (BM % THREADS == 0) {
+    constexpr unsigned R = BM / THREADS;
+    m = static_cast<int>(t + (u % R) * THREADS);
+    c = static_cast<int>(u / R);
+  } else {
+    const unsigned e = t + u * THREADS;
+    m = static_cast<int>(e % BM);
+    c = static_cast<int>(e / BM);
+  }
+}
+
+// Element (row m, column c) of a tile at out[c * LDC + m]: everything of its ElemPos but the
+// output position d, h, w.
+template <int LDC>
+__device__ __forceinline__ ElemPos tile_elem(const ConvParams& p, int m, int c, const int* s_n,
+                                             int grp, int co0) {
   ElemPos q;
   q.idx = c * LDC + m;
   q.col = c;
@@ -394,9 +413,10 @@ __device__ __forceinline__ void gemm_epilogue(const ConvParams& p, const float (
 
   const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
   auto pos = [&](int i) {
-    const int e = tid + i * THREADS;
-    const int m = e % BM;
-    ElemPos q = tile_elem<BM, LDC>(p, e, s_n, grp, co0);
+    int m, c;
+    tile_rc<BM, THREADS>(tid, i, m, c);
+    ElemPos q = tile_elem<LDC>(p, m, c, s_n, grp, co0);
+    q.yoff = s_yoff[m] + static_cast<int64_t>(q.c) * p.ys[1];
     q.d = t.rd + sd * s_td[m];
     q.h = t.rh + sh * s_th[m];
     q.w = t.rw + sw * s_tw[m];
@@ -998,9 +1018,10 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
 
     // ---- the program over the tile, then one store per element ----
     auto pos = [&](int i) {
-      const int e = tid + i * kThreads;
-      const int m = e % BM;
-      ElemPos q = tile_elem<BM, LDC>(p, e, s_n, grp, co0);
+      int m, c;
+      tile_rc<BM, kThreads>(tid, i, m, c);
+      ElemPos q = tile_elem<LDC>(p, m, c, s_n, grp, co0);
+      q.yoff = s_yoff[m] + static_cast<int64_t>(q.c) * p.ys[1];
       q.d = s_d[m];
       q.h = s_h[m];
       q.w = s_w[m];

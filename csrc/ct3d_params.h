@@ -89,12 +89,13 @@ struct Instr {
 };
 
 // One epilogue tensor: data pointer, 5 strides (elements) of its view expanded to
-// (N, C_out, D_out, H_out, W_out), element type.
+// (N, C_out, D_out, H_out, W_out), element type, and whether those strides are the output's
+// (a full-size side input laid out like y: its element offset is the output element's).
 struct Slot {
   const void* ptr;
   int64_t s[5];
   int32_t dtype;
-  int32_t pad_;
+  int32_t like_y;
 };
 
 struct Epilogue {

@@ -1,7 +1,7 @@
 """Times the fused op's kernels on the benchmark suite, one call per kernel choice.
 
     python scripts/time_kernels.py [--dtype fp32|fp32-exact|bf16|fp16] [--only REGEX]
-                                   [--algos auto,gemm,direct] [--json PATH]
+                                   [--algos auto,gemm,direct] [--json PATH] [--bare]
 
 For each suite problem (benchmarks/suite.json, the published sizes) this builds the model the
 way ``python -m ct3d_fx.bench`` does, optimizes it, captures the calls of the fused op during
@@ -10,7 +10,9 @@ flushed) with the per-shape autotune off and ``ct3d_fx._cuda.ALGO`` set to each 
 ("auto": the kernel _cuda.py and launch_conv pick; "gemm": the strided-input implicit GEMM;
 "igemm" or "igemm:N": the channels-last implicit GEMM, with tile configuration N of
 ``_cuda.IGEMM_CONFIGS``; "direct": the direct FP32 kernel where it applies); a choice that runs a kernel already timed for the problem reuses
-that time. Every choice's output is compared with the first one's (relative
+that time. ``--bare`` also times the first choice with each call's epilogue program
+removed (convolution plus bias only, column ``bare_ms``): the difference is what the
+epilogue costs inside the fused kernel. Every choice's output is compared with the first one's (relative
 L2 difference) so a broken kernel cannot time well unnoticed.
 
 The "before" column and the floor come from the committed benchmark of the same dtype on the
@@ -47,6 +49,8 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--warmup-ms", type=float, default=25.0)
     ap.add_argument("--rep-ms", type=float, default=100.0)
+    ap.add_argument("--bare", action="store_true",
+                    help="also time the first choice without the epilogue program")
     opts = ap.parse_args()
     algos = opts.algos.split(",")
     device = torch.device("cuda")
@@ -109,6 +113,13 @@ def main() -> int:
                         lambda: [f(*a, **k) for f, a, k in calls], device,
                         warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms), 4)
                 row[f"{algo}_ms"] = timed[kernel]
+                if opts.bare and algo == algos[0]:
+                    # program, scalars, extras -> empty: the convolution plus bias alone
+                    bare = [(f, tuple(a[:8]) + ([], [], []), k) for f, a, k in calls]
+                    row["bare_ms"] = round(bench.time_ms(
+                        lambda: [f(*a, **k) for f, a, k in bare], device,
+                        warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms), 4)
+                    row["program_len"] = [len(a[8]) // 6 for _, a, _ in calls]
             _cuda.ALGO = "auto"
             _cuda.IGEMM_CONFIG = None
             _cuda._plans.clear()
@@ -121,7 +132,9 @@ def main() -> int:
         fl = row["floor_ms"]
         ratio = f"{row[f'{algos[0]}_ms'] / fl:6.2f}" if fl else "     -"
         before = f"{row['before_ms']:8.3f}" if row["before_ms"] else "       -"
-        print(f"{pid:7s} before {before}  {cells}  {algos[0]}/floor {ratio}", flush=True)
+        bare = (f"  bare {row['bare_ms']:8.3f} (instr {row['program_len']})"
+                if "bare_ms" in row else "")
+        print(f"{pid:7s} before {before}  {cells}  {algos[0]}/floor {ratio}{bare}", flush=True)
         del model, opt, calls, inputs, ref_out
         torch.cuda.empty_cache()
         if opts.json:
