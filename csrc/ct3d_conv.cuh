@@ -366,16 +366,18 @@ __device__ __forceinline__ void tile_rc(int tid, int i, int& m, int& c) {
 }
 
 // Element (row m, column c) of a tile at out[c * LDC + m]: everything of its ElemPos but the
-// output position d, h, w.
+// output position d, h, w (s_yoff: the rows' output offsets without the channel, as store_tile
+// reads them).
 template <int LDC>
 __device__ __forceinline__ ElemPos tile_elem(const ConvParams& p, int m, int c, const int* s_n,
-                                             int grp, int co0) {
+                                             const int64_t* s_yoff, int grp, int co0) {
   ElemPos q;
   q.idx = c * LDC + m;
   q.col = c;
   q.n = s_n[m];
   q.ok = q.n >= 0 && co0 + c < p.cout_g;
   q.c = grp * p.cout_g + co0 + c;
+  q.yoff = s_yoff[m] + static_cast<int64_t>(q.c) * p.ys[1];
   return q;
 }
 
@@ -415,8 +417,7 @@ __device__ __forceinline__ void gemm_epilogue(const ConvParams& p, const float (
   auto pos = [&](int i) {
     int m, c;
     tile_rc<BM, THREADS>(tid, i, m, c);
-    ElemPos q = tile_elem<LDC>(p, m, c, s_n, grp, co0);
-    q.yoff = s_yoff[m] + static_cast<int64_t>(q.c) * p.ys[1];
+    ElemPos q = tile_elem<LDC>(p, m, c, s_n, s_yoff, grp, co0);
     q.d = t.rd + sd * s_td[m];
     q.h = t.rh + sh * s_th[m];
     q.w = t.rw + sw * s_tw[m];
@@ -1020,8 +1021,7 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
     auto pos = [&](int i) {
       int m, c;
       tile_rc<BM, kThreads>(tid, i, m, c);
-      ElemPos q = tile_elem<LDC>(p, m, c, s_n, grp, co0);
-      q.yoff = s_yoff[m] + static_cast<int64_t>(q.c) * p.ys[1];
+      ElemPos q = tile_elem<LDC>(p, m, c, s_n, s_yoff, grp, co0);
       q.d = s_d[m];
       q.h = s_h[m];
       q.w = s_w[m];

@@ -102,28 +102,12 @@ __device__ __forceinline__ void load_channel_slots(const Epilogue& E, float* col
   }
 
 // Elementwise ops in two phases per batch of kMapBatch elements: the operands of every element
-// of the batch are read first (into registers x, y), then every result is computed and stored.
-// A store to D and a load of A may address the same tile register, so the compiler keeps an
-// element-at-a-time loop in program order: one shared-memory round trip per element and
-// instruction, which left the program a third of the kernel's time on l2_100 (2 instructions)
-// and half on l2_20 (5). Within one thread a batch's loads never read what its stores write
+// of the batch are read first (into registers x, y; CT3D_MAP1: x alone), then every result is
+// computed and stored. A store to D and a load of A may address the same tile register, so the
+// compiler keeps an element-at-a-time loop in program order: one shared-memory round trip per
+// element and instruction, which left the program a quarter of the kernel's time on l2_100
+// (2 instructions) and half on l2_20 (5). Within one thread a batch's loads never read what its stores write
 // (element j only ever writes index idx_j of D and reads idx_j of A and B), so the order is safe.
-#define CT3D_MAP1(SRC_A, ...)                                \
-  _Pragma("unroll 1")                                        \
-  for (int i0_ = 0; i0_ < PER; i0_ += kMapBatch) {           \
-    float xa_[kMapBatch];                                    \
-    _Pragma("unroll")                                        \
-    for (int j_ = 0; j_ < kMapBatch; ++j_) {                 \
-      const ElemPos q = pos(i0_ + j_);                       \
-      xa_[j_] = (SRC_A);                                     \
-    }                                                        \
-    _Pragma("unroll")                                        \
-    for (int j_ = 0; j_ < kMapBatch; ++j_) {                 \
-      const ElemPos q = pos(i0_ + j_);                       \
-      const float x = xa_[j_];                               \
-      D[q.idx] = (__VA_ARGS__);                              \
-    }                                                        \
-  }
 #define CT3D_MAP2(SRC_A, SRC_B, ...)                         \
   _Pragma("unroll 1")                                        \
   for (int i0_ = 0; i0_ < PER; i0_ += kMapBatch) {           \
@@ -138,9 +122,12 @@ __device__ __forceinline__ void load_channel_slots(const Epilogue& E, float* col
     for (int j_ = 0; j_ < kMapBatch; ++j_) {                 \
       const ElemPos q = pos(i0_ + j_);                       \
       const float x = xa_[j_], y = xb_[j_];                  \
+      (void)y;                                               \
       D[q.idx] = (__VA_ARGS__);                              \
     }                                                        \
   }
+// One operand: the second reads nothing (the compiler drops it).
+#define CT3D_MAP1(SRC_A, ...) CT3D_MAP2(SRC_A, 0.0f, __VA_ARGS__)
 
 // torch.clamp on a float: NaN passes through, min wins over max.
 __device__ __forceinline__ float clamp_keep_nan(float x, float lo, float hi) {
