@@ -200,6 +200,11 @@ ct3d::ConvParams prepare(const at::Tensor& x, const at::Tensor& w,
                      : (I.op == ct3d::OP_LOAD_TENSOR || I.op == ct3d::OP_PRELU) ? 1 : 0;
     TORCH_CHECK(need == 0 || (I.c >= 0 && I.c + need <= n_slots), "ct3d: epilogue instruction ",
                 i, ": slot ", I.c, " out of range for ", n_slots, " epilogue tensors");
+    TORCH_CHECK(I.op != ct3d::OP_SOFTMAX ||
+                    (p.groups == 1 && p.cout_g <= ct3d::kMaxSoftmaxChannels),
+                "ct3d: epilogue instruction ", i, ": SOFTMAX over the channels needs groups == 1 "
+                "and at most ", ct3d::kMaxSoftmaxChannels, " output channels, got groups=",
+                p.groups, " and C_out=", p.cout_g * p.groups);
   }
   p.epi.n_regs = static_cast<int32_t>(n_regs);
   p.epi.out_reg = static_cast<int32_t>(regs[1]);
@@ -265,6 +270,9 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
               " channels must be 64 or 128 bytes");
   TORCH_CHECK(bn == 16 || bn == 32 || bn == 64 || bn == 128,
               "ct3d: bn must be 16, 32, 64 or 128, got ", bn);
+  TORCH_CHECK(bn >= p.cout_g || !ct3d::epilogue_spans_channels(p.epi),
+              "ct3d: a SOFTMAX epilogue needs all ", p.cout_g, " output channels in one tile, "
+              "got bn=", bn);
   ct3d::IgemmGeom g;
   std::memset(&g, 0, sizeof(g));
   ct3d::igemm_plan(p, static_cast<int>(ck), static_cast<int>(bn), &g);

@@ -423,7 +423,11 @@ __device__ __forceinline__ void gemm_epilogue(const ConvParams& p, const float (
     q.w = t.rw + sw * s_tw[m];
     return q;
   };
-  run_program<BM * BN / THREADS>(p.epi, sR, kTileFloats, pos, s_col, BN);
+  auto rows = [&]() {
+    const int ncols = p.cout_g - co0 < BN ? p.cout_g - co0 : BN;
+    return TileRows{BM, LDC, ncols, p.groups == 1 && co0 == 0 && p.cout_g <= BN, tid, THREADS};
+  };
+  run_program<BM * BN / THREADS>(p.epi, sR, kTileFloats, pos, s_col, BN, rows);
 
   const bool chan_fast = p.ys[1] == 1 && p.Cout > 1;
   if (chan_fast) __syncthreads();  // the store walks the tile in the other element order
@@ -1027,7 +1031,8 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
       q.w = s_w[m];
       return q;
     };
-    run_program<Cfg::kPer, decltype(pos), 4>(p.epi, sR, Cfg::kTileFloats, pos, s_col, CO);
+    run_program<Cfg::kPer, decltype(pos), 4, false>(p.epi, sR, Cfg::kTileFloats, pos, s_col, CO,
+                                                    [] { return TileRows{}; });
     if (chan_fast) __syncthreads();
     store_tile<BM, CO, LDC>(p, sR + p.epi.out_reg * Cfg::kTileFloats, s_n, s_yoff, co0, grp, tid,
                             chan_fast);
@@ -1146,7 +1151,9 @@ inline bool direct_pays(const ConvParams& p) {
 // to the kernel that ran (kKernelGemm or kKernelDirect).
 template <int IN_DT, int MODE>
 cudaError_t launch_conv(const ConvParams& p, cudaStream_t stream, int* kernel) {
-  if (p.algo != kAlgoGemm) {
+  // SOFTMAX runs in the GEMM, whose tile holds up to 64 channels (kMaxSoftmaxChannels); the
+  // direct kernel does not run it (ct3d_epilogue.cuh run_program)
+  if (p.algo != kAlgoGemm && !epilogue_spans_channels(p.epi)) {
     const bool narrow = p.cout_g <= 8;
     const int64_t wf = narrow ? direct_weight_floats<8>(p) : direct_weight_floats<16>(p);
     const int64_t gy = static_cast<int64_t>(p.groups) * ((p.cout_g + (narrow ? 7 : 15)) /

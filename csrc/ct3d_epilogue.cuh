@@ -91,7 +91,7 @@ __device__ __forceinline__ void load_channel_slots(const Epilogue& E, float* col
 // Runs the decoded program on the output tile. `buf` holds E.n_regs tile registers of `tile`
 // floats each; register 0 holds the convolution output plus bias. Every thread handles the
 // same PER elements (pos(i), i < PER) for every instruction, so no barrier is needed between
-// instructions. Instruction-outer, element-inner: the opcode switch runs once per instruction.
+// instructions, except around SOFTMAX, which reads whole rows of the tile (`rows()`). Instruction-outer, element-inner: the opcode switch runs once per instruction.
 // CT3D_EACH runs one element at a time (constants, and operands read from global memory);
 // the ops on tile registers use CT3D_MAP1 / CT3D_MAP2 below.
 #define CT3D_EACH(...)                   \
@@ -199,15 +199,75 @@ __device__ __forceinline__ void load_tensor_batched(const Slot& s, float* D, Pos
   }
 }
 
-// `colv` holds the per-channel slots (load_channel_slots), `cols` values per slot. Elements
-// outside the output (q.ok false) may hold any finite or non-finite value: they are never
-// stored. LOAD_BATCH: loads of a full-size epilogue tensor in flight per thread (16; the direct
-// kernel, capped at 128 registers, uses 4). Elementwise ops batch 16 elements where LOAD_BATCH
-// is 16 (1-2% faster than 8 on l2_100, l2_20, l2_74 on an H200), 8 in the direct kernel (16 was
-// 1% slower there).
-template <int PER, class Pos, int LOAD_BATCH = 16>
+// The tile as rows of channels, for SOFTMAX, which combines the channels of one output voxel:
+// the tile's element (row m, column c) is register[c * ld + m] (every kernel's layout); `rows`
+// voxels, `ncols` of the columns are output channels, `whole`: those are all C_out channels of
+// the output (groups == 1, one tile along C_out). Threads `tid` of `threads` share the rows.
+struct TileRows {
+  int rows, ld, ncols;
+  bool whole;
+  int tid, threads;
+};
+
+// softmax (log_softmax when `log`) along the columns of each row of a tile register: A -> D
+// (they may be the same register). One thread per row; consecutive threads read consecutive
+// rows of a column, so the shared-memory reads do not conflict. The row maximum and the sum of
+// exp(x - max) are kept as 4 partials (columns c mod 4), so a thread has 4 independent chains
+// in flight instead of one 64-long dependent chain. As PyTorch's CUDA softmax over a non-last
+// dimension computes it: max, sum of exp(x - max), then exp(x - max) / sum (here times
+// 1 / sum, within an ulp) or (x - max) - log(sum); a NaN in the row makes the whole row NaN
+// (the sum). Caller: a barrier before (A complete) and after (D complete).
+__device__ __forceinline__ void softmax_rows(const float* A, float* D, const TileRows& tr,
+                                             bool log) {
+  const int n = tr.ncols, ld = tr.ld, n4 = n & ~3;
+  if (!tr.whole) {  // the host never launches this (_cuda.py, binding.cpp): poison, not garbage
+    for (int m = tr.tid; m < tr.rows; m += tr.threads)
+      for (int c = 0; c < n; ++c) D[c * ld + m] = __int_as_float(0x7fc00000);
+    return;
+  }
+  for (int m = tr.tid; m < tr.rows; m += tr.threads) {
+    const float* a = A + m;
+    float* d = D + m;
+    float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    for (int c = 0; c < n4; c += 4) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) mx[j] = fmaxf(mx[j], a[(c + j) * ld]);
+    }
+    for (int c = n4; c < n; ++c) mx[0] = fmaxf(mx[0], a[c * ld]);
+    const float rmax = fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]));
+    float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int c = 0; c < n4; c += 4) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float e = expf(a[(c + j) * ld] - rmax);
+        sum[j] += e;
+        if (!log) d[(c + j) * ld] = e;
+      }
+    }
+    for (int c = n4; c < n; ++c) {
+      const float e = expf(a[c * ld] - rmax);
+      sum[0] += e;
+      if (!log) d[c * ld] = e;
+    }
+    const float total = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+    if (log) {
+      const float lse = logf(total);
+      for (int c = 0; c < n; ++c) d[c * ld] = (a[c * ld] - rmax) - lse;
+    } else {
+      const float inv = 1.0f / total;
+      for (int c = 0; c < n; ++c) d[c * ld] *= inv;
+    }
+  }
+}
+
+// ROWS: the kernel runs SOFTMAX (its tile holds whole rows of channels, `rows()`); the direct
+// kernel does not (at its 128-register cap the code spilled; launch_conv sends SOFTMAX
+// programs to the GEMM), and an unexpected SOFTMAX there poisons the result.
+// `rows()` returns the tile's TileRows; it is called only by SOFTMAX, so the kernels keep none
+// of its values live through the program.
+template <int PER, class Pos, int LOAD_BATCH = 16, bool ROWS = true, class Rows>
 __device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int tile, Pos pos,
-                                            const float* colv, int cols) {
+                                            const float* colv, int cols, Rows rows) {
   constexpr int kMapBatch = (LOAD_BATCH >= 16 && PER % 16 == 0) ? 16
                             : PER % 8 == 0                       ? 8
                             : PER % 4 == 0                       ? 4
@@ -381,6 +441,16 @@ __device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int t
         }
         break;
       }
+      case OP_SOFTMAX:
+        if constexpr (ROWS) {
+          // the only instruction that reads other threads' elements: every thread of the CTA
+          // runs the program (the instruction sequence is uniform), so the barriers are safe
+          __syncthreads();
+          softmax_rows(A, D, rows(), I.b != 0);
+          __syncthreads();
+          break;
+        }
+        [[fallthrough]];
       default:  // the Python side validates opcodes; an unknown one poisons the result
         CT3D_EACH(D[q.idx] = __int_as_float(0x7fc00000));
         break;

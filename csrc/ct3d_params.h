@@ -22,6 +22,9 @@ namespace ct3d {
 constexpr int kMaxInstr = 48;  // epilogue instructions per program (Python: _cuda.MAX_INSTR)
 constexpr int kMaxSlots = 16;  // epilogue tensors per program (Python: _cuda.MAX_SLOTS)
 constexpr int kMaxRegs = 6;    // epilogue tile registers (Python: _cuda.MAX_REGS)
+// Output channels a SOFTMAX instruction may combine: every kernel's tile holds this many
+// channels of a voxel (Python: _cuda.SOFTMAX_MAX_CHANNELS).
+constexpr int kMaxSoftmaxChannels = 64;
 
 // Element types, as codes (Python: _cuda._DTYPE_CODE).
 enum DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
@@ -65,6 +68,7 @@ enum OpCode : int32_t {
   OP_CLAMP = 38,
   OP_BATCH_NORM = 39,
   OP_DETACH = 40,  // never reaches the kernel: _cuda.py folds it into its operand
+  OP_SOFTMAX = 41,
 };
 
 // One decoded epilogue instruction. The program runs on a small register file of output
@@ -83,6 +87,8 @@ enum OpCode : int32_t {
 //   CLAMP                  f0, f1 = min, max (-inf / +inf when absent)
 //   BATCH_NORM             c = slot of running_mean (var, weight, bias follow), b = affine,
 //                          f0 = eps
+//   SOFTMAX                b = 1 for log_softmax; over the output channels of each voxel (a
+//                          row of the tile: the tile must hold all C_out channels, groups == 1)
 struct Instr {
   int32_t op, a, b, c, d;
   float f0, f1;
@@ -106,6 +112,14 @@ struct Epilogue {
   Instr ins[kMaxInstr];
   Slot slot[kMaxSlots];
 };
+
+// Whether the program has an instruction that combines the channels of a voxel (SOFTMAX): the
+// kernel's tile must then hold all of them (host code: the launchers check it).
+inline bool epilogue_spans_channels(const Epilogue& E) {
+  for (int i = 0; i < E.n_instr; ++i)
+    if (E.ins[i].op == OP_SOFTMAX) return true;
+  return false;
+}
 
 struct ConvParams {
   // input (N, C_in, D, H, W)

@@ -30,6 +30,8 @@ Limitations (these calls run the reference, ``ops.reference``):
       or C) elements;
     * more than ``MAX_INSTR`` instructions or ``MAX_SLOTS`` epilogue tensors;
     * more than ``MAX_REGS`` epilogue values alive at once;
+    * a softmax over the channels (SOFTMAX) with groups > 1 or more than
+      ``SOFTMAX_MAX_CHANNELS`` output channels (the pass does not fuse those);
     * grids beyond CUDA's limits: groups * ceil(C_out/groups / 16) > 65535, or more than
       2^31 - 1 tiles of 64 output voxels (all stride phases together).
 """
@@ -46,7 +48,8 @@ from . import _build
 from .ops import (INSTR_WIDTH, Opcode, _triple, check_args, conv_transpose3d_epilogue,
                   output_shape, reference)
 
-__all__ = ["POISON_OUTPUT", "fallback_reason", "MAX_INSTR", "MAX_SLOTS", "MAX_REGS"]
+__all__ = ["POISON_OUTPUT", "fallback_reason", "MAX_INSTR", "MAX_SLOTS", "MAX_REGS",
+           "SOFTMAX_MAX_CHANNELS"]
 
 #: Test hook: when True, every output is filled with NaN before the kernel launches, so a test
 #: can check that the kernel wrote every element.
@@ -108,6 +111,9 @@ LAST_WGMMA: bool = False
 MAX_INSTR = 48  # csrc/ct3d_params.h kMaxInstr
 MAX_SLOTS = 16  # csrc/ct3d_params.h kMaxSlots
 MAX_REGS = 6  # csrc/ct3d_params.h kMaxRegs
+#: Output channels a SOFTMAX epilogue may span (csrc/ct3d_params.h kMaxSoftmaxChannels): each
+#: kernel then computes all of a voxel's channels in one tile (groups == 1).
+SOFTMAX_MAX_CHANNELS = 64
 _MAX_GRID_X, _MAX_GRID_Y = 2 ** 31 - 1, 65535
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SLOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -215,6 +221,11 @@ def _make_plan(input, weight, bias, stride, padding, output_padding, dilation, g
         return _Plan(f"the result dtype {dtype} is not covered by the kernel")
 
     channels = conv_shape[1]
+    spans = any(program[i] == Opcode.SOFTMAX for i in range(0, len(program), INSTR_WIDTH))
+    if spans and (groups != 1 or channels > SOFTMAX_MAX_CHANNELS):
+        return _Plan(f"a softmax over the channels needs groups == 1 and at most "
+                     f"{SOFTMAX_MAX_CHANNELS} output channels in the kernel, got groups={groups} "
+                     f"and C_out={channels}")
     try:
         decoded = _decode_program(input, program, scalars, extras, conv_shape, channels)
     except _NotCovered as e:
@@ -243,6 +254,10 @@ def _make_plan(input, weight, bias, stride, padding, output_padding, dilation, g
     streams = bool(plan.slot_strides[:, [0, 2, 3, 4]].any())  # a slot beyond per-channel
     plan.igemm_ok, plan.igemm_auto, plan.igemm_tiles = _igemm_rule(input, weight, conv_shape,
                                                                    st, pa, di, groups, streams)
+    if spans and plan.igemm_ok and plan.igemm_tiles[1] < channels:
+        # a configuration forced by IGEMM_CONFIG whose tile holds fewer channels: the softmax
+        # needs them all, which launch_conv's kernels provide
+        plan.igemm_ok = plan.igemm_auto = False
     return plan
 
 
@@ -499,7 +514,7 @@ def _decode_program(input, program, scalars, extras, conv_shape, channels):
             rows.append(_Row(op, [reg_value(a)], v, f0=float(scalars[b])))
         elif op in _TWO_SCALARS:
             rows.append(_Row(op, [reg_value(a)], v, f0=float(scalars[b]), f1=float(scalars[c])))
-        elif op == Opcode.GELU:
+        elif op in (Opcode.GELU, Opcode.SOFTMAX):
             rows.append(_Row(op, [reg_value(a)], v, b_flag=int(b)))
         elif op == Opcode.CLAMP:
             rows.append(_Row(op, [reg_value(a)], v,

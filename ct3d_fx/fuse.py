@@ -251,6 +251,43 @@ def _candidate(node: fx.Node, S: set, tainted: set, modules, config: Config, pca
     return spec, bound, m
 
 
+def _conv_channels(anchor: fx.Node, conv: Dict[str, Any]) -> Optional[int]:
+    """C_out of the anchor's convolution when tracing knows it (module, or functional with a
+    parameter or buffer as weight), else None."""
+    if conv.get("module") is not None:
+        return int(conv["module"].out_channels)
+    w = conv.get("weight")
+    if isinstance(w, fx.Node) and w.op == "get_attr":
+        obj: Any = anchor.graph.owning_module
+        try:
+            for part in str(w.target).split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            return None
+        if isinstance(obj, torch.Tensor) and obj.dim() == 5:
+            return int(obj.size(1)) * int(conv["groups"])
+    return None
+
+
+def _channel_span_reason(node: fx.Node, anchor: fx.Node, conv: Dict[str, Any],
+                         modules) -> Optional[str]:
+    """Why an op over the channels (softmax(dim=1)) cannot join this site's kernel, or None:
+    every kernel's tile must hold all C_out channels of a voxel (``_cuda.SOFTMAX_MAX_CHANNELS``)
+    in one group."""
+    from ._cuda import SOFTMAX_MAX_CHANNELS
+    name = patterns.describe(node, modules)
+    if conv["groups"] != 1:
+        return (f"{name} spans the channels of a grouped ConvTranspose3d (groups="
+                f"{conv['groups']}); the fused kernel's tile holds the channels of one group")
+    c_out = _conv_channels(anchor, conv)
+    if c_out is None:
+        return f"{name}: C_out of the ConvTranspose3d is not known when tracing"
+    if c_out > SOFTMAX_MAX_CHANNELS:
+        return (f"{name} spans C_out={c_out} channels; the fused kernel holds at most "
+                f"{SOFTMAX_MAX_CHANNELS} channels of a voxel in one tile")
+    return None
+
+
 def _is_inplace(spec, bound, m) -> bool:
     return spec.inplace or bound.get("inplace") is True or (
         m is not None and patterns.module_inplace(m))
@@ -355,6 +392,8 @@ def match(anchor: fx.Node, modules, config: Config) -> Match:
         if not all(a in S for a in ins):
             continue
         r = _candidate(n, S, tainted, modules, config, pcache)
+        if not isinstance(r, str) and r[0].spans_channels:
+            r = _channel_span_reason(n, anchor, conv, modules) or r
         if isinstance(r, str):
             rejected[n] = r
         else:

@@ -35,7 +35,8 @@ INSTR_WIDTH = 6
 class Opcode(enum.IntEnum):
     """Epilogue opcodes. Each instruction is ``[opcode, a, b, c, d, e]``; unused fields are -1.
 
-    Legend: ``v`` value number, ``s`` scalar index, ``t`` extra-tensor index, ``f`` flag.
+    Legend: ``v`` value number, ``s`` scalar index, ``t`` extra-tensor index, ``f`` flag,
+    ``dim`` a dimension of the 5-D output (SOFTMAX: 1 or -4, the channels).
     """
 
     LOAD_SCALAR = 1   # a=s                      -> scalars[a] (a Python float)
@@ -66,6 +67,8 @@ class Opcode(enum.IntEnum):
     BATCH_NORM = 39   # a=v, b=t running_mean (running_var is t b+1; weight, bias are t b+2, b+3
     #                   when c=1, absent when c=0), d=s eps. Eval mode: running statistics.
     DETACH = 40       # a=v                      -> a.detach(): the same values, no gradient
+    SOFTMAX = 41      # a=v, b=f (0: softmax, 1: log_softmax), c=dim (1 or -4): over the
+    #                   channels of the 5-D value a (a must be computed from the conv output)
 
 
 # Which fields of each opcode are value numbers (v), scalar indices (s), extra-tensor indices
@@ -79,7 +82,10 @@ _FIELDS = {
     Opcode.HARDSWISH: "v", Opcode.HARDSIGMOID: "v", Opcode.HARDTANH: "vss",
     Opcode.SIGMOID: "v", Opcode.TANH: "v", Opcode.SOFTPLUS: "vss",
     Opcode.CLAMP: "v??", Opcode.BATCH_NORM: "vtfs", Opcode.DETACH: "v",
+    Opcode.SOFTMAX: "vfd",
 }
+# dims a SOFTMAX may name: the channel dimension of a 5-D value
+_SOFTMAX_DIMS = (1, -4)
 
 
 def _split(program: Sequence[int]) -> List[List[int]]:
@@ -122,6 +128,9 @@ def check_program(program: Sequence[int], n_scalars: int, n_extras: int) -> None
                                      f"[0, {n_extras}), got {x}")
             if kind == "f" and x not in (0, 1):
                 raise ValueError(f"{what}: flag must be 0 or 1, got {x}")
+            if kind == "d" and x not in _SOFTMAX_DIMS:
+                raise ValueError(f"{what}: dim must be 1 or -4 (the channels of the 5-D output), "
+                                 f"got {x}")
             if kind == "-" and x != -1:
                 raise ValueError(f"{what}: unused field must be -1, got {x}")
         if op == Opcode.LOAD_SCALAR:
@@ -139,6 +148,10 @@ def check_program(program: Sequence[int], n_scalars: int, n_extras: int) -> None
         elif operands[0] == "scalar":
             raise ValueError(f"ct3d: program instruction {i} ({op.name}): operand v{ins[1]} is "
                              f"a scalar, expected a tensor value")
+        elif op == Opcode.SOFTMAX and operands[0] != "conv":
+            raise ValueError(f"ct3d: program instruction {i} (SOFTMAX): operand v{ins[1]} is "
+                             f"an extra tensor, expected a value computed from the convolution "
+                             f"output (value 0)")
         kinds_of.append("conv" if "conv" in operands else "tensor")
     if kinds_of[-1] != "conv":
         raise ValueError("ct3d: program's last value must be computed from the convolution output "
@@ -158,6 +171,8 @@ def describe_program(program: Sequence[int], scalars: Sequence[float]) -> str:
                 args.append("-" if x < 0 else repr(scalars[x]))
             elif kind == "t":
                 args.append(f"t{x}")
+            elif kind == "d":
+                args.append(f"dim={x}")
             else:
                 args.append(str(x))
         out.append(f"v{i + 1}={op.name}({', '.join(args)})")
@@ -225,6 +240,8 @@ def _run_program(y: torch.Tensor, program: Sequence[int], scalars: Sequence[floa
                 r = torch.clamp(x, None if b < 0 else s[b], None if c < 0 else s[c])
             elif op == Opcode.DETACH:
                 r = x.detach()
+            elif op == Opcode.SOFTMAX:
+                r = F.log_softmax(x, dim=c) if b else F.softmax(x, dim=c)
             elif op == Opcode.BATCH_NORM:
                 w = extras[b + 2] if c else None
                 bb = extras[b + 3] if c else None
@@ -344,7 +361,7 @@ def conv_transpose3d_epilogue(input: torch.Tensor, weight: torch.Tensor,
                               dilation: Sequence[int], groups: int, program: Sequence[int],
                               scalars: Sequence[float], extras: Sequence[torch.Tensor]
                               ) -> torch.Tensor:
-    """ConvTranspose3d and an elementwise epilogue in one op.
+    """ConvTranspose3d and its epilogue (elementwise ops, softmax over channels) in one op.
 
     Args:
         input: (N, C_in, D, H, W), float32/float64/float16/bfloat16, NCDHW or channels_last_3d.
@@ -367,8 +384,9 @@ def conv_transpose3d_epilogue(input: torch.Tensor, weight: torch.Tensor,
 
     Limitations:
         The CPU implementation is the reference (not fused). The CUDA kernel falls back to the
-        reference for float64, for extras that enlarge the output by broadcasting, and when the
-        extension could not be built.
+        reference for float64, for extras that enlarge the output by broadcasting, for a
+        SOFTMAX with groups > 1 or more than 64 output channels, and when the extension could
+        not be built.
     """
     check_args(input, weight, bias, stride, padding, output_padding, dilation, groups,
                program, scalars, extras)

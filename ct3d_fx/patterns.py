@@ -1,4 +1,7 @@
-"""The table of fusable ops: every spelling of an elementwise op -> one epilogue opcode.
+"""The table of fusable ops: every spelling of an epilogue op -> one epilogue opcode.
+
+Epilogue ops are elementwise, except softmax and log_softmax over the channels (dim=1), which
+the kernel computes per output voxel from the C_out values its tile holds.
 
 A spelling is an ``nn.Module`` class (``call_module``), a function (``call_function``: torch.*,
 torch.nn.functional.*, operator.*) or a Tensor method name (``call_method``). Each maps to an
@@ -20,7 +23,8 @@ from .ops import Opcode
 
 __all__ = ["OpSpec", "FAMILIES", "lookup", "is_anchor", "describe", "supported_table"]
 
-FAMILIES = frozenset({"arithmetic", "activation", "clamp", "batch_norm", "dropout", "residual"})
+FAMILIES = frozenset({"arithmetic", "activation", "clamp", "batch_norm", "dropout", "residual",
+                      "softmax"})
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class OpSpec:
     inplace: bool = False
     mode_dependent: bool = False   # reads module.training at run time (BatchNorm, Dropout)
     alias: bool = False            # may return its input itself (detach, eval Dropout, Identity)
+    spans_channels: bool = False   # combines the channels of a voxel (softmax over dim 1): the
+    #                                pass checks the conv's groups and C_out (fuse.py)
 
 
 def _binder(fn):
@@ -73,6 +79,7 @@ def _s_prelu(input, weight): ...
 def _s_dropout(input, p=0.5, training=True, inplace=False): ...
 def _s_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                   momentum=0.1, eps=1e-5): ...
+def _s_softmax(input, dim=None, _stacklevel=3, dtype=None): ...
 def _s_module(input): ...
 def _s_identity(input, *args, **kwargs): ...
 
@@ -250,6 +257,34 @@ def _check_bn_fn(b, m):
     return None
 
 
+def _softmax_dim_reason(name, dim):
+    if dim is None:
+        return f"{name} with an implicit dim (dim=None) is not supported: pass dim=1"
+    if dim not in (1, -4):
+        return (f"{name}(dim={dim!r}) is not over the channels (dim=1 of the 5-D output), "
+                f"so it is not a per-voxel epilogue")
+    return None
+
+
+def _check_softmax(name):
+    def check(b, m):
+        if b.get("dtype") is not None:
+            return f"{name}(dtype={b['dtype']}) is not supported"
+        return _softmax_dim_reason(name, b["dim"])
+    return check
+
+
+def _enc_softmax(log):
+    def enc(e, b, m):
+        dim = b["dim"] if m is None else m.dim
+        return e.emit(Opcode.SOFTMAX, e.value(b["input"]), 1 if log else 0, int(dim))
+    return enc
+
+
+def _check_softmax_mod(b, m):
+    return _softmax_dim_reason(type(m).__name__, m.dim)
+
+
 # --- module encoders (arguments come from the module's attributes) -----------------------------
 def _mod_scalar(opcode, *attrs):
     def enc(e, b, m):
@@ -396,6 +431,14 @@ _add(_fn(F.batch_norm),
      OpSpec("batch_norm", "batch_norm", _binder(_s_batch_norm), ("input",), _enc_bn_fn,
             _check_bn_fn))
 
+# softmax over the channels (one voxel's C_out values, all in the kernel's tile)
+for _name, _log, _fns, _meth_name in [
+        ("softmax", False, (F.softmax, torch.softmax), "softmax"),
+        ("log_softmax", True, (F.log_softmax, torch.log_softmax), "log_softmax")]:
+    _add(_fn(*_fns) + _meth(_meth_name),
+         OpSpec(_name, "softmax", _binder(_s_softmax), ("input",), _enc_softmax(_log),
+                _check_softmax(_name), spans_channels=True))
+
 # modules
 _m = _binder(_s_module)
 for _cls, _opc in [(nn.ReLU, Opcode.RELU), (nn.SELU, Opcode.SELU), (nn.SiLU, Opcode.SILU),
@@ -422,6 +465,10 @@ _add(_mod(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
           nn.FeatureAlphaDropout),
      OpSpec("Dropout", "dropout", _m, ("input",), _identity, _check_dropout_mod,
             mode_dependent=True, alias=True))
+_add(_mod(nn.Softmax), OpSpec("Softmax", "softmax", _m, ("input",), _enc_softmax(False),
+                             _check_softmax_mod, spans_channels=True))
+_add(_mod(nn.LogSoftmax), OpSpec("LogSoftmax", "softmax", _m, ("input",), _enc_softmax(True),
+                                _check_softmax_mod, spans_channels=True))
 _add(_mod(nn.Identity), OpSpec("Identity", "dropout", _binder(_s_identity), ("input",),
                                _identity, alias=True))
 

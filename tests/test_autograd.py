@@ -107,6 +107,12 @@ CASES = [
           Extra((C,)))),
     Case("batch_norm_plain", prog(ins(Opcode.BATCH_NORM, 0, 0, 0, 0)), [1e-3],
          (Extra((C,), grad=False), Extra((C,), grad=False, positive=True))),
+    Case("softmax", prog(ins(Opcode.SOFTMAX, 0, 0, 1))),
+    Case("log_softmax", prog(ins(Opcode.SOFTMAX, 0, 1, -4))),
+    # softmax of a per-channel-scaled value, times the conv output
+    Case("softmax_in_dag", prog(ins(Opcode.LOAD_TENSOR, 0), ins(Opcode.MUL, 0, 1),
+                                ins(Opcode.SOFTMAX, 2, 0, 1), ins(Opcode.MUL, 3, 0)),
+         extras=(Extra(PER_CHANNEL),)),
     # v1=sigmoid(v0) v2=v0*v1 v3=v2+v0 v4=t0 v5=v3*v4 v6=tanh(v5) v7=v6-v1 v8=prelu(v7, t1)
     Case("dag_reuses_values", prog(ins(Opcode.SIGMOID, 0), ins(Opcode.MUL, 0, 1),
                                    ins(Opcode.ADD, 2, 0), ins(Opcode.LOAD_TENSOR, 0),

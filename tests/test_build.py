@@ -167,4 +167,6 @@ def test_opcodes_and_limits_agree_with_the_kernel():
     assert found == {op.name: int(op) for op in Opcode}
     assert int(re.search(r"kMaxInstr = (\d+)", text).group(1)) == _cuda.MAX_INSTR
     assert int(re.search(r"kMaxSlots = (\d+)", text).group(1)) == _cuda.MAX_SLOTS
+    assert (int(re.search(r"kMaxSoftmaxChannels = (\d+)", text).group(1))
+            == _cuda.SOFTMAX_MAX_CHANNELS)
     assert INSTR_WIDTH == 6

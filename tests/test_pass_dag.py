@@ -148,10 +148,12 @@ def _stop(body, mods=None, train=False, expect_chain=("ConvTranspose3d",)):
 
 
 STOPS = [
-    ("softmax", lambda m, y, s: torch.softmax(F.relu(y), dim=1), None, False,
-     ["ConvTranspose3d", "relu"], "softmax(dim=1) is not elementwise"),
-    ("F.softmax", lambda m, y, s: F.softmax(y * 2, dim=1), None, False,
-     ["ConvTranspose3d", "mul"], "softmax(dim=1) is not elementwise"),
+    ("softmax", lambda m, y, s: torch.softmax(F.relu(y), dim=2), None, False,
+     ["ConvTranspose3d", "relu"], "softmax(dim=2) is not over the channels"),
+    ("F.softmax", lambda m, y, s: F.softmax(y * 2, dim=-1), None, False,
+     ["ConvTranspose3d", "mul"], "softmax(dim=-1) is not over the channels"),
+    ("layer_norm", lambda m, y, s: F.layer_norm(y * 2, (6,)), None, False,
+     ["ConvTranspose3d", "mul"], "is not elementwise"),
     ("two-users", lambda m, y, s: (lambda r: r * 2 + r.sum())(F.relu(y)), None, False,
      ["ConvTranspose3d", "relu"], "has 2 users"),
     ("intermediate-used-outside", lambda m, y, s: (lambda t: (torch.tanh(t), t.mean()))(y + 1),

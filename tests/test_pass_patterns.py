@@ -294,7 +294,27 @@ NORM_DROPOUT = [
     ("operator.pos", None, lambda m, y, s: (+y) * 2, ["pos", "mul"]),
 ]
 
-SPELLINGS = ARITH + ACT + CLAMP + NORM_DROPOUT
+# softmax over the channels (C = 4 <= SOFTMAX_MAX_CHANNELS, groups 1); scaled so the rows
+# are not nearly uniform
+SOFTMAX = [
+    ("F.softmax", None, lambda m, y, s: F.softmax(y * 3, dim=1), ["mul", "softmax"]),
+    ("F.softmax-neg-dim", None, lambda m, y, s: F.softmax(y * 3, -4), ["mul", "softmax"]),
+    ("torch.softmax", None, lambda m, y, s: torch.softmax(y * 3, 1), ["mul", "softmax"]),
+    ("Tensor.softmax", None, lambda m, y, s: (y * 3).softmax(dim=1), ["mul", "softmax"]),
+    ("nn.Softmax", lambda: {"a": nn.Softmax(dim=1)}, lambda m, y, s: m.mods.a(y * 3),
+     ["mul", "Softmax"]),
+    ("F.log_softmax", None, lambda m, y, s: F.log_softmax(y * 3, dim=1), ["mul", "log_softmax"]),
+    ("torch.log_softmax", None, lambda m, y, s: torch.log_softmax(y * 3, 1),
+     ["mul", "log_softmax"]),
+    ("Tensor.log_softmax", None, lambda m, y, s: (y * 3).log_softmax(1), ["mul", "log_softmax"]),
+    ("nn.LogSoftmax", lambda: {"a": nn.LogSoftmax(dim=-4)}, lambda m, y, s: m.mods.a(y * 3),
+     ["mul", "LogSoftmax"]),
+    ("F.softmax-then-ops", None,
+     lambda m, y, s: torch.sigmoid(F.softmax(torch.relu(y) + m.pc, dim=1)) * s,
+     ["relu", "add", "softmax", "sigmoid", "mul"]),
+]
+
+SPELLINGS = ARITH + ACT + CLAMP + NORM_DROPOUT + SOFTMAX
 
 
 def _chain(case):
@@ -510,3 +530,71 @@ def test_every_table_spelling_is_tested():
     tested |= {aliases.get(t, t) for t in tested}
     missing = sorted(spellings - tested)
     assert not missing, f"spellings without a test: {missing}"
+
+
+# --------------------------------------------------------------------------------------------
+# softmax: only over the channels of an ungrouped conv whose C_out the tile holds
+# --------------------------------------------------------------------------------------------
+class _SoftmaxSite(nn.Module):
+    def __init__(self, c_out, groups=1, functional=False, fn=None):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(4, c_out, 3, stride=2, padding=1, groups=groups)
+        self.functional = functional
+        self.fn = fn or (lambda y: F.softmax(y, dim=1))
+
+    def forward(self, x):
+        if self.functional:
+            y = F.conv_transpose3d(x, self.up.weight, self.up.bias, 2, 1, 0, self.up.groups)
+        else:
+            y = self.up(x)
+        return self.fn(y)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+@pytest.mark.parametrize("c_out,groups,why", [
+    (64, 1, None),
+    (65, 1, "spans C_out=65 channels; the fused kernel holds at most 64"),
+    (8, 2, "spans the channels of a grouped ConvTranspose3d (groups=2)"),
+])
+def test_softmax_needs_all_channels_in_one_tile(c_out, groups, why, functional):
+    m = randomize_(_SoftmaxSite(c_out, groups, functional), seed=3).double().eval()
+    x = randn(1, 4, 2, 3, 2, dtype=torch.float64, seed=4)
+    opt = optimize_checked(m, (x,))
+    site = opt.ct3d_report.sites[0]
+    anchor = "conv_transpose3d" if functional else "ConvTranspose3d"
+    if why is None:
+        assert site.chain == [anchor, "softmax"], site.chain
+    else:
+        assert site.chain == [anchor] and why in site.stop, site.stop
+    assert_matches(opt, m, (x,), what=f"C_out={c_out} groups={groups}")
+
+
+@pytest.mark.parametrize("fn,why", [
+    (lambda y: F.softmax(y, dim=2), "softmax(dim=2) is not over the channels"),
+    (lambda y: y.softmax(-1), "softmax(dim=-1) is not over the channels"),
+    (lambda y: F.softmax(y, dim=1, dtype=torch.float64), "softmax(dtype=torch.float64) is not "
+     "supported"),
+    (lambda y: nn.functional.softmax(y, None), "implicit dim"),
+], ids=["dim2", "last-dim", "dtype", "implicit-dim"])
+def test_softmax_over_other_dims_stops_the_chain(fn, why):
+    m = randomize_(_SoftmaxSite(6, fn=fn), seed=5).double().eval()
+    x = randn(2, 4, 2, 3, 2, dtype=torch.float64, seed=6)
+    with pytest.warns(UserWarning) if "implicit" in why else _nullcontext():
+        opt = optimize_checked(m, (x,))
+    site = opt.ct3d_report.sites[0]
+    assert site.chain == ["ConvTranspose3d"] and why in site.stop, site.stop
+    with pytest.warns(UserWarning) if "implicit" in why else _nullcontext():
+        assert_matches(opt, m, (x,), what=why)
+
+
+def test_softmax_on_unbatched_input_runs_the_original_ops():
+    """dim=1 of a 4-D (unbatched) conv output is D, not the channels: the site runs unfused."""
+    m = randomize_(_SoftmaxSite(6), seed=7).double().eval()
+    opt = optimize_checked(m, (randn(2, 4, 2, 3, 2, dtype=torch.float64, seed=8),))
+    x4 = randn(4, 3, 2, 3, dtype=torch.float64, seed=9)
+    torch.testing.assert_close(opt(x4), m(x4), rtol=1e-12, atol=1e-12)
+
+
+def _nullcontext():
+    import contextlib
+    return contextlib.nullcontext()

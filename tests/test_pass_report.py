@@ -46,11 +46,12 @@ def test_report_rows():
                                                           "torch.float64")
     assert up.stop == "feeds another ConvTranspose3d (mid)"
     assert mid.chain == ["ConvTranspose3d", "add", "relu"] and mid.ops_fused == 2
-    assert final.chain == ["ConvTranspose3d"] and final.ops_fused == 0
-    assert final.stop == "softmax(dim=1) is not elementwise"
+    # the segmentation head's softmax over the 2 class channels joins the fused op
+    assert final.chain == ["ConvTranspose3d", "softmax"] and final.ops_fused == 1
+    assert final.stop == "the result is a graph output"
     assert final.output_shape == [2, 2, 8, 12, 8]
     assert all(s.implementation and "reference" in s.implementation for s in rep.sites)
-    assert rep.totals() == {"sites": 3, "fused": 3, "skipped": 0, "refused": 0, "ops_fused": 5}
+    assert rep.totals() == {"sites": 3, "fused": 3, "skipped": 0, "refused": 0, "ops_fused": 6}
     assert rep.verification["passed"] is True and rep.verification["max_rel_err"] <= 1e-9
 
 
@@ -63,8 +64,9 @@ def test_report_str():
     assert head[:6] == ["site", "chain", "input", "output", "dtype", "status"]
     assert "ConvTranspose3d -> BatchNorm3d -> Dropout -> PReLU" in text
     assert "2x4x2x3x2" in text and "2x2x8x12x8" in text and "float64" in text
-    assert "stopped: softmax(dim=1) is not elementwise" in text
-    assert "3 site(s): 3 fused (5 epilogue op(s)), 0 skipped, 0 refused" in text
+    assert "ConvTranspose3d -> softmax" in text
+    assert "stopped: feeds another ConvTranspose3d (mid)" in text
+    assert "3 site(s): 3 fused (6 epilogue op(s)), 0 skipped, 0 refused" in text
     assert "verification: max relative error" in text and "passed" in text
     row = next(line for line in lines if line.startswith("mid "))
     assert "ConvTranspose3d -> add -> relu" in row and "fused" in row
@@ -90,7 +92,7 @@ def test_report_to_markdown():
     assert len(table) == 2 + 3                     # header, separator, one row per site
     assert table[0].startswith("| site") and set(table[1]) <= set("|-: ")
     assert "| up.0 " in md and "ConvTranspose3d -> add -> relu" in md
-    assert "- 3 site(s): 3 fused (5 epilogue op(s)), 0 skipped, 0 refused" in md
+    assert "- 3 site(s): 3 fused (6 epilogue op(s)), 0 skipped, 0 refused" in md
 
 
 def test_report_skipped_site_and_reason():

@@ -44,6 +44,7 @@ inline void __syncthreads() { emu_bar->arrive_and_wait(); }
 alignas(16) inline unsigned char emu_smem[232448];
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __fdiv_rn(float a, float b) { return a / b; }  // IEEE division, round to nearest
 inline float __int_as_float(int i) {
   float f;
   std::memcpy(&f, &i, 4);

@@ -1,6 +1,7 @@
 """Runs the fused kernels on the CPU, one host thread per CUDA thread, against float64.
 
     python scripts/emulate/emulate.py [--kernel direct|gemm] [--seeds 0-60] [--bf16] [--no-asan]
+                                      [--softmax]
 
 For checking index arithmetic without a GPU: the direct kernel and the exact-FP32 (FFMA) GEMM
 of csrc/ct3d_conv.cuh are compiled with g++ (C++20, the CUDA headers for the half types) under
@@ -94,8 +95,11 @@ def pack_case(args, co: int, bf16: bool) -> tuple:
     return b"".join(out), shape, stride, y_numel
 
 
-def run_case(exe: Path, workdir: Path, case, kernel: str, bf16: bool):
+def run_case(exe: Path, workdir: Path, case, kernel: str, bf16: bool, softmax: bool = False):
     args = T.build_args(case, "cpu")
+    if softmax:  # the case's epilogue replaced by (log_)softmax over the channels
+        args = args[:8] + (*T.softmax_program(bool(case.seed % 2), bool(case.seed // 2 % 2)),
+                           [])
     co = (8 if args[1].shape[1] <= 8 else 16) if kernel == "direct" else 0
     blob, shape, stride, y_numel = pack_case(args, co, bf16)
     (workdir / "case.bin").write_bytes(blob)
@@ -116,11 +120,16 @@ def main() -> int:
     ap.add_argument("--seeds", default="0-40", help="sweep seeds, e.g. 0-40 or 3,7,12")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 inputs (direct kernel only)")
     ap.add_argument("--no-asan", action="store_true")
+    ap.add_argument("--softmax", action="store_true",
+                    help="GEMM only: each case's epilogue becomes (log_)softmax over the "
+                         "channels (cases with groups > 1 or over 64 channels are skipped)")
     ap.add_argument("--max-outputs", type=int, default=300000,
                     help="skip configurations with more output elements (CPU time)")
     opts = ap.parse_args()
     if opts.bf16 and opts.kernel != "direct":
         ap.error("--bf16 needs --kernel direct (the GEMM runs FP32 FFMA here)")
+    if opts.softmax and opts.kernel != "gemm":
+        ap.error("--softmax needs --kernel gemm (the direct kernel does not run SOFTMAX)")
     seeds = []
     for part in opts.seeds.split(","):
         lo, _, hi = part.partition("-")
@@ -139,11 +148,15 @@ def main() -> int:
             n_out = case.N * case.cout_g * case.groups * math.prod(case.out_spatial())
             if n_out > opts.max_outputs:
                 continue
-            err, unwritten, total = run_case(exe, workdir, case, opts.kernel, opts.bf16)
+            if opts.softmax and (case.groups != 1 or case.cout_g > _cuda.SOFTMAX_MAX_CHANNELS):
+                continue
+            err, unwritten, total = run_case(exe, workdir, case, opts.kernel, opts.bf16,
+                                             opts.softmax)
             ok = unwritten == 0 and err <= 1e-5
             failed += not ok
             worst = max(worst, err)
-            prog = ops.describe_program(*T.build_args(case, "cpu")[8:10])
+            prog = ("(log_)softmax over the channels" if opts.softmax else
+                    ops.describe_program(*T.build_args(case, "cpu")[8:10]))
             print(f"{'ok  ' if ok else 'FAIL'} {case} rel.err {err:.2e} unwritten {unwritten} "
                   f"of {total}; {prog}", flush=True)
     print(f"{opts.kernel}: {failed} failed, worst rel. L2 error {worst:.2e}")
