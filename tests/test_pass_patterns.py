@@ -7,6 +7,7 @@ than eager PyTorch against a float64 reference).
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import pytest
@@ -579,11 +580,11 @@ def test_softmax_needs_all_channels_in_one_tile(c_out, groups, why, functional):
 def test_softmax_over_other_dims_stops_the_chain(fn, why):
     m = randomize_(_SoftmaxSite(6, fn=fn), seed=5).double().eval()
     x = randn(2, 4, 2, 3, 2, dtype=torch.float64, seed=6)
-    with pytest.warns(UserWarning) if "implicit" in why else _nullcontext():
+    with pytest.warns(UserWarning) if "implicit" in why else contextlib.nullcontext():
         opt = optimize_checked(m, (x,))
     site = opt.ct3d_report.sites[0]
     assert site.chain == ["ConvTranspose3d"] and why in site.stop, site.stop
-    with pytest.warns(UserWarning) if "implicit" in why else _nullcontext():
+    with pytest.warns(UserWarning) if "implicit" in why else contextlib.nullcontext():
         assert_matches(opt, m, (x,), what=why)
 
 
@@ -593,8 +594,3 @@ def test_softmax_on_unbatched_input_runs_the_original_ops():
     opt = optimize_checked(m, (randn(2, 4, 2, 3, 2, dtype=torch.float64, seed=8),))
     x4 = randn(4, 3, 2, 3, dtype=torch.float64, seed=9)
     torch.testing.assert_close(opt(x4), m(x4), rtol=1e-12, atol=1e-12)
-
-
-def _nullcontext():
-    import contextlib
-    return contextlib.nullcontext()
