@@ -200,6 +200,10 @@ ct3d::ConvParams prepare(const at::Tensor& x, const at::Tensor& w,
                      : (I.op == ct3d::OP_LOAD_TENSOR || I.op == ct3d::OP_PRELU) ? 1 : 0;
     TORCH_CHECK(need == 0 || (I.c >= 0 && I.c + need <= n_slots), "ct3d: epilogue instruction ",
                 i, ": slot ", I.c, " out of range for ", n_slots, " epilogue tensors");
+    TORCH_CHECK(I.op != ct3d::OP_LAYER_NORM ||
+                    (I.b >= -1 && I.b < n_slots && I.c >= -1 && I.c < n_slots),
+                "ct3d: epilogue instruction ", i, ": LAYER_NORM weight slot ", I.c,
+                " or bias slot ", I.b, " out of range for ", n_slots, " epilogue tensors");
     TORCH_CHECK(I.op != ct3d::OP_SOFTMAX ||
                     (p.groups == 1 && p.cout_g <= ct3d::kMaxSoftmaxChannels),
                 "ct3d: epilogue instruction ", i, ": SOFTMAX over the channels needs groups == 1 "
@@ -221,6 +225,8 @@ int64_t launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at:
                                      conv, mode, algo);
   const int32_t in_dt = dtype_code(x.scalar_type(), "input");
   const at::Device dev = x.device();
+  TORCH_CHECK(!ct3d::epilogue_spans_w(p.epi), "ct3d: a LAYER_NORM epilogue runs on the "
+              "channels-last implicit GEMM's W-line tiles only (launch_igemm, config 25 or 26)");
   if (y.numel() == 0) return -1;
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
@@ -273,6 +279,9 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
   TORCH_CHECK(bn >= p.cout_g || !ct3d::epilogue_spans_channels(p.epi),
               "ct3d: a SOFTMAX epilogue needs all ", p.cout_g, " output channels in one tile, "
               "got bn=", bn);
+  TORCH_CHECK(!ct3d::epilogue_spans_w(p.epi) || config == 25 || config == 26,
+              "ct3d: a LAYER_NORM epilogue needs a W-line tile configuration (25 or 26), got ",
+              config);
   ct3d::IgemmGeom g;
   std::memset(&g, 0, sizeof(g));
   ct3d::igemm_plan(p, static_cast<int>(ck), static_cast<int>(bn), &g);

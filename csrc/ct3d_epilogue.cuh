@@ -91,7 +91,8 @@ __device__ __forceinline__ void load_channel_slots(const Epilogue& E, float* col
 // Runs the decoded program on the output tile. `buf` holds E.n_regs tile registers of `tile`
 // floats each; register 0 holds the convolution output plus bias. Every thread handles the
 // same PER elements (pos(i), i < PER) for every instruction, so no barrier is needed between
-// instructions, except around SOFTMAX, which reads whole rows of the tile (`rows()`). Instruction-outer, element-inner: the opcode switch runs once per instruction.
+// instructions, except around SOFTMAX and LAYER_NORM, which read whole rows or W lines of the
+// tile (`rows()`). Instruction-outer, element-inner: the opcode switch runs once per instruction.
 // CT3D_EACH runs one element at a time (constants, and operands read from global memory);
 // the ops on tile registers use CT3D_MAP1 / CT3D_MAP2 below.
 #define CT3D_EACH(...)                   \
@@ -199,14 +200,18 @@ __device__ __forceinline__ void load_tensor_batched(const Slot& s, float* D, Pos
   }
 }
 
-// The tile as rows of channels, for SOFTMAX, which combines the channels of one output voxel:
-// the tile's element (row m, column c) is register[c * ld + m] (every kernel's layout); `rows`
-// voxels, `ncols` of the columns are output channels, `whole`: those are all C_out channels of
-// the output (groups == 1, one tile along C_out). Threads `tid` of `threads` share the rows.
+// The tile as rows of channels, for SOFTMAX, which combines the channels of one output voxel,
+// and LAYER_NORM, which combines the voxels of one W line: the tile's element (row m, column c)
+// is register[c * ld + m] (every kernel's layout); `rows` voxels, `ncols` of the columns are
+// output channels, `whole`: those are all C_out channels of the output (groups == 1, one tile
+// along C_out). Threads `tid` of `threads` share the rows. `wline` > 0: the first `lines` x
+// `wline` rows are whole W lines of the output in W order (row line * wline + w; the W-line
+// tiles); 0 in every other tile.
 struct TileRows {
   int rows, ld, ncols;
   bool whole;
   int tid, threads;
+  int wline, lines;
 };
 
 // softmax (log_softmax when `log`) along the columns of each row of a tile register: A -> D
@@ -260,11 +265,68 @@ __device__ __forceinline__ void softmax_rows(const float* A, float* D, const Til
   }
 }
 
-// ROWS: the kernel runs SOFTMAX (its tile holds whole rows of channels, `rows()`); the direct
-// kernel does not (at its 128-register cap the code spilled; launch_conv sends SOFTMAX
-// programs to the GEMM), and an unexpected SOFTMAX there poisons the result.
-// `rows()` returns the tile's TileRows; it is called only by SOFTMAX, so the kernels keep none
-// of its values live through the program.
+// F.layer_norm over W (normalized_shape (W_out,)) of every (line, column) of a tile register
+// whose rows are whole W lines (tr.wline > 0): A -> D (they may be the same register). One thread
+// per line and column; consecutive threads take consecutive columns of a line, each walking its
+// column from a different start (columns 8 apart would hit the same bank with ld = 4 mod 32).
+// Mean, then the biased variance of (x - mean), both in float, rstd = rsqrt(var + eps), then
+// (x - mean) * rstd, times weight[w] plus bias[w] where given (slots read at w * s[4]).
+// Caller: a barrier before (A complete) and after (D complete).
+__device__ __forceinline__ void layernorm_lines(const float* A, float* D, const TileRows& tr,
+                                                const Slot* wt, const Slot* bs, float eps) {
+  const int W = tr.wline, ld = tr.ld;
+  if (W <= 0) {  // the host never launches this (_cuda.py, binding.cpp): poison, not garbage
+    for (int m = tr.tid; m < tr.rows; m += tr.threads)
+      for (int c = 0; c < tr.ncols; ++c) D[c * ld + m] = __int_as_float(0x7fc00000);
+    return;
+  }
+  const float inv_w = 1.0f / static_cast<float>(W);
+  const int pairs = tr.lines * tr.ncols;
+  for (int pr = tr.tid; pr < pairs; pr += tr.threads) {
+    const int line = pr / tr.ncols, c = pr - line * tr.ncols;
+    const float* a = A + c * ld + line * W;
+    float* d = D + c * ld + line * W;
+    const int off = W > 3 ? (c >> 3) & 3 : 0;
+    float s0 = 0.0f, s1 = 0.0f;
+    int j = off;
+    for (int k = 0; k + 1 < W; k += 2) {
+      const int j1 = j + 1 < W ? j + 1 : j + 1 - W;
+      s0 += a[j];
+      s1 += a[j1];
+      j = j1 + 1 < W ? j1 + 1 : j1 + 1 - W;
+    }
+    if (W & 1) s0 += a[j];
+    const float mean = (s0 + s1) * inv_w;
+    float v0 = 0.0f, v1 = 0.0f;
+    j = off;
+    for (int k = 0; k + 1 < W; k += 2) {
+      const int j1 = j + 1 < W ? j + 1 : j + 1 - W;
+      const float d0 = a[j] - mean, d1 = a[j1] - mean;
+      v0 = fmaf(d0, d0, v0);
+      v1 = fmaf(d1, d1, v1);
+      j = j1 + 1 < W ? j1 + 1 : j1 + 1 - W;
+    }
+    if (W & 1) {
+      const float d0 = a[j] - mean;
+      v0 = fmaf(d0, d0, v0);
+    }
+    const float rstd = rsqrtf((v0 + v1) * inv_w + eps);
+    j = off;
+    for (int k = 0; k < W; ++k) {
+      float r = (a[j] - mean) * rstd;
+      if (wt != nullptr) r *= load_as_float(wt->ptr, static_cast<int64_t>(j) * wt->s[4], wt->dtype);
+      if (bs != nullptr) r += load_as_float(bs->ptr, static_cast<int64_t>(j) * bs->s[4], bs->dtype);
+      d[j] = r;
+      j = j + 1 < W ? j + 1 : 0;
+    }
+  }
+}
+
+// ROWS: the kernel runs SOFTMAX (its tile holds whole rows of channels, `rows()`) and
+// LAYER_NORM (where `rows()` reports whole W lines); the direct kernel runs neither (at its
+// 128-register cap the code spilled; launch_conv sends such programs to the GEMM), and an
+// unexpected one there poisons the result. `rows()` returns the tile's TileRows; only SOFTMAX
+// and LAYER_NORM call it, so the kernels keep none of its values live through the program.
 template <int PER, class Pos, int LOAD_BATCH = 16, bool ROWS = true, class Rows>
 __device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int tile, Pos pos,
                                             const float* colv, int cols, Rows rows) {
@@ -443,10 +505,19 @@ __device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int t
       }
       case OP_SOFTMAX:
         if constexpr (ROWS) {
-          // the only instruction that reads other threads' elements: every thread of the CTA
-          // runs the program (the instruction sequence is uniform), so the barriers are safe
+          // reads other threads' elements (as LAYER_NORM): every thread of the CTA runs the
+          // program (the instruction sequence is uniform), so the barriers are safe
           __syncthreads();
           softmax_rows(A, D, rows(), I.b != 0);
+          __syncthreads();
+          break;
+        }
+        [[fallthrough]];
+      case OP_LAYER_NORM:
+        if constexpr (ROWS) {  // barriers as for SOFTMAX
+          __syncthreads();
+          layernorm_lines(A, D, rows(), I.c >= 0 ? &E.slot[I.c] : nullptr,
+                          I.b >= 0 ? &E.slot[I.b] : nullptr, f0);
           __syncthreads();
           break;
         }

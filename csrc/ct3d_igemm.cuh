@@ -174,7 +174,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 template <int IN_DT, int BM, int BN, int BKB, int WARPS_M, int WARPS_N, int STAGES>
 struct IgTile {
   static constexpr int kThreads = WARPS_M * WARPS_N * 32;
-  static constexpr int kInDt = IN_DT, kBKB = BKB, kBN = BN;
+  static constexpr int kInDt = IN_DT, kBKB = BKB, kBM = BM, kBN = BN, kStages = STAGES;
   static_assert(BKB == 64 || BKB == 128, "K step of 64 or 128 bytes");
   using GType = typename std::conditional<IN_DT == kF32, float, uint16_t>::type;
   static constexpr int kElem = static_cast<int>(sizeof(GType));
@@ -310,56 +310,23 @@ __device__ __forceinline__ bool splitk_reduce(const IgemmGeom& g, float* acc, in
   return true;
 }
 
-template <int IN_DT, int BM, int BN, int BKB, int WARPS_M, int WARPS_N, int STAGES,
-          int MIN_CTAS>
-__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
-    conv_transpose3d_igemm_kernel(const __grid_constant__ ConvParams p,
-                                  const __grid_constant__ IgemmGeom g) {
-  using Cfg = IgTile<IN_DT, BM, BN, BKB, WARPS_M, WARPS_N, STAGES>;
-  constexpr int kThreads = Cfg::kThreads;
-  using GType = typename Cfg::GType;
-  constexpr int MT = Cfg::MT, NT = Cfg::NT, kPitch = Cfg::kPitch;
-
-  // ---- phase, tile position ----
-  const TileOrigin to = tile_origin<BM>(p);
-  if (to.m0 >= to.M) return;  // uniform for the CTA, before any barrier
-  const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
-  const int rd = to.rd, rh = to.rh, rw = to.rw, Td = to.Td, Th = to.Th, Tw = to.Tw;
-  const int64_t M = to.M, m0 = to.m0;
-  const int co0 = blockIdx.y * BN;
-
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+// The K loop of a row tile: A rows at the xp byte offsets s_xoff[0, BM), the taps of the phase
+// (pdd, pdh, pdw), K steps [s_begin, s_begin + total) (channel chunk fastest, then the w, h, d
+// taps) accumulated into acc (mma.sync C layout, warp tile WTM x WTN). The pipeline buffers
+// are at smem_raw (STAGES A stages, then STAGES B stages). Returns with every cp.async
+// complete; other warps may still read the last stage, so the caller synchronizes before it
+// reuses the buffers.
+template <class Cfg>
+__device__ __forceinline__ void igemm_row_kloop(const ConvParams& p, const IgemmGeom& g,
+                                                const int* s_xoff, const PhaseDim& pdd,
+                                                const PhaseDim& pdh, const PhaseDim& pdw,
+                                                int co0, int s_begin, int total,
+                                                unsigned char* smem_raw,
+                                                float (&acc)[Cfg::MT][Cfg::NT][4], int tid) {
+  constexpr int STAGES = Cfg::kStages, BKB = Cfg::kBKB, kPitch = Cfg::kPitch;
+  constexpr int MT = Cfg::MT;
   unsigned char* sA = smem_raw;
   unsigned char* sB = smem_raw + STAGES * Cfg::kAStage;
-  float* sR = reinterpret_cast<float*>(smem_raw);  // epilogue registers, alias sA/sB
-  int64_t* s_yoff = reinterpret_cast<int64_t*>(smem_raw + Cfg::union_bytes(p.epi.n_regs));
-  int* s_n = reinterpret_cast<int*>(s_yoff + BM);
-  int* s_td = s_n + BM;
-  int* s_th = s_td + BM;
-  int* s_tw = s_th + BM;
-  int* s_xoff = s_tw + BM;
-
-  const int tid = threadIdx.x;
-  const FastDiv div_w = tab_div(g, 2, rw), div_h = tab_div(g, 1, rh), div_d = tab_div(g, 0, rd);
-  // Rows past M load the last voxel's inputs (always inside xp) and are never stored.
-  for (int r = tid; r < BM; r += kThreads) {
-    const int64_t m = m0 + r;
-    int n, td, th, tw;
-    split_index(m < M ? m : M - 1, M, div_w, div_h, div_d, Tw, Th, Td, n, td, th, tw);
-    s_n[r] = m < M ? n : -1;
-    s_xoff[r] = (((n * g.Dp + td + g.lo[0]) * g.Hp + th + g.lo[1]) * g.Wp + tw + g.lo[2]) *
-                g.Cp * Cfg::kElem;
-    s_td[r] = td;
-    s_th[r] = th;
-    s_tw[r] = tw;
-    s_yoff[r] = static_cast<int64_t>(n) * p.ys[0] + static_cast<int64_t>(rd + sd * td) * p.ys[2] +
-                static_cast<int64_t>(rh + sh * th) * p.ys[3] +
-                static_cast<int64_t>(rw + sw * tw) * p.ys[4];
-    if (m >= M) s_yoff[r] = 0;
-  }
-  __syncthreads();
-  const PhaseDim pdd = tab_phase(g, 0, rd), pdh = tab_phase(g, 1, rh), pdw = tab_phase(g, 2, rw);
-
   // ---- loader state (byte offsets; launch_igemm checks that xp and wp fit in 2^31 bytes) ----
   const int chunk = tid % Cfg::CH;
   const int a_r0 = tid / Cfg::CH;
@@ -373,12 +340,6 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   const char* __restrict__ Wp = static_cast<const char*>(g.wp);
 
   const int n_chunks = g.Cp / Cfg::BK;
-  const int all_steps = pdd.nT * pdh.nT * pdw.nT * n_chunks;
-  // split-K: this CTA's K steps [s_begin, s_begin + total)
-  const int split = blockIdx.z;
-  const int s_begin = static_cast<int>(static_cast<int64_t>(all_steps) * split / g.splits);
-  const int total =
-      static_cast<int>(static_cast<int64_t>(all_steps) * (split + 1) / g.splits) - s_begin;
   const int tap_bytes = g.CoutP * g.Cp * Cfg::kElem;
 
   auto load_stage = [&](int stage, const KIter& ki) {
@@ -394,12 +355,8 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
     bl.load(sB0 + stage * Cfg::kBStage, Wp + tap_step(p, pdd, pdh, pdw, ki, tap_bytes, BKB));
   };
 
-  // ---- accumulators: the mma.sync C-fragment layout (as in the other kernel) ----
   const int lane = tid & 31, warp = tid >> 5;
-  const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
-  float acc[MT][NT][4];
-  zero_acc(acc);
-
+  const int warp_m = warp / (Cfg::kBN / Cfg::WTN), warp_n = warp % (Cfg::kBN / Cfg::WTN);
   // ldmatrix lane addresses. A (16 x 32 bytes per fragment): matrices (rows 0-7, bytes 0-15),
   // (rows 8-15, 0-15), (rows 0-7, 16-31), (rows 8-15, 16-31) = a0..a3 of the mma. B (stored
   // [n][k]; two n8 fragments per x4): (n 0-7, 0-15), (n 0-7, 16-31), (n 8-15, 0-15),
@@ -451,12 +408,223 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
     }
     cp_async_wait<0>();
   }
+}
+
+template <int IN_DT, int BM, int BN, int BKB, int WARPS_M, int WARPS_N, int STAGES,
+          int MIN_CTAS>
+__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
+    conv_transpose3d_igemm_kernel(const __grid_constant__ ConvParams p,
+                                  const __grid_constant__ IgemmGeom g) {
+  using Cfg = IgTile<IN_DT, BM, BN, BKB, WARPS_M, WARPS_N, STAGES>;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr int MT = Cfg::MT, NT = Cfg::NT;
+
+  // ---- phase, tile position ----
+  const TileOrigin to = tile_origin<BM>(p);
+  if (to.m0 >= to.M) return;  // uniform for the CTA, before any barrier
+  const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
+  const int rd = to.rd, rh = to.rh, rw = to.rw, Td = to.Td, Th = to.Th, Tw = to.Tw;
+  const int64_t M = to.M, m0 = to.m0;
+  const int co0 = blockIdx.y * BN;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* sR = reinterpret_cast<float*>(smem_raw);  // epilogue registers, alias the pipeline
+  int64_t* s_yoff = reinterpret_cast<int64_t*>(smem_raw + Cfg::union_bytes(p.epi.n_regs));
+  int* s_n = reinterpret_cast<int*>(s_yoff + BM);
+  int* s_td = s_n + BM;
+  int* s_th = s_td + BM;
+  int* s_tw = s_th + BM;
+  int* s_xoff = s_tw + BM;
+
+  const int tid = threadIdx.x;
+  const FastDiv div_w = tab_div(g, 2, rw), div_h = tab_div(g, 1, rh), div_d = tab_div(g, 0, rd);
+  // Rows past M load the last voxel's inputs (always inside xp) and are never stored.
+  for (int r = tid; r < BM; r += kThreads) {
+    const int64_t m = m0 + r;
+    int n, td, th, tw;
+    split_index(m < M ? m : M - 1, M, div_w, div_h, div_d, Tw, Th, Td, n, td, th, tw);
+    s_n[r] = m < M ? n : -1;
+    s_xoff[r] = (((n * g.Dp + td + g.lo[0]) * g.Hp + th + g.lo[1]) * g.Wp + tw + g.lo[2]) *
+                g.Cp * Cfg::kElem;
+    s_td[r] = td;
+    s_th[r] = th;
+    s_tw[r] = tw;
+    s_yoff[r] = static_cast<int64_t>(n) * p.ys[0] + static_cast<int64_t>(rd + sd * td) * p.ys[2] +
+                static_cast<int64_t>(rh + sh * th) * p.ys[3] +
+                static_cast<int64_t>(rw + sw * tw) * p.ys[4];
+    if (m >= M) s_yoff[r] = 0;
+  }
+  __syncthreads();
+  const PhaseDim pdd = tab_phase(g, 0, rd), pdh = tab_phase(g, 1, rh), pdw = tab_phase(g, 2, rw);
+
+  const int n_chunks = g.Cp / Cfg::BK;
+  const int all_steps = pdd.nT * pdh.nT * pdw.nT * n_chunks;
+  // split-K: this CTA's K steps [s_begin, s_begin + total)
+  const int split = blockIdx.z;
+  const int s_begin = static_cast<int>(static_cast<int64_t>(all_steps) * split / g.splits);
+  const int total =
+      static_cast<int>(static_cast<int64_t>(all_steps) * (split + 1) / g.splits) - s_begin;
+
+  const int warp = tid >> 5;
+  const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
+  float acc[MT][NT][4];
+  zero_acc(acc);
+  igemm_row_kloop<Cfg>(p, g, s_xoff, pdd, pdh, pdw, co0, s_begin, total, smem_raw, acc, tid);
   if (g.splits > 1 && !splitk_reduce<kThreads, MT * NT * 4>(g, &acc[0][0][0], tid)) return;
   __syncthreads();  // the epilogue tiles alias the pipeline buffers
 
   // ---- epilogue: fragments + bias -> register 0, the program, the store (groups == 1) ----
   gemm_epilogue<IN_DT, BM, BN, Cfg::LDC, Cfg::WTM, Cfg::WTN, MT, NT, kThreads>(
       p, acc, sR, to, s_n, s_td, s_th, s_tw, s_yoff, 0, co0, warp_m, warp_n, tid);
+}
+
+// ---------------------------------------------------------------------------------------
+// W-line tiles: the tile holds whole W lines of the output, so the epilogue may combine the W
+// positions of a line (LAYER_NORM over the last dimension). W stride WM = 1 or 2, W_out a
+// multiple of WM, Tw = W_out / WM outputs per line and W phase, Tw <= BM. A CTA takes
+// R = (BM / Tw) * Tw consecutive voxels (whole lines) of one (d, h) stride phase in each of the
+// WM W phases: it runs the K loop of each W phase in turn (the row tiles' loop), keeping the
+// earlier phases' accumulators in registers (WM times a BM-row tile's), then writes all of them
+// into one TM = WM * BM-row tile whose rows are the lines' outputs in W order (row
+// line * W_out + w; per-phase row r of phase j goes to s_map[r] + j). The NCDHW store then
+// writes whole W runs (32 consecutive floats per warp store) instead of every other float.
+// Rows r >= R of a phase are computed from a valid voxel and never stored.
+template <class Cfg, int WM>
+struct IgWline {
+  static constexpr int TM = WM * Cfg::kBM, LDC = TM + 4, kTileFloats = Cfg::kBN * LDC;
+  static constexpr int kTileBytes = kTileFloats * static_cast<int>(sizeof(float));
+  // per tile row: output offset (int64), n, d, h, w; per phase row: xp offset, tile row
+  static constexpr int kInfoBytes =
+      TM * static_cast<int>(sizeof(int64_t) + 4 * sizeof(int)) + Cfg::kBM * 2 * sizeof(int);
+  static __host__ __device__ int union_bytes(int n_regs) {
+    const int regs = n_regs * kTileBytes;
+    return Cfg::kMainBytes > regs ? Cfg::kMainBytes : regs;
+  }
+  static __host__ __device__ int smem_bytes(int n_regs) { return union_bytes(n_regs) + kInfoBytes; }
+};
+
+template <int IN_DT, int BM, int BN, int BKB, int WARPS_M, int WARPS_N, int STAGES,
+          int MIN_CTAS, int WM>
+__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
+    conv_transpose3d_igemm_wline_kernel(const __grid_constant__ ConvParams p,
+                                        const __grid_constant__ IgemmGeom g) {
+  using Cfg = IgTile<IN_DT, BM, BN, BKB, WARPS_M, WARPS_N, STAGES>;
+  using Lay = IgWline<Cfg, WM>;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr int MT = Cfg::MT, NT = Cfg::NT, TM = Lay::TM, LDC = Lay::LDC;
+
+  // ---- (d, h) phase (grid x = tiles x phases, phase fastest), tile position ----
+  const int sd = p.st[0], sh = p.st[1];
+  const unsigned n_dh = static_cast<unsigned>(sd * sh);
+  const int z = static_cast<int>(blockIdx.x % n_dh);
+  const int rh = z % sh, rd = z / sh;
+  const int Td = rd < p.Do ? (p.Do - rd + sd - 1) / sd : 0;
+  const int Th = rh < p.Ho ? (p.Ho - rh + sh - 1) / sh : 0;
+  const int Tw = p.Wo / WM;
+  const int R = (BM / Tw) * Tw;
+  const int64_t M = static_cast<int64_t>(p.N) * Td * Th * Tw;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x / n_dh) * R;
+  if (m0 >= M) return;  // uniform for the CTA, before any barrier
+  const int co0 = blockIdx.y * BN;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* sR = reinterpret_cast<float*>(smem_raw);  // epilogue registers, alias the pipeline
+  int64_t* s_yoff = reinterpret_cast<int64_t*>(smem_raw + Lay::union_bytes(p.epi.n_regs));
+  int* s_n = reinterpret_cast<int*>(s_yoff + TM);
+  int* s_d = s_n + TM;
+  int* s_h = s_d + TM;
+  int* s_w = s_h + TM;
+  int* s_xoff = s_w + TM;
+  int* s_map = s_xoff + BM;
+
+  const int tid = threadIdx.x;
+  // every W phase has Tw outputs (W_out % WM == 0): phase 0's divisor serves both
+  const FastDiv div_w = tab_div(g, 2, 0), div_h = tab_div(g, 1, rh), div_d = tab_div(g, 0, rd);
+  for (int r = tid; r < BM; r += kThreads) {
+    const int64_t m = m0 + r;
+    const bool ok = r < R && m < M;
+    int n, td, th, tw;
+    split_index(m < M ? m : M - 1, M, div_w, div_h, div_d, Tw, Th, Td, n, td, th, tw);
+    s_xoff[r] = (((n * g.Dp + td + g.lo[0]) * g.Hp + th + g.lo[1]) * g.Wp + tw + g.lo[2]) *
+                g.Cp * Cfg::kElem;
+    const int base = r < R ? (r / Tw) * p.Wo + (r % Tw) * WM : r * WM;
+    s_map[r] = base;
+    const int d = rd + sd * td, h = rh + sh * th;
+#pragma unroll
+    for (int j = 0; j < WM; ++j) {
+      const int w = j + WM * tw;
+      s_n[base + j] = ok ? n : -1;
+      s_d[base + j] = d;
+      s_h[base + j] = h;
+      s_w[base + j] = w;
+      s_yoff[base + j] = ok ? static_cast<int64_t>(n) * p.ys[0] + static_cast<int64_t>(d) * p.ys[2] +
+                                  static_cast<int64_t>(h) * p.ys[3] + static_cast<int64_t>(w) * p.ys[4]
+                            : 0;
+    }
+  }
+  __syncthreads();
+  const PhaseDim pdd = tab_phase(g, 0, rd), pdh = tab_phase(g, 1, rh);
+  const int n_chunks = g.Cp / Cfg::BK;
+
+  // ---- the K loop of each W phase; the accumulators of all phases stay in registers ----
+  float acc[WM][MT][NT][4];
+#pragma unroll
+  for (int j = 0; j < WM; ++j) {
+    const PhaseDim pdw = tab_phase(g, 2, j);
+    zero_acc(acc[j]);
+    if (j > 0) __syncthreads();  // every warp is done with the previous phase's last stage
+    igemm_row_kloop<Cfg>(p, g, s_xoff, pdd, pdh, pdw, co0, 0, pdd.nT * pdh.nT * pdw.nT * n_chunks,
+                         smem_raw, acc[j], tid);
+  }
+  __syncthreads();  // the epilogue tiles alias the pipeline buffers
+
+  // ---- epilogue: fragments + bias -> register 0 in W order, the program, the store ----
+  const int warp = tid >> 5, warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
+  const int lg = (tid & 31) >> 2, lt = tid & 3;
+  __shared__ float s_col[kMaxSlots * BN];
+  load_channel_slots<BN>(p.epi, s_col, co0, p.cout_g - co0, tid, kThreads);
+  int trow[MT][2];  // tile rows of this thread's fragment rows in W phase 0
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) {
+    trow[mi][0] = s_map[warp_m * Cfg::WTM + mi * 16 + lg];
+    trow[mi][1] = s_map[warp_m * Cfg::WTM + mi * 16 + lg + 8];
+  }
+#pragma unroll
+  for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const int col = warp_n * Cfg::WTN + ni * 8 + 2 * lt + h2;
+      float bias = 0.0f;
+      if (p.bias != nullptr && co0 + col < p.cout_g) bias = load_as_float(p.bias, co0 + col, IN_DT);
+#pragma unroll
+      for (int j = 0; j < WM; ++j)
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) {
+          sR[col * LDC + trow[mi][0] + j] = acc[j][mi][ni][h2] + bias;
+          sR[col * LDC + trow[mi][1] + j] = acc[j][mi][ni][2 + h2] + bias;
+        }
+    }
+  __syncthreads();
+
+  auto pos = [&](int i) {
+    int m, c;
+    tile_rc<TM, kThreads>(tid, i, m, c);
+    ElemPos q = tile_elem<LDC>(p, m, c, s_n, s_yoff, 0, co0);
+    q.d = s_d[m];
+    q.h = s_h[m];
+    q.w = s_w[m];
+    return q;
+  };
+  auto rows = [&]() {
+    const int ncols = p.cout_g - co0 < BN ? p.cout_g - co0 : BN;
+    return TileRows{TM, LDC, ncols, co0 == 0 && p.cout_g <= BN, tid, kThreads, p.Wo, R / Tw};
+  };
+  run_program<TM * BN / kThreads>(p.epi, sR, Lay::kTileFloats, pos, s_col, BN, rows);
+
+  const bool chan_fast = p.ys[1] == 1 && p.Cout > 1;
+  if (chan_fast) __syncthreads();  // the store walks the tile in the other element order
+  store_tile<TM, BN, LDC, kThreads>(p, sR + p.epi.out_reg * Lay::kTileFloats, s_n, s_yoff, co0,
+                                    0, tid, chan_fast);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -793,6 +961,47 @@ cudaError_t launch_igemm_tile(const ConvParams& p, const IgemmGeom& g, cudaStrea
   return cudaGetLastError();
 }
 
+// W-line tile launch (conv_transpose3d_igemm_wline_kernel, WM = the W stride). Invalid value
+// unless the W stride is 1 or 2, W_out is a multiple of it and a line's outputs per W phase fit
+// in BM rows (_cuda.py checks the same before it picks a W-line configuration).
+template <int IN_DT, int BM, int BN, int BKB, int WARPS_M, int WARPS_N, int STAGES, int MIN_CTAS>
+cudaError_t launch_igemm_wline(const ConvParams& p, const IgemmGeom& g, cudaStream_t stream) {
+  using Cfg = IgTile<IN_DT, BM, BN, BKB, WARPS_M, WARPS_N, STAGES>;
+  using T = typename Cfg::GType;
+  if (p.epi.n_regs < 1 || p.epi.n_regs > kMaxRegs) return cudaErrorInvalidValue;
+  if (p.groups != 1 || g.Cp % Cfg::BK != 0 || g.CoutP % BN != 0) return cudaErrorInvalidValue;
+  if (p.st[0] > kMaxStride || p.st[1] > kMaxStride || g.splits != 1) return cudaErrorInvalidValue;
+  const int wm = p.st[2];
+  if ((wm != 1 && wm != 2) || p.Wo % wm != 0 || p.Wo / wm > BM) return cudaErrorInvalidValue;
+  if (static_cast<int64_t>(p.N) * g.Dp * g.Hp * g.Wp == 0) return cudaSuccess;
+  cudaError_t e = pack_input<T, IN_DT == kF32>(p, g, stream);
+  if (e != cudaSuccess) return e;
+  const int64_t tw = p.Wo / wm;
+  const int64_t rows = (BM / tw) * tw;
+  const int64_t td = (p.Do + p.st[0] - 1) / p.st[0];
+  const int64_t th = (p.Ho + p.st[1] - 1) / p.st[1];
+  const int64_t m_max = static_cast<int64_t>(p.N) * td * th * tw;
+  const int64_t gx = (m_max + rows - 1) / rows * p.st[0] * p.st[1];
+  const int64_t gy = g.CoutP / BN;
+  if (gx == 0 || gy == 0) return cudaSuccess;
+  if (gx > INT_MAX || gy > 65535) return cudaErrorInvalidConfiguration;
+  auto go = [&](auto kernel, int smem) {
+    cudaError_t err = opt_in_smem(kernel, smem);
+    if (err != cudaSuccess) return err;
+    kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1), Cfg::kThreads, smem,
+             stream>>>(p, g);
+    return cudaGetLastError();
+  };
+  if (wm == 1) {
+    return go(conv_transpose3d_igemm_wline_kernel<IN_DT, BM, BN, BKB, WARPS_M, WARPS_N, STAGES,
+                                                  MIN_CTAS, 1>,
+              IgWline<Cfg, 1>::smem_bytes(p.epi.n_regs));
+  }
+  return go(conv_transpose3d_igemm_wline_kernel<IN_DT, BM, BN, BKB, WARPS_M, WARPS_N, STAGES,
+                                                MIN_CTAS, 2>,
+            IgWline<Cfg, 2>::smem_bytes(p.epi.n_regs));
+}
+
 // Tile configurations by id (_cuda.py IGEMM_CONFIGS mirrors this table: K step bytes, BM, BN,
 // warps):
 //   0-2  128-byte K steps, 3 stages, 4 warps: 128 x 64 (2 x 2), 128 x 32 (4 x 1), 128 x 16 (4 x 1)
@@ -814,6 +1023,9 @@ cudaError_t launch_igemm_tile(const ConvParams& p, const IgemmGeom& g, cudaStrea
 //   17   128-byte K steps, 3 stages, BN 32, 4 x 1 warps (1)
 //   18   row tile 64 x 64, 128-byte K steps, 2 stages, 2 x 2 warps, 4 CTAs per multiprocessor
 //        (epilogues that stream a full-size tensor: more loads in flight per multiprocessor)
+//   25   W-line tiles (conv_transpose3d_igemm_wline_kernel): 64 rows x 64 channels per W phase,
+//        128-byte K steps, 2 stages, 2 x 2 warps, 3 CTAs per multiprocessor
+//   26   as 25 with 64-byte K steps, 3 stages
 template <int IN_DT>
 cudaError_t launch_igemm(const ConvParams& p, const IgemmGeom& g, int config,
                          cudaStream_t stream) {
@@ -847,6 +1059,8 @@ cudaError_t launch_igemm(const ConvParams& p, const IgemmGeom& g, int config,
     case 9: return launch_igemm_tile<IN_DT, 128, 64, 64, 2, 2, 4, 3>(p, g, stream);
     case 10: return launch_igemm_tile<IN_DT, 128, 64, 128, 2, 2, 2, 3>(p, g, stream);
     case 18: return launch_igemm_tile<IN_DT, 64, 64, 128, 2, 2, 2, 4>(p, g, stream);
+    case 25: return launch_igemm_wline<IN_DT, 64, 64, 128, 2, 2, 2, 3>(p, g, stream);
+    case 26: return launch_igemm_wline<IN_DT, 64, 64, 64, 2, 2, 3, 3>(p, g, stream);
     default: return cudaErrorInvalidValue;
   }
 }

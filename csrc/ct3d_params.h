@@ -69,6 +69,7 @@ enum OpCode : int32_t {
   OP_BATCH_NORM = 39,
   OP_DETACH = 40,  // never reaches the kernel: _cuda.py folds it into its operand
   OP_SOFTMAX = 41,
+  OP_LAYER_NORM = 42,
 };
 
 // One decoded epilogue instruction. The program runs on a small register file of output
@@ -89,6 +90,10 @@ enum OpCode : int32_t {
 //                          f0 = eps
 //   SOFTMAX                b = 1 for log_softmax; over the output channels of each voxel (a
 //                          row of the tile: the tile must hold all C_out channels, groups == 1)
+//   LAYER_NORM             over W (the last dimension) of each (n, c, d, h) line: c = slot of
+//                          the weight, b = slot of the bias (-1: absent; 1-D, W_out elements,
+//                          read at w * s[4]), f0 = eps. Only the W-line tiles (ct3d_igemm.cuh
+//                          conv_transpose3d_igemm_wline_kernel) hold whole lines
 struct Instr {
   int32_t op, a, b, c, d;
   float f0, f1;
@@ -118,6 +123,14 @@ struct Epilogue {
 inline bool epilogue_spans_channels(const Epilogue& E) {
   for (int i = 0; i < E.n_instr; ++i)
     if (E.ins[i].op == OP_SOFTMAX) return true;
+  return false;
+}
+
+// Whether the program has an instruction that combines the W positions of a line (LAYER_NORM):
+// only the W-line tile configurations run it (host code: the launchers check it).
+inline bool epilogue_spans_w(const Epilogue& E) {
+  for (int i = 0; i < E.n_instr; ++i)
+    if (E.ins[i].op == OP_LAYER_NORM) return true;
   return false;
 }
 

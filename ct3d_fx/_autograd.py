@@ -101,6 +101,12 @@ def _needs_conv_output(program: Sequence[int], conv_needs: bool,
             own = bool(extra_needs[b])
             if da and (ca or own):
                 return True
+        elif op == Opcode.LAYER_NORM:
+            w_needs = b >= 0 and bool(extra_needs[b])
+            own = w_needs or (c >= 0 and bool(extra_needs[c]))
+            # d/dx and d/dweight read x (through its normalized values); d/dbias does not.
+            if da and (ca or w_needs):
+                return True
         elif op == Opcode.BATCH_NORM:
             n = 4 if c == 1 else 2
             own = any(extra_needs[b:b + n])

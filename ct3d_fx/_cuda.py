@@ -32,6 +32,10 @@ Limitations (these calls run the reference, ``ops.reference``):
     * more than ``MAX_REGS`` epilogue values alive at once;
     * a softmax over the channels (SOFTMAX) with groups > 1 or more than
       ``SOFTMAX_MAX_CHANNELS`` output channels (the pass does not fuse those);
+    * a LayerNorm over W (LAYER_NORM) unless the W-line tiles hold the call's W lines: groups
+      == 1, W stride 1 or 2, W_out a multiple of the W stride and W_out / W stride <=
+      ``WLINE_MAX_ROWS``, tensor cores (float32 with TF32 allowed, float16, bfloat16: exact
+      FP32 runs the reference), LayerNorm weight and bias 1-D device tensors of W_out elements;
     * grids beyond CUDA's limits: groups * ceil(C_out/groups / 16) > 65535, or more than
       2^31 - 1 tiles of 64 output voxels (all stride phases together).
 """
@@ -69,7 +73,8 @@ _ALGO_CODE = {"auto": 0, "gemm": 1, "direct": 2, "igemm": 0}
 #: warps). Mirrors csrc/ct3d_igemm.cuh ``launch_igemm``: 0-10 tile BM consecutive voxels of a
 #: phase; 11-17 (``IGEMM_BOX_CONFIGS``) tile a box of BM = 128 voxels and read its input patch
 #: once per K chunk for all taps (falling back to a row tile of the same K step and BN when the
-#: patch does not fit in shared memory).
+#: patch does not fit in shared memory); 19-24 are their wgmma forms, 25-26 the W-line tiles
+#: (``IGEMM_WLINE_CONFIGS``).
 IGEMM_CONFIGS = {
     0: (128, 128, 64, 4), 1: (128, 128, 32, 4), 2: (128, 128, 16, 4),
     3: (64, 128, 64, 4), 4: (64, 128, 32, 4), 5: (64, 128, 16, 4),
@@ -80,6 +85,7 @@ IGEMM_CONFIGS = {
     18: (128, 64, 64, 4),
     19: (64, 128, 64, 4), 20: (64, 128, 128, 4), 21: (128, 128, 64, 4),
     22: (64, 256, 64, 8), 23: (128, 256, 64, 8), 24: (64, 256, 128, 8),
+    25: (128, 64, 64, 4), 26: (64, 64, 64, 4),
 }
 IGEMM_BOX_CONFIGS = tuple(range(11, 18))
 #: Box tiles on Hopper's warpgroup MMA (csrc/ct3d_wgmma.cuh, sm_90a): a 2 x 8 x 8 (19-21, one
@@ -88,6 +94,12 @@ IGEMM_BOX_CONFIGS = tuple(range(11, 18))
 #: mma.sync box configuration of the same K step and BN (19, 22 -> 13; 20, 24 -> 16;
 #: 21, 23 -> 11).
 IGEMM_WGMMA_CONFIGS = (19, 20, 21, 22, 23, 24)
+#: W-line tiles (csrc/ct3d_igemm.cuh conv_transpose3d_igemm_wline_kernel): 64 voxels of each W
+#: phase (W stride 1 or 2) x 64 channels, whole W lines of the output in one tile; the only
+#: configurations that run a LAYER_NORM over W. BM in ``IGEMM_CONFIGS`` is the rows per phase.
+IGEMM_WLINE_CONFIGS = (25, 26)
+#: Longest W line (W_out / W stride) a W-line tile holds per phase.
+WLINE_MAX_ROWS = 64
 #: The row-tile configuration of the same K step and BN as each box configuration (the
 #: fallback of csrc/ct3d_igemm.cuh launch_igemm; split-K runs on row tiles).
 _BOX_FALLBACK = {11: 0, 12: 4, 13: 3, 14: 0, 15: 5, 16: 8, 17: 1, 19: 3, 20: 8, 21: 0, 22: 3,
@@ -131,10 +143,11 @@ class _Plan:
 
     __slots__ = ("fallback", "shape", "stride", "dtype", "slot_extras", "slot_strides",
                  "prog_i", "prog_f", "patches", "regs", "conv", "igemm_ok", "igemm_auto",
-                 "igemm_tiles")
+                 "igemm_tiles", "wline")
 
     def __init__(self, fallback: Optional[str] = None):
         self.fallback = fallback
+        self.wline = False  # a LAYER_NORM over W: the W-line tiles only (tensor cores)
 
 
 _plans: Dict[tuple, _Plan] = {}
@@ -258,7 +271,59 @@ def _make_plan(input, weight, bias, stride, padding, output_padding, dilation, g
         # a configuration forced by IGEMM_CONFIG whose tile holds fewer channels: the softmax
         # needs them all, which launch_conv's kernels provide
         plan.igemm_ok = plan.igemm_auto = False
+    if any(program[i] == Opcode.LAYER_NORM for i in range(0, len(program), INSTR_WIDTH)):
+        why = _wline_reason(input, conv_shape, st, groups)
+        if why is None:
+            tiles = _wline_tiles(input, weight, conv_shape, st, pa, di)
+            if tiles is None:
+                why = "the operands exceed the channels-last GEMM's 32-bit offsets"
+        if why is not None:
+            return _Plan(f"a LayerNorm over W {why}")
+        plan.wline = True
+        plan.igemm_ok = plan.igemm_auto = True
+        plan.igemm_tiles = tiles
     return plan
+
+
+def _wline_reason(input, conv_shape, st, groups) -> Optional[str]:
+    """Why the W-line tiles cannot run this call (phrased to follow "a LayerNorm over W"), or
+    None."""
+    w_out = conv_shape[4]
+    if groups != 1:
+        return f"needs groups == 1 in the kernel, got groups={groups}"
+    if max(st) > _IGEMM_MAX_STRIDE:
+        return f"needs strides up to {_IGEMM_MAX_STRIDE} in the kernel, got {st}"
+    if st[2] not in (1, 2):
+        return f"needs a W stride of 1 or 2 in the kernel, got {st[2]}"
+    if w_out % st[2]:
+        return f"needs an even W_out with W stride 2 in the kernel, got W_out={w_out}"
+    if w_out // st[2] > WLINE_MAX_ROWS:
+        return (f"needs W_out <= {WLINE_MAX_ROWS * st[2]} with W stride {st[2]} in the kernel "
+                f"(a tile holds whole W lines), got W_out={w_out}")
+    return None
+
+
+def _wline_tiles(input, weight, conv_shape, st, pa, di):
+    """(ck, bn, config, bm, splits) of the W-line tiles for this call, or None when the operands
+    do not fit the channels-last GEMM's 32-bit offsets. 128-byte K steps when C_in fills them
+    (config 25), else 64-byte ones (26); ``IGEMM_CONFIG`` may force either."""
+    cin, cout = weight.size(0), weight.size(1)
+    elem = input.element_size()
+    config = (IGEMM_CONFIG if IGEMM_CONFIG in IGEMM_WLINE_CONFIGS
+              else 25 if (cin * elem) % 128 == 0 else 26)
+    kbytes, bm, bn, _ = IGEMM_CONFIGS[config]
+    ck = kbytes // elem
+    cp = -(-cin // ck) * ck
+    ks = weight.shape[2:]
+    vox = input.size(0)
+    for i in range(3):
+        lo, hi = _phase_halo(input.size(2 + i), conv_shape[2 + i], st[i], pa[i], di[i], ks[i])
+        vox *= input.size(2 + i) + lo + hi
+    cout_p = -(-cout // bn) * bn
+    if (vox * cp * elem >= 2 ** 31 - 1 or math.prod(ks) * cout_p * cp * elem >= 2 ** 31 - 1
+            or cout_p // bn > _MAX_GRID_Y):
+        return None
+    return ck, bn, config, bm, 1
 
 
 def _phase_halo(n_in: int, n_out: int, s: int, pad: int, dil: int, k: int) -> Tuple[int, int]:
@@ -335,6 +400,11 @@ def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False):
     config = (_igemm_config(cin, cout, elem, macs, stride1, math.prod(ks), streams,
                             _has_wgmma(input.device))
               if IGEMM_CONFIG is None else IGEMM_CONFIG)
+    if config in IGEMM_WLINE_CONFIGS:  # forced (timing scripts): where the W lines fit
+        if _wline_reason(input, conv_shape, st, groups) is not None:
+            return False, False, None
+        tiles = _wline_tiles(input, weight, conv_shape, st, pa, di)
+        return tiles is not None, False, tiles
     if IGEMM_CONFIG is None and config in IGEMM_WGMMA_CONFIGS:
         # few tiles (split-K): the wgmma boxes would fall back to row tiles of their BN (128
         # for 24, 8 warps), slower than the mma.sync choice's own fallback (GAN generator's
@@ -540,6 +610,25 @@ def _decode_program(input, program, scalars, extras, conv_shape, channels):
                 slot(b + j, s)
             rows.append(_Row(op, [reg_value(a)], v, b_flag=int(c), c=first,
                              f0=float(scalars[d])))
+        elif op == Opcode.LAYER_NORM:
+            size = program[k * INSTR_WIDTH + 5]
+            if size != conv_shape[4]:  # the reference raises PyTorch's error for this call
+                raise _NotCovered(f"LayerNorm over {size} elements, but the output's last "
+                                  f"dimension has {conv_shape[4]}")
+            affine = []
+            for what, idx in (("weight", b), ("bias", c)):
+                if idx < 0:
+                    affine.append(-1)
+                    continue
+                t = extras[idx]
+                if t.device != input.device or t.dim() != 1 or t.numel() != size:
+                    raise _NotCovered(f"the LayerNorm {what} extras[{idx}] must be a 1-D tensor "
+                                      f"of {size} elements on the input's device, got shape "
+                                      f"{tuple(t.shape)} on {t.device}")
+                affine.append(slot(idx, [0, 0, 0, 0, t.stride(0)]))
+            # kernel fields: c = weight slot, b = bias slot (-1: absent), f0 = eps
+            rows.append(_Row(op, [reg_value(a)], v, b_flag=affine[1], c=affine[0],
+                             f0=float(scalars[d])))
         else:  # check_program accepted it, so the table above is incomplete
             raise _NotCovered(f"opcode {op.name} is not implemented by the kernel")
     return rows, slot_extras, slot_strides, alias
@@ -616,8 +705,13 @@ def fallback_reason(input, weight, bias, stride, padding, output_padding, dilati
         return f"input is on {input.device}, not CUDA"
     if _build.load() is None:
         return f"CUDA extension unavailable: {_build.why_not()}"
-    return _get_plan(input, weight, bias, stride, padding, output_padding, dilation, groups,
-                     program, scalars, extras).fallback
+    plan = _get_plan(input, weight, bias, stride, padding, output_padding, dilation, groups,
+                     program, scalars, extras)
+    if (plan.fallback is None and plan.wline and input.dtype == torch.float32
+            and not torch.backends.cudnn.allow_tf32):
+        return ("a LayerNorm over W runs on the tensor-core kernel only; exact FP32 "
+                "(torch.backends.cudnn.allow_tf32 = False) runs the reference")
+    return plan.fallback
 
 
 # Per-shape choice between the fused kernel and cuDNN + PyTorch epilogue ("reference"): where
@@ -729,8 +823,8 @@ def _run_fused(ext, plan, input, weight, bias, extras, mode):
     bias_c = None if bias is None else bias.contiguous()
     slots = [extras[i] for i in plan.slot_extras]
     global LAST_KERNEL, LAST_WGMMA
-    if (mode == _MODE_TENSOR_CORE and plan.igemm_ok
-            and (ALGO == "igemm" or (ALGO == "auto" and plan.igemm_auto))):
+    if plan.wline or (mode == _MODE_TENSOR_CORE and plan.igemm_ok
+                      and (ALGO == "igemm" or (ALGO == "auto" and plan.igemm_auto))):
         ck, bn, config, bm, splits = plan.igemm_tiles
         wpk = _packed_weight_igemm(weight, ck, bn)
         ran = ext.launch_igemm(input, weight, bias_c, out, slots, plan.slot_strides,
@@ -777,6 +871,8 @@ def run(args: tuple) -> torch.Tensor:
         mode = _MODE_FFMA
     else:
         mode = _MODE_TENSOR_CORE
+    if plan.wline and mode == _MODE_FFMA:
+        return reference(*args)  # the W-line tiles run on the tensor cores only
     if _tunable(input):
         ck = (key, mode)
         choice = _choices.get(ck)

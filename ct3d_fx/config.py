@@ -21,10 +21,11 @@ class Config:
 
     Attributes:
         families: op families that may join an epilogue, a subset of ``{"arithmetic",
-            "activation", "clamp", "batch_norm", "dropout", "residual", "softmax"}`` ("dropout"
-            also covers nn.Identity, clone, detach, contiguous; "residual" covers operands that
-            come from model inputs, such as a skip connection; "softmax" is softmax and
-            log_softmax over the channels). The convolution and its bias are always fused.
+            "activation", "clamp", "batch_norm", "dropout", "residual", "softmax",
+            "layer_norm"}`` ("dropout" also covers nn.Identity, clone, detach, contiguous;
+            "residual" covers operands that come from model inputs, such as a skip connection;
+            "softmax" is softmax and log_softmax over the channels; "layer_norm" is LayerNorm
+            over the last dimension, W). The convolution and its bias are always fused.
         filter_fn: ``filter_fn(module, fqn) -> bool``; called with the ConvTranspose3d module
             (None for a functional call) and the site's FQN; False leaves the site unfused.
         verify: with example_inputs, run the original and the optimized model and compare.

@@ -288,6 +288,18 @@ def _channel_span_reason(node: fx.Node, anchor: fx.Node, conv: Dict[str, Any],
     return None
 
 
+def _w_span_reason(node: fx.Node, conv: Dict[str, Any], modules) -> Optional[str]:
+    """Why an op over the W positions of a row (LayerNorm over the last dim) cannot join this
+    site's kernel, or None: the kernel that holds whole W rows in its tile is the groups == 1
+    implicit GEMM. (Whether a given output's rows fit in its tile is decided at run time, where
+    the op falls back to cuDNN + PyTorch ops otherwise.)"""
+    if conv["groups"] != 1:
+        return (f"{patterns.describe(node, modules)} spans the W positions of a row of a grouped "
+                f"ConvTranspose3d (groups={conv['groups']}); only the groups == 1 kernel holds "
+                f"whole rows in its tile")
+    return None
+
+
 def _is_inplace(spec, bound, m) -> bool:
     return spec.inplace or bound.get("inplace") is True or (
         m is not None and patterns.module_inplace(m))
@@ -394,6 +406,8 @@ def match(anchor: fx.Node, modules, config: Config) -> Match:
         r = _candidate(n, S, tainted, modules, config, pcache)
         if not isinstance(r, str) and r[0].spans_channels:
             r = _channel_span_reason(n, anchor, conv, modules) or r
+        if not isinstance(r, str) and r[0].spans_w:
+            r = _w_span_reason(n, conv, modules) or r
         if isinstance(r, str):
             rejected[n] = r
         else:

@@ -36,7 +36,8 @@ class Opcode(enum.IntEnum):
     """Epilogue opcodes. Each instruction is ``[opcode, a, b, c, d, e]``; unused fields are -1.
 
     Legend: ``v`` value number, ``s`` scalar index, ``t`` extra-tensor index, ``f`` flag,
-    ``dim`` a dimension of the 5-D output (SOFTMAX: 1 or -4, the channels).
+    ``dim`` a dimension of the 5-D output (SOFTMAX: 1 or -4, the channels), ``T`` an optional
+    extra-tensor index (-1: absent), ``n`` a positive int.
     """
 
     LOAD_SCALAR = 1   # a=s                      -> scalars[a] (a Python float)
@@ -69,6 +70,9 @@ class Opcode(enum.IntEnum):
     DETACH = 40       # a=v                      -> a.detach(): the same values, no gradient
     SOFTMAX = 41      # a=v, b=f (0: softmax, 1: log_softmax), c=dim (1 or -4): over the
     #                   channels of the 5-D value a (a must be computed from the conv output)
+    LAYER_NORM = 42   # a=v, b=t weight or -1, c=t bias or -1, d=s eps, e=n the normalized size:
+    #                   F.layer_norm(a, (e,), weight, bias, eps), over the last dimension (W) of
+    #                   the 5-D value a (a must be computed from the conv output)
 
 
 # Which fields of each opcode are value numbers (v), scalar indices (s), extra-tensor indices
@@ -82,8 +86,11 @@ _FIELDS = {
     Opcode.HARDSWISH: "v", Opcode.HARDSIGMOID: "v", Opcode.HARDTANH: "vss",
     Opcode.SIGMOID: "v", Opcode.TANH: "v", Opcode.SOFTPLUS: "vss",
     Opcode.CLAMP: "v??", Opcode.BATCH_NORM: "vtfs", Opcode.DETACH: "v",
-    Opcode.SOFTMAX: "vfd",
+    Opcode.SOFTMAX: "vfd", Opcode.LAYER_NORM: "vTTsn",
 }
+# opcodes that reduce over other elements of the value: the operand must be the conv output or
+# computed from it (the kernel reduces over its own output tile)
+_REDUCING = (Opcode.SOFTMAX, Opcode.LAYER_NORM)
 # dims a SOFTMAX may name: the channel dimension of a 5-D value
 _SOFTMAX_DIMS = (1, -4)
 
@@ -126,6 +133,11 @@ def check_program(program: Sequence[int], n_scalars: int, n_extras: int) -> None
                 if not (0 <= x and x + need <= n_extras):
                     raise ValueError(f"{what}: extra-tensor index must leave {need} tensor(s) in "
                                      f"[0, {n_extras}), got {x}")
+            if kind == "T" and not -1 <= x < n_extras:
+                raise ValueError(f"{what}: extra-tensor index must be -1 or in [0, {n_extras}), "
+                                 f"got {x}")
+            if kind == "n" and x < 1:
+                raise ValueError(f"{what}: size must be positive, got {x}")
             if kind == "f" and x not in (0, 1):
                 raise ValueError(f"{what}: flag must be 0 or 1, got {x}")
             if kind == "d" and x not in _SOFTMAX_DIMS:
@@ -148,8 +160,8 @@ def check_program(program: Sequence[int], n_scalars: int, n_extras: int) -> None
         elif operands[0] == "scalar":
             raise ValueError(f"ct3d: program instruction {i} ({op.name}): operand v{ins[1]} is "
                              f"a scalar, expected a tensor value")
-        elif op == Opcode.SOFTMAX and operands[0] != "conv":
-            raise ValueError(f"ct3d: program instruction {i} (SOFTMAX): operand v{ins[1]} is "
+        elif op in _REDUCING and operands[0] != "conv":
+            raise ValueError(f"ct3d: program instruction {i} ({op.name}): operand v{ins[1]} is "
                              f"an extra tensor, expected a value computed from the convolution "
                              f"output (value 0)")
         kinds_of.append("conv" if "conv" in operands else "tensor")
@@ -169,8 +181,10 @@ def describe_program(program: Sequence[int], scalars: Sequence[float]) -> str:
                 args.append(f"v{x}")
             elif kind in "s?":
                 args.append("-" if x < 0 else repr(scalars[x]))
-            elif kind == "t":
+            elif kind == "t" or (kind == "T" and x >= 0):
                 args.append(f"t{x}")
+            elif kind == "T":
+                args.append("-")
             elif kind == "d":
                 args.append(f"dim={x}")
             else:
@@ -242,6 +256,9 @@ def _run_program(y: torch.Tensor, program: Sequence[int], scalars: Sequence[floa
                 r = x.detach()
             elif op == Opcode.SOFTMAX:
                 r = F.log_softmax(x, dim=c) if b else F.softmax(x, dim=c)
+            elif op == Opcode.LAYER_NORM:
+                r = F.layer_norm(x, (ins[5],), extras[b] if b >= 0 else None,
+                                 extras[c] if c >= 0 else None, s[d])
             elif op == Opcode.BATCH_NORM:
                 w = extras[b + 2] if c else None
                 bb = extras[b + 3] if c else None
@@ -361,7 +378,8 @@ def conv_transpose3d_epilogue(input: torch.Tensor, weight: torch.Tensor,
                               dilation: Sequence[int], groups: int, program: Sequence[int],
                               scalars: Sequence[float], extras: Sequence[torch.Tensor]
                               ) -> torch.Tensor:
-    """ConvTranspose3d and its epilogue (elementwise ops, softmax over channels) in one op.
+    """ConvTranspose3d and its epilogue (elementwise ops, softmax over the channels, LayerNorm
+    over W) in one op.
 
     Args:
         input: (N, C_in, D, H, W), float32/float64/float16/bfloat16, NCDHW or channels_last_3d.

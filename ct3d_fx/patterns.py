@@ -1,7 +1,8 @@
 """The table of fusable ops: every spelling of an epilogue op -> one epilogue opcode.
 
 Epilogue ops are elementwise, except softmax and log_softmax over the channels (dim=1), which
-the kernel computes per output voxel from the C_out values its tile holds.
+the kernel computes per output voxel from the C_out values its tile holds, and LayerNorm over
+the last dimension (W), which it computes per row of W values when its tile holds whole rows.
 
 A spelling is an ``nn.Module`` class (``call_module``), a function (``call_function``: torch.*,
 torch.nn.functional.*, operator.*) or a Tensor method name (``call_method``). Each maps to an
@@ -24,7 +25,7 @@ from .ops import Opcode
 __all__ = ["OpSpec", "FAMILIES", "lookup", "is_anchor", "describe", "supported_table"]
 
 FAMILIES = frozenset({"arithmetic", "activation", "clamp", "batch_norm", "dropout", "residual",
-                      "softmax"})
+                      "softmax", "layer_norm"})
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class OpSpec:
     alias: bool = False            # may return its input itself (detach, eval Dropout, Identity)
     spans_channels: bool = False   # combines the channels of a voxel (softmax over dim 1): the
     #                                pass checks the conv's groups and C_out (fuse.py)
+    spans_w: bool = False          # combines the W positions of a row (LayerNorm over the last
+    #                                dim): the pass checks the conv's groups (fuse.py)
 
 
 def _binder(fn):
@@ -80,6 +83,9 @@ def _s_dropout(input, p=0.5, training=True, inplace=False): ...
 def _s_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                   momentum=0.1, eps=1e-5): ...
 def _s_softmax(input, dim=None, _stacklevel=3, dtype=None): ...
+def _s_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5): ...
+def _s_torch_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-05,
+                        cudnn_enable=True): ...
 def _s_module(input): ...
 def _s_identity(input, *args, **kwargs): ...
 
@@ -285,6 +291,67 @@ def _check_softmax_mod(b, m):
     return _softmax_dim_reason(type(m).__name__, m.dim)
 
 
+def _ln_shape(shape) -> Optional[Tuple[int, ...]]:
+    """``normalized_shape`` as a tuple of ints, None when it is not constant ints (e.g.
+    ``x.shape[-1:]`` computed at run time; a bare int, which F.layer_norm refuses)."""
+    if isinstance(shape, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in shape):
+        return tuple(shape)
+    return None
+
+
+def _ln_shape_reason(name, shape) -> Optional[str]:
+    ns = _ln_shape(shape)
+    if ns is None:
+        return (f"{name} normalized_shape={_fmt(shape)} is not constant ints (e.g. computed at "
+                f"run time)")
+    if len(ns) != 1:
+        return (f"{name} over normalized_shape={ns} ({len(ns)} dims) is not fused: only a "
+                f"LayerNorm over the last dimension (W) is")
+    if ns[0] < 1:
+        return f"{name} over normalized_shape={ns} is not a positive size"
+    return None
+
+
+def _check_ln_fn(b, m):
+    r = _ln_shape_reason("layer_norm", b["normalized_shape"])
+    if r:
+        return r
+    for k in ("weight", "bias"):
+        if b[k] is not None and not isinstance(b[k], torch.fx.Node):
+            return f"layer_norm {k}={b[k]!r} is not a graph value"
+    if not _num(b["eps"]):
+        return f"layer_norm eps={_fmt(b['eps'])} is not a Python number"
+    return None
+
+
+def _enc_ln(e, b, m):
+    """LAYER_NORM: the weight and bias (a module's own Parameters, or graph values) become extras,
+    so the optimized model reads the same tensors at every call."""
+    if m is None:
+        w, bias, eps, ns = b["weight"], b["bias"], b["eps"], b["normalized_shape"]
+    else:
+        w, bias, eps, ns = m.weight, m.bias, m.eps, m.normalized_shape
+    x = e.value(b["input"])
+    wi = -1 if w is None else e.tensor(w)
+    bi = -1 if bias is None else e.tensor(bias)
+    return e.emit(Opcode.LAYER_NORM, x, wi, bi, e.scalar(float(eps)), int(_ln_shape(ns)[0]))
+
+
+def _check_ln_mod(b, m):
+    name = type(m).__name__
+    r = _ln_shape_reason(name, m.normalized_shape)
+    if r:
+        return r
+    if not _num(m.eps):
+        return f"{name} eps={m.eps!r} is not a Python number"
+    for k in ("weight", "bias"):
+        t = getattr(m, k, None)
+        if t is not None and not isinstance(t, torch.Tensor):
+            return f"{name}.{k} is not a tensor"
+    return None
+
+
 # --- module encoders (arguments come from the module's attributes) -----------------------------
 def _mod_scalar(opcode, *attrs):
     def enc(e, b, m):
@@ -439,6 +506,15 @@ for _name, _log, _fns, _meth_name in [
          OpSpec(_name, "softmax", _binder(_s_softmax), ("input",), _enc_softmax(_log),
                 _check_softmax(_name), spans_channels=True))
 
+# LayerNorm over the last dimension (W: one row of the conv output, all in the kernel's tile when
+# it holds whole rows)
+_add(_fn(F.layer_norm),
+     OpSpec("layer_norm", "layer_norm", _binder(_s_layer_norm), ("input",), _enc_ln, _check_ln_fn,
+            spans_w=True))
+_add(_fn(torch.layer_norm),
+     OpSpec("layer_norm", "layer_norm", _binder(_s_torch_layer_norm), ("input",), _enc_ln,
+            _check_ln_fn, spans_w=True))
+
 # modules
 _m = _binder(_s_module)
 for _cls, _opc in [(nn.ReLU, Opcode.RELU), (nn.SELU, Opcode.SELU), (nn.SiLU, Opcode.SILU),
@@ -469,6 +545,8 @@ _add(_mod(nn.Softmax), OpSpec("Softmax", "softmax", _m, ("input",), _enc_softmax
                              _check_softmax_mod, spans_channels=True))
 _add(_mod(nn.LogSoftmax), OpSpec("LogSoftmax", "softmax", _m, ("input",), _enc_softmax(True),
                                 _check_softmax_mod, spans_channels=True))
+_add(_mod(nn.LayerNorm), OpSpec("LayerNorm", "layer_norm", _m, ("input",), _enc_ln,
+                                _check_ln_mod, spans_w=True))
 _add(_mod(nn.Identity), OpSpec("Identity", "dropout", _binder(_s_identity), ("input",),
                                _identity, alias=True))
 

@@ -15,7 +15,8 @@
 #             against a CPU result) and the count of HGMMA instructions in its SASS
 #   wgmma     pytest -k wgmma (plus the large-patch box tests) over tests/test_cuda_kernel.py
 #   sanitize  compute-sanitizer memcheck over the edge-tile, box-patch, wgmma and six-register
-#             epilogue tests, and the softmax epilogue on every kernel path (TF32, 64 channels)
+#             epilogue tests, the softmax epilogue on every kernel path (TF32, 64 channels) and
+#             the LayerNorm epilogue on both W-line configurations (TF32, weight and bias)
 #   example   python examples/quickstart.py, when it exists
 #   time      fused op vs eager (ConvTranspose3d + epilogue) on suite problems, TF32 / exact
 #             FP32 / BF16 (set CT3D_TIME_MODES="tf32" to shorten); LOGDIR/time.json
@@ -81,7 +82,7 @@ step_sanitize() {
   compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
     --report-api-errors no \
     "$PY" -m pytest -p no:cacheprovider -q tests/test_cuda_kernel.py \
-    -k "edge_tiles or box_large_patch or wgmma_runs or six_tile_registers or (softmax_epilogue and tf32 and dag and 64)"
+    -k "edge_tiles or box_large_patch or wgmma_runs or six_tile_registers or (softmax_epilogue and tf32 and dag and 64) or (layernorm_epilogue and tf32 and both and dag)"
 }
 
 step_probe() {

@@ -32,8 +32,8 @@ F64 = torch.float64
 N, C, Y_SHAPE = 2, 2, (2, 2, 3, 3, 3)
 
 
-def ins(op: Opcode, a: int = -1, b: int = -1, c: int = -1, d: int = -1) -> List[int]:
-    return [int(op), a, b, c, d, -1]
+def ins(op: Opcode, a: int = -1, b: int = -1, c: int = -1, d: int = -1, e: int = -1) -> List[int]:
+    return [int(op), a, b, c, d, e]
 
 
 def prog(*instructions: List[int]) -> List[int]:
@@ -113,6 +113,19 @@ CASES = [
     Case("softmax_in_dag", prog(ins(Opcode.LOAD_TENSOR, 0), ins(Opcode.MUL, 0, 1),
                                 ins(Opcode.SOFTMAX, 2, 0, 1), ins(Opcode.MUL, 3, 0)),
          extras=(Extra(PER_CHANNEL),)),
+    # LayerNorm over W (= 3): weight t0 / bias t1 or absent (-1), eps s0, size 3
+    Case("layer_norm_affine", prog(ins(Opcode.LAYER_NORM, 0, 0, 1, 0, 3)), [1e-5],
+         (Extra((3,)), Extra((3,)))),
+    Case("layer_norm_plain", prog(ins(Opcode.LAYER_NORM, 0, -1, -1, 0, 3)), [1e-3]),
+    Case("layer_norm_weight_only", prog(ins(Opcode.LAYER_NORM, 0, 0, -1, 0, 3)), [0.1],
+         (Extra((3,)),)),
+    Case("layer_norm_bias_only", prog(ins(Opcode.LAYER_NORM, 0, -1, 0, 0, 3)), [1e-5],
+         (Extra((3,)),)),
+    # LayerNorm of a per-channel-scaled value, GELU, times the conv output
+    Case("layer_norm_in_dag", prog(ins(Opcode.LOAD_TENSOR, 0), ins(Opcode.MUL, 0, 1),
+                                   ins(Opcode.LAYER_NORM, 2, 1, 2, 0, 3), ins(Opcode.GELU, 3, 0),
+                                   ins(Opcode.MUL, 4, 0)), [1e-5],
+         (Extra(PER_CHANNEL), Extra((3,)), Extra((3,)))),
     # v1=sigmoid(v0) v2=v0*v1 v3=v2+v0 v4=t0 v5=v3*v4 v6=tanh(v5) v7=v6-v1 v8=prelu(v7, t1)
     Case("dag_reuses_values", prog(ins(Opcode.SIGMOID, 0), ins(Opcode.MUL, 0, 1),
                                    ins(Opcode.ADD, 2, 0), ins(Opcode.LOAD_TENSOR, 0),
@@ -272,7 +285,8 @@ def test_gradcheck_channels_last_input():
 
 
 # Double backward: a smaller geometry, y = (1, 2, 3, 2, 3).
-GRADGRAD = ["dag_reuses_values", "linear_affine", "batch_norm_affine", "prelu_c", "softplus"]
+GRADGRAD = ["dag_reuses_values", "linear_affine", "batch_norm_affine", "prelu_c", "softplus",
+            "layer_norm_affine"]
 
 
 @pytest.mark.parametrize("name", GRADGRAD + ["empty"])
@@ -327,6 +341,53 @@ def test_saves_only_what_backward_needs(program, needs, expected):
     ref_inputs = [t.detach().requires_grad_(t.requires_grad) for t in (x, w, b, *leaves)]
     ref = _reference(case, layout, *ref_inputs)
     ref_grads = torch.autograd.grad(ref.square().sum(), [t for t in ref_inputs if t.requires_grad])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("conv_needs,extra_needs,expected", [
+    (True, [False, False], True),     # d/dx reads x
+    (False, [True, False], True),     # d/dweight reads the normalized x
+    (False, [True, True], True),
+    (False, [False, True], False),    # d/dbias is the sum of the output gradient
+    (False, [False, False], False),
+])
+def test_layer_norm_needs_conv_output(conv_needs, extra_needs, expected):
+    from ct3d_fx._autograd import _needs_conv_output
+    program = prog(ins(Opcode.LAYER_NORM, 0, 0, 1, 0, 3))
+    assert _needs_conv_output(program, conv_needs, extra_needs) is expected
+    # absent weight/bias (-1) are not looked up; a later nonlinear op on the result reads y
+    plain = prog(ins(Opcode.LAYER_NORM, 0, -1, -1, 0, 3))
+    assert _needs_conv_output(plain, conv_needs, []) is conv_needs
+    later = prog(ins(Opcode.LAYER_NORM, 0, 0, 1, 0, 3), ins(Opcode.TANH, 1))
+    assert _needs_conv_output(later, conv_needs, extra_needs) is (conv_needs or any(extra_needs))
+
+
+@pytest.mark.parametrize("needs,saved", [
+    ("bias", [None, None, None, "t", "t"]),        # y is not recomputed: a stand-in serves
+    ("weight", ["x", "w", "b", "t", "t"]),
+    ("conv", ["x", "w", "b", "t", "t"]),
+])
+def test_layer_norm_backward_saves_and_matches(needs, saved):
+    """Only the LN bias needs a gradient: no recomputation of y; every case equals eager."""
+    gen = torch.Generator().manual_seed(53)
+    x, w, b = conv_inputs(gen)
+    case = next(c for c in CASES if c.name == "layer_norm_affine")
+    lw, lb = _rand(gen, (3,)), _rand(gen, (3,))
+    for t in (x, w, b):
+        t.requires_grad_(needs == "conv")
+    lw.requires_grad_(needs == "weight")
+    lb.requires_grad_(needs == "bias")
+    out = make_fn(case, [0, 1])(x, w, b, lw, lb)
+    names = {x.data_ptr(): "x", w.data_ptr(): "w", b.data_ptr(): "b"}
+    got = [None if t is None else names.get(t.data_ptr(), "t") for t in out.grad_fn.saved_tensors]
+    assert got == saved
+    wrt = [t for t in (x, w, b, lw, lb) if t.requires_grad]
+    gy = torch.randn(out.shape, generator=gen, dtype=F64)
+    grads = torch.autograd.grad(out, wrt, gy)
+    ref_in = [t.detach().requires_grad_(t.requires_grad) for t in (x, w, b, lw, lb)]
+    ref = _reference(case, [0, 1], *ref_in)
+    ref_grads = torch.autograd.grad(ref, [t for t in ref_in if t.requires_grad], gy)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
@@ -648,3 +709,64 @@ def test_compile_optimized_unet_fullgraph():
     for (name, p), q in zip(eager.named_parameters(), model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12,
                                    msg=lambda m: f"{name}.grad: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm over W through ct3d_fx.optimize: the gradients of the input, the conv's weight and
+# bias and the LayerNorm's own weight and bias equal the original model's (the CPU path is the
+# reference, so this checks the encoding and which gradients read y).
+
+class _ConvLayerNorm(torch.nn.Module):
+    def __init__(self, spelling: str):
+        super().__init__()
+        nn = torch.nn
+        self.up = nn.ConvTranspose3d(4, 6, 3, stride=2, padding=1, output_padding=1)
+        self.ln = nn.LayerNorm(10, eps=1e-3)
+        self.scale = nn.Parameter(torch.empty(6, 1, 1, 1))
+        self.spelling = spelling
+
+    def forward(self, x):
+        y = self.up(x)
+        if self.spelling == "module":
+            y = self.ln(y)
+        else:
+            y = F.layer_norm(y, (10,), self.ln.weight, self.ln.bias, 1e-3)
+        return F.gelu(y) * self.scale
+
+
+@pytest.mark.parametrize("spelling", ["module", "functional"])
+@pytest.mark.parametrize("wrt", ["all", "ln.weight", "ln.bias", "input"])
+def test_optimized_layer_norm_gradients_equal_eager(wrt: str, spelling: str):
+    gen = torch.Generator().manual_seed(59)
+    model = _ConvLayerNorm(spelling).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * 0.5)
+    eager = copy.deepcopy(model)
+    x = torch.randn(2, 4, 3, 4, 5, generator=gen, dtype=F64)
+    optimized = ct3d_fx.optimize(model, (x,))
+    site = optimized.ct3d_report.sites[0]
+    name = "LayerNorm" if spelling == "module" else "layer_norm"
+    assert site.chain == ["ConvTranspose3d", name, "gelu", "mul"], str(optimized.ct3d_report)
+    for m in (model, eager):
+        for n, p in m.named_parameters():
+            p.requires_grad_(wrt == "all" or n == wrt)
+    xo = x.clone().requires_grad_(wrt in ("all", "input"))
+    xe = x.clone().requires_grad_(wrt in ("all", "input"))
+    gy = torch.randn(2, 6, 6, 8, 10, generator=gen, dtype=F64)
+    with FusedOpCounter() as count:
+        out = optimized(xo)
+        (out * gy).sum().backward()
+    # the forward and the recomputation of y (also for the LN bias alone: gelu's derivative
+    # reads the LayerNorm's output)
+    assert count.calls == 2
+    (eager(xe) * gy).sum().backward()
+    assert (xo.grad is None) == (xe.grad is None)
+    if xe.grad is not None:
+        torch.testing.assert_close(xo.grad, xe.grad, rtol=1e-10, atol=1e-12)
+    for (n, p), q in zip(eager.named_parameters(), model.parameters()):
+        assert (q.grad is None) == (p.grad is None), n
+        if p.grad is not None:
+            assert p.grad.abs().max() > 0, n
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12,
+                                       msg=lambda m: f"{n}.grad: {m}")

@@ -716,15 +716,39 @@ def _check_forced_igemm(case, monkeypatch, config, splits=None):
     _check_case(case, build_args(case, "cuda"), record=False)
 
 
+# The row, box and wgmma configurations (every id but the W-line tiles, which hold only some
+# shapes: test_igemm_wline_configs).
+_ANY_SHAPE_CONFIGS = [c for c in _cuda.IGEMM_CONFIGS if c not in _cuda.IGEMM_WLINE_CONFIGS]
+
+
 # The channels-last implicit GEMM forced on the sweep's configurations, each tile configuration
-# on every len(IGEMM_CONFIGS)-th seed; checked like the sweep. It runs for groups == 1 on tensor
-# cores (not exact FP32); elsewhere the call takes the other kernels.
+# on every len(_ANY_SHAPE_CONFIGS)-th seed; checked like the sweep. It runs for groups == 1 on
+# tensor cores (not exact FP32); elsewhere the call takes the other kernels.
 @cuda_test
 @pytest.mark.parametrize("seed", range(SWEEP))
 def test_igemm_configs(seed, ext, poison, monkeypatch):
     case = make_case(seed)
-    _check_forced_igemm(case, monkeypatch, seed % len(_cuda.IGEMM_CONFIGS))
+    _check_forced_igemm(case, monkeypatch, _ANY_SHAPE_CONFIGS[seed % len(_ANY_SHAPE_CONFIGS)])
     if case.groups == 1 and case.precision != "fp32":
+        assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
+    else:
+        assert _cuda.LAST_KERNEL != "igemm", f"{case}: ran the igemm"
+
+
+# The W-line tiles (configurations 25, 26: both W phases of whole W lines in one CTA) forced on
+# every sweep seed with its own epilogue (no LayerNorm): where the call's W lines fit (groups ==
+# 1, W stride 1 or 2, W_out a multiple of it, at most 64 outputs per phase) on tensor cores the
+# W-line kernel must be what ran; elsewhere the other kernels run. Checked like the sweep.
+@cuda_test
+@pytest.mark.parametrize("seed", range(SWEEP))
+def test_igemm_wline_configs(seed, ext, poison, monkeypatch):
+    case = make_case(seed)
+    config = _cuda.IGEMM_WLINE_CONFIGS[seed % len(_cuda.IGEMM_WLINE_CONFIGS)]
+    _check_forced_igemm(case, monkeypatch, config)
+    out = case.out_spatial()
+    fits = (case.groups == 1 and case.stride[2] in (1, 2) and out[2] % case.stride[2] == 0
+            and out[2] // case.stride[2] <= _cuda.WLINE_MAX_ROWS and max(case.stride) <= 8)
+    if fits and case.precision != "fp32":
         assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
     else:
         assert _cuda.LAST_KERNEL != "igemm", f"{case}: ran the igemm"
@@ -1056,6 +1080,109 @@ def test_softmax_epilogue(cout, path, precision, log, dag, ext, poison, monkeypa
             assert _cuda.LAST_WGMMA == _wgmma_device()
     elif algo != "auto":  # launch_conv runs a SOFTMAX program on the GEMM, never the direct
         assert _cuda.LAST_KERNEL == "gemm", f"{path}: ran {_cuda.LAST_KERNEL}"
+
+
+# LayerNorm over W (the last dimension) in the epilogue: the W-line tiles (configurations 25 and
+# 26) hold whole W lines of the output. Shapes: W stride 2 (W_out 8, 30 and 128 = the longest
+# line, 64 outputs per W phase) and W stride 1 (W_out 7 and 64), other strides 1 or 2, C_out
+# 5 (a narrow tile), 64 and 80 (two CTAs along C_out), an output whose last tile is partial.
+#   name -> (C_in, C_out, input D, H, W, kernel, stride, padding, output_padding)
+LAYERNORM_SHAPES = {
+    "s2-w8": (8, 5, (3, 4, 4), (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1)),
+    "s2-w30-c64": (16, 64, (2, 3, 15), (2, 3, 4), (1, 2, 2), (0, 1, 1), (0, 0, 0)),
+    "s2-w128-c80": (24, 80, (2, 2, 64), (3, 2, 4), (2, 1, 2), (1, 0, 1), (1, 0, 0)),
+    "s1-w7": (8, 16, (3, 3, 5), (3, 3, 3), (1, 2, 1), (0, 1, 0), (0, 1, 0)),
+    "s1-w64-c64": (32, 64, (2, 3, 62), (2, 2, 3), (1, 1, 1), (0, 0, 0), (0, 0, 0)),
+}
+
+
+def layernorm_program(affine: str, dag: bool):
+    """v2 = v0 + 0.25; v3 = layer_norm(v2, weight t0 / bias t1 as `affine` says); then
+    gelu(v3) * 1.5 (in place) or v3 + v2 (dag: the source register stays alive)."""
+    w = 0 if affine in ("weight", "both") else -1
+    b = (1 if w == 0 else 0) if affine in ("bias", "both") else -1
+    prog = [Opcode.LOAD_SCALAR, 0, -1, -1, -1, -1, Opcode.ADD, 0, 1, -1, -1, -1,
+            Opcode.LAYER_NORM, 2, w, b, 1, -1]  # e (the size) filled in by the caller
+    if dag:
+        prog += [Opcode.ADD, 3, 2, -1, -1, -1]
+    else:
+        prog += [Opcode.GELU, 3, 0, -1, -1, -1, Opcode.LOAD_SCALAR, 2, -1, -1, -1, -1,
+                 Opcode.MUL, 4, 5, -1, -1, -1]
+    return prog, [0.25, 1e-5, 1.5]
+
+
+@cuda_test
+@pytest.mark.parametrize("dag", [False, True], ids=["in-place", "dag"])
+@pytest.mark.parametrize("affine", ["none", "weight", "bias", "both"])
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("config", [25, 26])
+@pytest.mark.parametrize("shape", list(LAYERNORM_SHAPES))
+def test_layernorm_epilogue(shape, config, precision, affine, dag, ext, poison, monkeypatch):
+    cin, cout, sp, k, st, pa, op = LAYERNORM_SHAPES[shape]
+    monkeypatch.setattr(_cuda, "IGEMM_CONFIG", config)
+    monkeypatch.setattr(_cuda, "_plans", {})
+    layout = "channels_last" if affine in ("bias", "none") else "contiguous"  # both stores
+    case = Case(cout, precision, 3, cin, cout, 1, list(sp), list(k), list(st), list(pa),
+                list(op), [1, 1, 1], True, layout, "contiguous", 0)
+    w_out = case.out_spatial()[2]
+    draw = _Draw(300 + cout + config, "cuda", DTYPES[precision])
+    x = _layout(lambda sh: draw.normal(sh), (3, cin) + sp, layout)
+    w = draw.normal((cin, cout) + k, 0.3)
+    b = draw.normal((cout,), 0.5)
+    extras = []
+    if affine in ("weight", "both"):
+        extras.append(1.0 + draw.normal((w_out,), 0.5))
+    if affine in ("bias", "both"):
+        extras.append(draw.normal((w_out,), 0.5))
+    program, scalars = layernorm_program(affine, dag)
+    program[17] = w_out
+    args = (x, w, b, list(st), list(pa), list(op), [1, 1, 1], 1, [int(v) for v in program],
+            scalars, extras)
+    _check_case(case, args, record=False)
+    assert _cuda.LAST_KERNEL == "igemm", f"{shape}: ran {_cuda.LAST_KERNEL}"
+
+
+@cuda_test
+@pytest.mark.parametrize("what,want", [
+    ("odd", "needs an even W_out with W stride 2"),
+    ("long", "needs W_out <= 128 with W stride 2"),
+    ("stride3", "needs a W stride of 1 or 2"),
+    ("groups", "needs groups == 1"),
+])
+def test_layernorm_outside_the_wline_tiles_runs_the_reference(what, want, ext, poison):
+    """Calls the W-line tiles cannot hold run cuDNN + PyTorch (the reference), with the reason
+    in fallback_reason, and still give the reference's values."""
+    cin, cout, groups, st, sp, op = 8, 6, 1, [2, 2, 2], (2, 3, 4), [0, 0, 0]
+    if what == "odd":
+        sp = (2, 3, 5)  # W_out = 2 * 5 - 1 = 9 with k = 3, p = 1, op = 0
+    elif what == "long":
+        sp, op = (1, 2, 65), [0, 0, 1]  # W_out = 2 * 65 - 1 + 1 = 130: 65 per W phase
+    elif what == "stride3":
+        st = [2, 2, 3]
+    else:
+        groups = 2
+    draw = _Draw(77, "cuda", torch.float32)
+    x = draw.normal((2, cin) + sp)
+    w = draw.normal((cin, cout // groups, 3, 3, 3), 0.3)
+    shape = ops.output_shape(x, w, st, [1, 1, 1], op, [1, 1, 1], groups)
+    program = [int(Opcode.LAYER_NORM), 0, -1, -1, 0, shape[4]]
+    args = (x, w, None, st, [1, 1, 1], op, [1, 1, 1], groups, program, [1e-5], [])
+    reason = _cuda.fallback_reason(*args)
+    assert reason is not None and want in reason, reason
+    torch.testing.assert_close(OP(*args), ops.reference(*args))
+
+
+@cuda_test
+def test_layernorm_exact_fp32_runs_the_reference(ext, poison):
+    draw = _Draw(78, "cuda", torch.float32)
+    x = draw.normal((2, 8, 2, 3, 4))
+    w = draw.normal((8, 6, 3, 3, 3), 0.3)
+    args = (x, w, None, [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1], 1,
+            [int(Opcode.LAYER_NORM), 0, -1, -1, 0, 8], [1e-5], [])
+    with _precision("fp32"):
+        reason = _cuda.fallback_reason(*args)
+        assert reason is not None and "exact FP32" in reason, reason
+        torch.testing.assert_close(OP(*args), ops.reference(*args))
 
 
 _LAUNCH_CHECK_SCRIPT = r"""

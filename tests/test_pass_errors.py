@@ -103,6 +103,22 @@ PROGRAM_ERRORS = [
     ("flag", ins(Opcode.GELU, 0, 2), r"instruction 0 \(GELU\) field 2: flag must be 0 or 1, got 2"),
     ("unused-field", ins(Opcode.RELU, 0, 0),
      r"instruction 0 \(RELU\) field 2: unused field must be -1, got 0"),
+    ("layer-norm-weight-index", ins(Opcode.LAYER_NORM, 0, 1, -1, 0, 7),
+     r"instruction 0 \(LAYER_NORM\) field 2: extra-tensor index must be -1 or in \[0, 1\), "
+     r"got 1"),
+    ("layer-norm-bias-index", ins(Opcode.LAYER_NORM, 0, 0, -2, 0, 7),
+     r"instruction 0 \(LAYER_NORM\) field 3: extra-tensor index must be -1 or in \[0, 1\), "
+     r"got -2"),
+    ("layer-norm-eps-index", ins(Opcode.LAYER_NORM, 0, -1, -1, -1, 7),
+     r"instruction 0 \(LAYER_NORM\) field 4: scalar index must be in \[0, 1\), got -1"),
+    ("layer-norm-size-0", ins(Opcode.LAYER_NORM, 0, -1, -1, 0, 0),
+     r"instruction 0 \(LAYER_NORM\) field 5: size must be positive, got 0"),
+    ("layer-norm-size-negative", ins(Opcode.LAYER_NORM, 0, -1, -1, 0, -1),
+     r"instruction 0 \(LAYER_NORM\) field 5: size must be positive, got -1"),
+    ("layer-norm-of-extra", ins(Opcode.LOAD_TENSOR, 0) + ins(Opcode.LAYER_NORM, 1, -1, -1, 0, 1)
+     + ins(Opcode.ADD, 2, 0),
+     r"instruction 1 \(LAYER_NORM\): operand v1 is an extra tensor, expected a value computed "
+     r"from the convolution output"),
 ]
 
 
@@ -120,6 +136,25 @@ def test_program_errors(case):
     with pytest.raises(ValueError, match=pattern) as err:
         call(program=program)
     assert str(err.value).startswith("ct3d: ")
+
+
+@pytest.mark.parametrize("weight,bias", [(-1, -1), (0, -1), (-1, 1), (0, 1)])
+def test_layer_norm_program_accepts_absent_weight_and_bias(weight, bias):
+    """LAYER_NORM's weight and bias fields take -1 (absent) or an extras index; the op computes
+    F.layer_norm over the last dimension (W = 7 here) with them."""
+    from ct3d_fx.ops import check_program, describe_program
+    w, b = randn(7, seed=5), randn(7, seed=6)
+    program = ins(Opcode.LAYER_NORM, 0, weight, bias, 0, 7) + ins(Opcode.RELU, 1)
+    check_program(program, 1, 2)
+    text = describe_program(program, [1e-3])
+    assert text.startswith(f"v1=LAYER_NORM(v0, {'-' if weight < 0 else 't0'}, "
+                           f"{'-' if bias < 0 else 't1'}, 0.001, 7)"), text
+    out = call(program=program, scalars=[1e-3], extras=[w, b])
+    y = torch.nn.functional.conv_transpose3d(base()["input"], base()["weight"], base()["bias"],
+                                             2, 0, 1, 2)
+    want = torch.relu(torch.nn.functional.layer_norm(y, (7,), w if weight >= 0 else None,
+                                                     b if bias >= 0 else None, 1e-3))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("which", ["weight", "bias", "extras"])

@@ -325,3 +325,84 @@ def test_gradients_respect_detach_inside_the_fused_chain():
     got = torch.autograd.grad(opt(x), [x, *m.parameters()], gy)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# LayerNorm: its weight and bias arrive at the fused op as the module's own Parameters
+# --------------------------------------------------------------------------------------------
+class _LNDecoder(nn.Module):
+    """ConvT(4, 6, k3, stride 2) -> LayerNorm(W = 10) -> GELU; a second ConvT -> F.layer_norm
+    with a Parameter weight and a buffer bias of the root module."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(4, 6, 3, stride=2, padding=1, output_padding=1)
+        self.ln = nn.LayerNorm(10)
+        self.up2 = nn.ConvTranspose3d(6, 2, 3, padding=1)
+        self.w2 = nn.Parameter(torch.empty(10))
+        self.register_buffer("b2", torch.empty(10))
+
+    def forward(self, x):
+        y = F.gelu(self.ln(self.up(x)))
+        return F.layer_norm(self.up2(y), (10,), self.w2, self.b2, 1e-4) * 2.0
+
+
+def _ln_pair():
+    m = randomize_(_LNDecoder(), seed=21).double().eval()
+    x = randn(2, 4, 3, 4, 5, seed=22)
+    opt = optimize_checked(m, (x,), sites=2)
+    assert [s.chain for s in opt.ct3d_report.sites] == [
+        ["ConvTranspose3d", "LayerNorm", "gelu"], ["ConvTranspose3d", "layer_norm", "mul"]]
+    return m, opt, x
+
+
+def test_layer_norm_parameters_are_the_same_objects():
+    m, opt, x = _ln_pair()
+    assert opt.ln is m.ln and opt.get_parameter("ln.weight") is m.ln.weight
+    assert opt.get_parameter("ln.bias") is m.ln.bias and opt.get_parameter("w2") is m.w2
+    assert opt.get_buffer("b2") is m.b2
+    assert list(opt.state_dict().keys()) == list(m.state_dict().keys())
+    # the sites read them through get_attr nodes of the original FQNs
+    attrs = {n.target for n in opt.graph.nodes if n.op == "get_attr"}
+    assert {"ln.weight", "ln.bias", "w2", "b2"} <= attrs, opt.code
+    # encoded as LAYER_NORM(v0, t0, t1, eps, 10): weight and bias are the site's extras 0 and 1
+    for site, eps in zip(opt.ct3d_report.sites, (1e-5, 1e-4)):
+        ln = site.program[:6]
+        assert ln[:4] == [42, 0, 0, 1] and ln[5] == 10, site.program
+        assert site.scalars[ln[4]] == eps
+
+
+@pytest.mark.parametrize("change", ["ln.weight", "ln.bias", "w2", "b2", "replace_b2"])
+def test_layer_norm_live_values_after_optimize(change):
+    m, opt, x = _ln_pair()
+    with torch.no_grad():
+        before = opt(x).clone()
+        if change == "replace_b2":
+            m.b2 = randn(10, seed=23)
+        else:
+            t = m.get_parameter(change) if change != "b2" else m.b2
+            t.mul_(-2.0).add_(0.5)
+    with torch.no_grad():
+        after = opt(x)
+    assert (after - before).abs().max() > 1e-3, f"changing {change} did not change the output"
+    assert_matches(opt, m, (x,), what=change)
+    assert fused_calls(opt, x) == 2
+
+
+def test_layer_norm_optimizer_step_and_checkpoint():
+    m, opt, x = _ln_pair()
+    twin = copy.deepcopy(m)
+    sgd = torch.optim.SGD(m.parameters(), lr=0.5)
+    sgd_twin = torch.optim.SGD(twin.parameters(), lr=0.5)
+    gy = randn(2, 2, 6, 8, 10, seed=24)
+    (opt(x) * gy).sum().backward()         # the optimized module trains the original's Parameters
+    (twin(x) * gy).sum().backward()
+    for (name, p), q in zip(m.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12,
+                                   msg=lambda s: f"grad of {name}: {s}")
+    sgd.step()
+    sgd_twin.step()
+    assert_matches(opt, twin, (x,), what="after an SGD step")
+    donor = randomize_(_LNDecoder(), seed=25).double()
+    opt.load_state_dict(donor.state_dict(), strict=True)
+    assert_matches(opt, donor.eval(), (x,), what="after loading a checkpoint")

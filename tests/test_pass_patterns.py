@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import ct3d_fx
 from conftest import assert_matches, optimize_checked, randn, randomize_
 
 # nn.Dropout2d on a 5-D tensor works (channel-wise) but warns that it is deprecated
@@ -315,7 +316,46 @@ SOFTMAX = [
      ["relu", "add", "softmax", "sigmoid", "mul"]),
 ]
 
-SPELLINGS = ARITH + ACT + CLAMP + NORM_DROPOUT + SOFTMAX
+# LayerNorm over the last dimension (W = 10 of Y_SHAPE); the functional spellings use the weight and
+# bias of the (randomized) module ``a``
+W = Y_SHAPE[-1]
+_LN = lambda: {"a": nn.LayerNorm(W)}  # noqa: E731
+LAYER_NORM = [
+    ("nn.LayerNorm", _LN, lambda m, y, s: m.mods.a(y), "LayerNorm"),
+    ("nn.LayerNorm-no-affine", lambda: {"a": nn.LayerNorm(W, eps=1e-3, elementwise_affine=False)},
+     lambda m, y, s: m.mods.a(y), "LayerNorm"),
+    ("nn.LayerNorm-no-bias", lambda: {"a": nn.LayerNorm([W], bias=False)},
+     lambda m, y, s: m.mods.a(y), "LayerNorm"),
+    ("nn.LayerNorm-then-ops", _LN, lambda m, y, s: F.gelu(m.mods.a(y)) * m.pc,
+     ["LayerNorm", "gelu", "mul"]),
+    ("F.layer_norm", _LN,
+     lambda m, y, s: F.layer_norm(y, (W,), m.mods.a.weight, m.mods.a.bias, 1e-3), "layer_norm"),
+    ("F.layer_norm-kwargs", _LN,
+     lambda m, y, s: F.layer_norm(y, [W], weight=m.mods.a.weight, bias=m.mods.a.bias, eps=0.25),
+     "layer_norm"),
+    ("F.layer_norm-no-affine", None, lambda m, y, s: F.layer_norm(y * 3, (W,)),
+     ["mul", "layer_norm"]),
+    ("F.layer_norm-weight-only", _LN, lambda m, y, s: F.layer_norm(y, (W,), m.mods.a.weight),
+     "layer_norm"),
+    ("F.layer_norm-bias-only", _LN,
+     lambda m, y, s: F.layer_norm(y, (W,), bias=m.mods.a.bias, eps=1e-2), "layer_norm"),
+    ("F.layer_norm-weight-expression", _LN,
+     lambda m, y, s: F.layer_norm(y, (W,), m.mods.a.weight * 2 + 1, m.mods.a.bias.neg()),
+     "layer_norm"),
+    ("F.layer_norm-in-dag", None,
+     lambda m, y, s: torch.sigmoid(F.layer_norm(torch.relu(y) + s, (W,))) * y,
+     ["relu", "add", "layer_norm", "sigmoid", "mul"]),
+    ("torch.layer_norm", _LN,
+     lambda m, y, s: torch.layer_norm(y, [W], m.mods.a.weight, m.mods.a.bias, 1e-5, True),
+     "layer_norm"),
+    ("torch.layer_norm-cudnn-disabled", _LN,
+     lambda m, y, s: torch.layer_norm(y, (W,), None, m.mods.a.bias, 0.5, False), "layer_norm"),
+    ("torch.layer_norm-kwargs", None,
+     lambda m, y, s: torch.layer_norm(y, normalized_shape=(W,), eps=1e-3, cudnn_enable=False),
+     "layer_norm"),
+]
+
+SPELLINGS = ARITH + ACT + CLAMP + NORM_DROPOUT + SOFTMAX + LAYER_NORM
 
 
 def _chain(case):
@@ -594,3 +634,150 @@ def test_softmax_on_unbatched_input_runs_the_original_ops():
     opt = optimize_checked(m, (randn(2, 4, 2, 3, 2, dtype=torch.float64, seed=8),))
     x4 = randn(4, 3, 2, 3, dtype=torch.float64, seed=9)
     torch.testing.assert_close(opt(x4), m(x4), rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# LayerNorm: only over the last dimension (W), only after an ungrouped conv
+# --------------------------------------------------------------------------------------------
+class _LayerNormSite(nn.Module):
+    """ConvTranspose3d(4, 6, 3, stride 2, padding 1, output_padding 1): W_out = 10 for W = 5."""
+
+    def __init__(self, fn=None, groups=1, functional=False, ln=None):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(4, 6, 3, stride=2, padding=1, output_padding=1,
+                                     groups=groups)
+        self.ln = ln if ln is not None else nn.LayerNorm(10)
+        self.functional = functional
+        self.fn = fn or (lambda m, y: m.ln(y))
+
+    def forward(self, x):
+        if self.functional:
+            y = F.conv_transpose3d(x, self.up.weight, self.up.bias, 2, 1, 1, self.up.groups)
+        else:
+            y = self.up(x)
+        return self.fn(self, y)
+
+
+def _ln_input(seed=4, n=2):
+    return randn(n, 4, 3, 4, 5, dtype=torch.float64, seed=seed)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+@pytest.mark.parametrize("groups,why", [
+    (1, None),
+    (2, "spans the W positions of a row of a grouped ConvTranspose3d (groups=2)"),
+])
+@pytest.mark.parametrize("spelling", ["nn.LayerNorm", "F.layer_norm"])
+def test_layer_norm_needs_an_ungrouped_conv(spelling, groups, why, functional):
+    fn = None if spelling == "nn.LayerNorm" else \
+        (lambda m, y: F.layer_norm(y, (10,), m.ln.weight, m.ln.bias))
+    m = randomize_(_LayerNormSite(fn, groups, functional), seed=3).double().eval()
+    x = _ln_input()
+    opt = optimize_checked(m, (x,))
+    site = opt.ct3d_report.sites[0]
+    anchor = "conv_transpose3d" if functional else "ConvTranspose3d"
+    name = "LayerNorm" if spelling == "nn.LayerNorm" else "layer_norm"
+    if why is None:
+        assert site.chain == [anchor, name], site.chain
+        assert site.stop == "the result is a graph output", site.stop
+    else:
+        assert site.chain == [anchor] and why in site.stop, site.stop
+        assert site.stop.startswith(name), site.stop
+    assert_matches(opt, m, (x,), what=f"{spelling} groups={groups}")
+
+
+@pytest.mark.parametrize("fn,ln,why", [
+    (lambda m, y: F.layer_norm(y, (8, 10)), None,
+     "layer_norm over normalized_shape=(8, 10) (2 dims) is not fused: only a LayerNorm over the "
+     "last dimension (W) is"),
+    (lambda m, y: torch.layer_norm(F.relu(y), [6, 8, 10]), None,
+     "layer_norm over normalized_shape=(6, 8, 10) (3 dims) is not fused"),
+    (None, nn.LayerNorm((8, 10)),
+     "LayerNorm over normalized_shape=(8, 10) (2 dims) is not fused: only a LayerNorm over the "
+     "last dimension (W) is"),
+    (None, nn.LayerNorm([8, 10], elementwise_affine=False), "(2 dims) is not fused"),
+    (lambda m, y: F.layer_norm(y, m.ln.weight.shape), None,   # a shape read when it runs
+     "layer_norm normalized_shape=getattr_1 is not constant ints"),
+    (lambda m, y: F.layer_norm(y, (10,), eps=torch.tensor(1e-3, dtype=torch.float64)), None,
+     "layer_norm eps=_tensor_constant0 is not a Python number"),
+], ids=["F-2-dims", "torch-3-dims", "module-2-dims", "module-2-dims-no-affine", "runtime-shape",
+        "tensor-eps"])
+def test_layer_norm_over_more_dims_stops_the_chain(fn, ln, why):
+    m = randomize_(_LayerNormSite(fn, ln=ln), seed=5).double().eval()
+    x = _ln_input(seed=6)
+    opt = optimize_checked(m, (x,))
+    site = opt.ct3d_report.sites[0]
+    assert site.chain[0] == "ConvTranspose3d" and "layer_norm" not in site.chain
+    assert "LayerNorm" not in site.chain and why in site.stop, site.stop
+    assert why in str(opt.ct3d_report)
+    assert_matches(opt, m, (x,), what=why)
+
+
+def test_layer_norm_family_can_be_disabled():
+    m = randomize_(_LayerNormSite(), seed=7).double().eval()
+    x = _ln_input(seed=8)
+    cfg = ct3d_fx.Config(families=ct3d_fx.Config().families - {"layer_norm"})
+    opt = optimize_checked(m, (x,), chain=["ConvTranspose3d"], config=cfg)
+    assert opt.ct3d_report.sites[0].stop == \
+        "LayerNorm (family 'layer_norm') is disabled by Config.families"
+    assert_matches(opt, m, (x,))
+
+
+class _LayerNormOfSideInput(nn.Module):
+    """LayerNorms of a value that does not come from the conv (a side input) next to one that
+    does."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(4, 6, 3, stride=2, padding=1, output_padding=1)
+        self.ln = nn.LayerNorm(10)
+        self.ln_skip = nn.LayerNorm(10)
+        self.where = where
+
+    def forward(self, x, skip):
+        y = self.up(x)
+        if self.where == "operand":          # LN(skip) is an operand of the chain's add
+            return F.silu(y + self.ln_skip(skip))
+        if self.where == "input":            # LN of (conv output + side input)
+            return self.ln(y + skip) * 2.0
+        # LN(skip), then LN of the chain: two LayerNorms, one fused
+        return self.ln(y * self.ln_skip(skip))
+
+
+@pytest.mark.parametrize("where,chain", [
+    ("operand", ["ConvTranspose3d", "add", "silu"]),
+    ("input", ["ConvTranspose3d", "add", "LayerNorm", "mul"]),
+    ("both", ["ConvTranspose3d", "mul", "LayerNorm"]),
+])
+def test_layer_norm_of_a_side_input(where, chain):
+    m = randomize_(_LayerNormOfSideInput(where), seed=9).double().eval()
+    xs = (_ln_input(seed=10), randn(2, 6, 6, 8, 10, dtype=torch.float64, seed=11))
+    opt = optimize_checked(m, xs, chain=chain)
+    site = opt.ct3d_report.sites[0]
+    # LN(skip) does not depend on the conv output: it stays in the graph and arrives as an extra
+    lns = [n for n in opt.graph.nodes if n.op == "call_module" and n.target == "ln_skip"]
+    assert len(lns) == (0 if where == "input" else 1), opt.code
+    n_ln = sum(1 for i in range(0, len(site.program), 6) if site.program[i] == 42)
+    assert n_ln == (0 if where == "operand" else 1), site.program
+    assert_matches(opt, m, xs, what=where)
+    fresh = (_ln_input(seed=12), randn(2, 6, 6, 8, 10, dtype=torch.float64, seed=13))
+    assert_matches(opt, m, fresh, what=f"{where} (fresh inputs)")
+
+
+def test_layer_norm_on_unbatched_input_runs_the_original_ops():
+    m = randomize_(_LayerNormSite(), seed=14).double().eval()
+    opt = optimize_checked(m, (_ln_input(seed=15),))
+    x4 = randn(4, 3, 4, 5, dtype=torch.float64, seed=16)
+    torch.testing.assert_close(opt(x4), m(x4), rtol=1e-12, atol=1e-12)
+
+
+def test_layer_norm_check_rejects_non_number_eps_and_non_graph_weight():
+    from ct3d_fx import patterns
+    spec = patterns._SPECS[("call_function", F.layer_norm)]
+    ok = {"normalized_shape": (10,), "weight": None, "bias": None, "eps": 1e-5}
+    assert spec.check(ok, None) is None and spec.spans_w and not spec.spans_channels
+    assert "eps='x' is not a Python number" in spec.check(dict(ok, eps="x"), None)
+    assert "eps=True is not a Python number" in spec.check(dict(ok, eps=True), None)
+    assert "weight=" in spec.check(dict(ok, weight=torch.ones(10)), None)
+    assert "is not constant ints" in spec.check(dict(ok, normalized_shape=10), None)
+    assert "is not a positive size" in spec.check(dict(ok, normalized_shape=(0,)), None)

@@ -164,3 +164,45 @@ def test_explain_matches_optimize_and_changes_nothing(with_inputs):
     else:
         assert all(s.input_shape is None and s.output_shape is None for s in rep.sites)
         assert "-" in str(rep).splitlines()[3].split()
+
+
+# --------------------------------------------------------------------------------------------
+# LayerNorm sites in the report
+# --------------------------------------------------------------------------------------------
+class _LNNet(nn.Module):
+    """Three sites: LayerNorm over W fused; over (H, W) not; after a grouped conv not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.ConvTranspose3d(4, 4, 3, stride=2, padding=1, output_padding=1)
+        self.ln_a = nn.LayerNorm(6)
+        self.b = nn.ConvTranspose3d(4, 4, 3, padding=1)
+        self.ln_b = nn.LayerNorm((8, 6))
+        self.c = nn.ConvTranspose3d(4, 4, 3, padding=1, groups=2)
+        self.ln_c = nn.LayerNorm(6, bias=False)
+
+    def forward(self, x):
+        y = F.relu(self.ln_a(self.a(x)))
+        y = F.layer_norm(self.b(y), (8, 6), self.ln_b.weight, self.ln_b.bias)
+        return self.ln_c(self.c(y) + 1.0)
+
+
+def test_report_layer_norm_sites():
+    m = randomize_(_LNNet()).double().eval()
+    x = randn(2, 4, 2, 4, 3)
+    opt = ct3d_fx.optimize(m, (x,))
+    a, b, c = opt.ct3d_report.sites
+    assert [s.status for s in (a, b, c)] == ["fused"] * 3
+    assert a.chain == ["ConvTranspose3d", "LayerNorm", "relu"] and a.ops_fused == 2
+    assert b.chain == ["ConvTranspose3d"]
+    assert b.stop == ("layer_norm over normalized_shape=(8, 6) (2 dims) is not fused: only a "
+                      "LayerNorm over the last dimension (W) is")
+    assert c.chain == ["ConvTranspose3d", "add"]
+    assert c.stop == ("LayerNorm spans the W positions of a row of a grouped ConvTranspose3d "
+                      "(groups=2); only the groups == 1 kernel holds whole rows in its tile")
+    text = str(opt.ct3d_report)
+    assert "ConvTranspose3d -> LayerNorm -> relu" in text and "(2 dims) is not fused" in text
+    from ct3d_fx.ops import describe_program
+    assert describe_program(a.program, a.scalars) == \
+        "v1=LAYER_NORM(v0, t0, t1, 1e-05, 6); v2=RELU(v1)"
+    assert opt.ct3d_report.verification["passed"] is True
