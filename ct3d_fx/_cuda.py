@@ -307,23 +307,31 @@ def _wline_tiles(input, weight, conv_shape, st, pa, di):
     """(ck, bn, config, bm, splits) of the W-line tiles for this call, or None when the operands
     do not fit the channels-last GEMM's 32-bit offsets. 128-byte K steps when C_in fills them
     (config 25), else 64-byte ones (26); ``IGEMM_CONFIG`` may force either."""
-    cin, cout = weight.size(0), weight.size(1)
+    cin = weight.size(0)
     elem = input.element_size()
     config = (IGEMM_CONFIG if IGEMM_CONFIG in IGEMM_WLINE_CONFIGS
               else 25 if (cin * elem) % 128 == 0 else 26)
     kbytes, bm, bn, _ = IGEMM_CONFIGS[config]
     ck = kbytes // elem
-    cp = -(-cin // ck) * ck
+    if not _igemm_fits(input, weight, conv_shape, st, pa, di, ck, bn):
+        return None
+    return ck, bn, config, bm, 1
+
+
+def _igemm_fits(input, weight, conv_shape, st, pa, di, ck, bn) -> bool:
+    """Whether the channels-last GEMM's packed input (zero halo, C_in padded to ``ck``) and
+    packed weight (C_out padded to ``bn``) fit its 32-bit byte offsets, and its C_out tiles the
+    grid's y dimension."""
+    elem = input.element_size()
+    cp = -(-weight.size(0) // ck) * ck
     ks = weight.shape[2:]
     vox = input.size(0)
     for i in range(3):
         lo, hi = _phase_halo(input.size(2 + i), conv_shape[2 + i], st[i], pa[i], di[i], ks[i])
         vox *= input.size(2 + i) + lo + hi
-    cout_p = -(-cout // bn) * bn
-    if (vox * cp * elem >= 2 ** 31 - 1 or math.prod(ks) * cout_p * cp * elem >= 2 ** 31 - 1
-            or cout_p // bn > _MAX_GRID_Y):
-        return None
-    return ck, bn, config, bm, 1
+    cout_p = -(-weight.size(1) // bn) * bn
+    return (vox * cp * elem < 2 ** 31 - 1 and math.prod(ks) * cout_p * cp * elem < 2 ** 31 - 1
+            and cout_p // bn <= _MAX_GRID_Y)
 
 
 def _phase_halo(n_in: int, n_out: int, s: int, pad: int, dil: int, k: int) -> Tuple[int, int]:
@@ -417,15 +425,8 @@ def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False):
     kbytes, _, bn, _ = IGEMM_CONFIGS[config]
     ck = kbytes // elem
     cp = -(-cin // ck) * ck
-    vox = input.size(0)
-    for i in range(3):
-        lo, hi = _phase_halo(input.size(2 + i), conv_shape[2 + i], st[i], pa[i], di[i], ks[i])
-        vox *= input.size(2 + i) + lo + hi
     cout_p = -(-cout // bn) * bn
-    fits = (vox * cp * elem < 2 ** 31 - 1
-            and math.prod(ks) * cout_p * cp * elem < 2 ** 31 - 1
-            and -(-cout_p // bn) <= _MAX_GRID_Y)
-    if not fits:
+    if not _igemm_fits(input, weight, conv_shape, st, pa, di, ck, bn):
         return False, False, None
     # "auto" leaves to launch_conv: the direct kernel's shapes (csrc/ct3d_conv.cuh direct_pays:
     # few multiply-adds per output) and strided shapes with C_out < 32, where the strided-input
