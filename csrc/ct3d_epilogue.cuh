@@ -265,59 +265,91 @@ __device__ __forceinline__ void softmax_rows(const float* A, float* D, const Til
   }
 }
 
+// Sum over the 32 lanes of a warp, the same value (bit for bit) in every lane: each step adds
+// the same two partials in either order.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Elements of a W line per lane in layernorm_lines: W_out <= 32 * kLnPerLane (the W-line tiles
+// hold at most 64 rows of W stride 2 phases, so W_out <= 128; _cuda.WLINE_MAX_ROWS).
+constexpr int kLnPerLane = 4;
+// (line, column) pairs a warp normalizes at once: independent shuffle chains in flight.
+constexpr int kLnPairs = 2;
+
 // F.layer_norm over W (normalized_shape (W_out,)) of every (line, column) of a tile register
-// whose rows are whole W lines (tr.wline > 0): A -> D (they may be the same register). One thread
-// per line and column; consecutive threads take consecutive columns of a line, each walking its
-// column from a different start (columns 8 apart would hit the same bank with ld = 4 mod 32).
-// Mean, then the biased variance of (x - mean), both in float, rstd = rsqrt(var + eps), then
-// (x - mean) * rstd, times weight[w] plus bias[w] where given (slots read at w * s[4]).
+// whose rows are whole W lines (tr.wline > 0): A -> D (they may be the same register). One warp
+// per line and column (kLnPairs at a time): lane l holds elements w = l, l + 32, ... of the line
+// in registers (consecutive lanes read consecutive floats of shared memory: no bank conflict),
+// the sums are warp shuffles. Mean, then the biased variance of (x - mean), both in float,
+// rstd = rsqrt(var + eps), then (x - mean) * rstd, times weight[w] plus bias[w] where given
+// (slots read at w * s[4], once per tile: a lane's w is the same in every line). Needs
+// tr.threads a multiple of 32 and W <= 32 * kLnPerLane, else poisons the tile.
 // Caller: a barrier before (A complete) and after (D complete).
 __device__ __forceinline__ void layernorm_lines(const float* A, float* D, const TileRows& tr,
                                                 const Slot* wt, const Slot* bs, float eps) {
   const int W = tr.wline, ld = tr.ld;
-  if (W <= 0) {  // the host never launches this (_cuda.py, binding.cpp): poison, not garbage
+  if (W <= 0 || W > 32 * kLnPerLane || tr.threads % 32 != 0) {
+    // the host never launches this (_cuda.py, binding.cpp): poison, not garbage
     for (int m = tr.tid; m < tr.rows; m += tr.threads)
       for (int c = 0; c < tr.ncols; ++c) D[c * ld + m] = __int_as_float(0x7fc00000);
     return;
   }
+  const int lane = tr.tid & 31, warp = tr.tid >> 5, warps = tr.threads >> 5;
   const float inv_w = 1.0f / static_cast<float>(W);
+  float wv[kLnPerLane], bv[kLnPerLane];
+#pragma unroll
+  for (int u = 0; u < kLnPerLane; ++u) {
+    const int w = lane + 32 * u;
+    const bool in = w < W;
+    wv[u] = in && wt != nullptr ? load_as_float(wt->ptr, static_cast<int64_t>(w) * wt->s[4],
+                                                wt->dtype)
+                                : 1.0f;
+    bv[u] = in && bs != nullptr ? load_as_float(bs->ptr, static_cast<int64_t>(w) * bs->s[4],
+                                                bs->dtype)
+                                : 0.0f;
+  }
   const int pairs = tr.lines * tr.ncols;
-  for (int pr = tr.tid; pr < pairs; pr += tr.threads) {
-    const int line = pr / tr.ncols, c = pr - line * tr.ncols;
-    const float* a = A + c * ld + line * W;
-    float* d = D + c * ld + line * W;
-    const int off = W > 3 ? (c >> 3) & 3 : 0;
-    float s0 = 0.0f, s1 = 0.0f;
-    int j = off;
-    for (int k = 0; k + 1 < W; k += 2) {
-      const int j1 = j + 1 < W ? j + 1 : j + 1 - W;
-      s0 += a[j];
-      s1 += a[j1];
-      j = j1 + 1 < W ? j1 + 1 : j1 + 1 - W;
+  // warp-uniform loop: every lane of a warp takes the same pairs, so the shuffles are safe
+  for (int p0 = warp * kLnPairs; p0 < pairs; p0 += warps * kLnPairs) {
+    float x[kLnPairs][kLnPerLane], mean[kLnPairs], rstd[kLnPairs];
+    int base[kLnPairs];
+#pragma unroll
+    for (int q = 0; q < kLnPairs; ++q) {
+      const int pr = p0 + q < pairs ? p0 + q : p0;  // a missing pair repeats the first, unstored
+      const int line = pr / tr.ncols, c = pr - line * tr.ncols;
+      base[q] = c * ld + line * W;
+      float s = 0.0f;
+#pragma unroll
+      for (int u = 0; u < kLnPerLane; ++u) {
+        x[q][u] = lane + 32 * u < W ? A[base[q] + lane + 32 * u] : 0.0f;
+        s += x[q][u];
+      }
+      mean[q] = s;
     }
-    if (W & 1) s0 += a[j];
-    const float mean = (s0 + s1) * inv_w;
-    float v0 = 0.0f, v1 = 0.0f;
-    j = off;
-    for (int k = 0; k + 1 < W; k += 2) {
-      const int j1 = j + 1 < W ? j + 1 : j + 1 - W;
-      const float d0 = a[j] - mean, d1 = a[j1] - mean;
-      v0 = fmaf(d0, d0, v0);
-      v1 = fmaf(d1, d1, v1);
-      j = j1 + 1 < W ? j1 + 1 : j1 + 1 - W;
+#pragma unroll
+    for (int q = 0; q < kLnPairs; ++q) mean[q] = warp_sum(mean[q]) * inv_w;
+#pragma unroll
+    for (int q = 0; q < kLnPairs; ++q) {
+      float v = 0.0f;
+#pragma unroll
+      for (int u = 0; u < kLnPerLane; ++u) {
+        const float dx = x[q][u] - mean[q];
+        if (lane + 32 * u < W) v = fmaf(dx, dx, v);
+      }
+      rstd[q] = v;
     }
-    if (W & 1) {
-      const float d0 = a[j] - mean;
-      v0 = fmaf(d0, d0, v0);
-    }
-    const float rstd = rsqrtf((v0 + v1) * inv_w + eps);
-    j = off;
-    for (int k = 0; k < W; ++k) {
-      float r = (a[j] - mean) * rstd;
-      if (wt != nullptr) r *= load_as_float(wt->ptr, static_cast<int64_t>(j) * wt->s[4], wt->dtype);
-      if (bs != nullptr) r += load_as_float(bs->ptr, static_cast<int64_t>(j) * bs->s[4], bs->dtype);
-      d[j] = r;
-      j = j + 1 < W ? j + 1 : 0;
+#pragma unroll
+    for (int q = 0; q < kLnPairs; ++q) rstd[q] = rsqrtf(warp_sum(rstd[q]) * inv_w + eps);
+#pragma unroll
+    for (int q = 0; q < kLnPairs; ++q) {
+      if (p0 + q >= pairs) continue;
+#pragma unroll
+      for (int u = 0; u < kLnPerLane; ++u)
+        if (lane + 32 * u < W)
+          D[base[q] + lane + 32 * u] = fmaf((x[q][u] - mean[q]) * rstd[q], wv[u], bv[u]);
     }
   }
 }

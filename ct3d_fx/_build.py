@@ -3,9 +3,10 @@
 The extension is compiled at its first use in a process that has a CUDA device, for that
 device's architecture only (``-gencode`` sm_90a on Hopper, sm_80 on A100, ...). Its name
 carries a hash of the sources, PyTorch, CUDA and the architecture, so a changed kernel rebuilds
-and an unchanged one loads from the torch extensions directory (``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``) in well under a second; cpp_extension's file lock there makes
-concurrent builds from several processes safe.
+and an unchanged one is imported from the torch extensions directory (``$TORCH_EXTENSIONS_DIR``
+or ``~/.cache/torch_extensions``) in well under a second, without running ninja (so a copied
+cache directory is not rebuilt because its files' modification times changed); cpp_extension's
+file lock there makes concurrent builds from several processes safe.
 
 Never raises for a missing toolchain: when CUDA, nvcc or ninja is missing or the build fails,
 :func:`load` warns once (``RuntimeWarning``) with the cause and returns None from then on, and
@@ -131,6 +132,15 @@ def _first_error(message: str) -> str:
     return lines[0][:300] if lines else ""
 
 
+def _import_library(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _build():
     from torch.utils import cpp_extension
 
@@ -145,7 +155,16 @@ def _build():
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     build_dir = Path(root) / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    if not (build_dir / f"{name}.so").exists():
+    so = build_dir / f"{name}.so"
+    if so.exists() and not (build_dir / "lock").exists():
+        # Built before (the name is the sources' and toolchain's hash) and no build running:
+        # import it without cpp_extension's ninja pass, which rebuilds when the sources' mtimes
+        # are newer than the objects (a fresh checkout, a copied cache) although nothing changed.
+        try:
+            return _import_library(name, so)
+        except (ImportError, OSError):
+            pass  # a damaged or incompatible library: let cpp_extension rebuild it
+    if not so.exists():
         arch_names = ", ".join(f.split("code=")[1] for f in arch)
         print(f"ct3d_fx: compiling the fused CUDA kernel for {arch_names} (first use only, "
               f"about 1 minute; cached in {build_dir})", file=sys.stderr, flush=True)

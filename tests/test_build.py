@@ -6,6 +6,7 @@ the op's CUDA implementation then returns the reference's result instead of fail
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -112,6 +113,53 @@ def test_failed_build_warns_once_with_the_compiler_message(monkeypatch, tmp_path
     torch.testing.assert_close(_cuda._cuda_impl(*args), expected, rtol=1e-5, atol=1e-5)
 
 
+def _expected_build_dir(root):
+    """The build folder _build._build() uses under TORCH_EXTENSIONS_DIR=root, and its name."""
+    files = _build._source_files(_build._csrc_dir())
+    key = "|".join([torch.__version__, str(torch.version.cuda), sys.version.split()[0],
+                    *_build._arch_flags()])
+    name = f"ct3d_fx_ext_{_build._digest(files, key)}"
+    return root / name, name
+
+
+def test_an_existing_library_is_imported_without_cpp_extension(monkeypatch, tmp_path):
+    _simulate_gpu_without(monkeypatch)
+    monkeypatch.setattr(_build, "_arch_flags", lambda: ["-gencode=arch=compute_90a,code=sm_90a"])
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build_dir, name = _expected_build_dir(tmp_path)
+    build_dir.mkdir()
+    (build_dir / f"{name}.so").write_bytes(b"built earlier")
+    imported, built = [], []
+    sentinel = object()
+    monkeypatch.setattr(_build, "_import_library",
+                        lambda n, path: imported.append((n, path)) or sentinel)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kw: built.append(kw))
+    mods, warned = _load_three_times()
+    assert mods == [sentinel] * 3 and warned == []
+    assert imported == [(name, build_dir / f"{name}.so")] and built == []
+
+
+def test_a_damaged_library_or_a_running_build_goes_through_cpp_extension(monkeypatch, tmp_path):
+    _simulate_gpu_without(monkeypatch)
+    monkeypatch.setattr(_build, "_arch_flags", lambda: ["-gencode=arch=compute_90a,code=sm_90a"])
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build_dir, name = _expected_build_dir(tmp_path)
+    build_dir.mkdir()
+    (build_dir / f"{name}.so").write_bytes(b"not a shared library")  # the real importer fails
+    built = []
+    sentinel = object()
+    monkeypatch.setattr(torch.utils.cpp_extension, "load",
+                        lambda **kw: built.append(kw["name"]) or sentinel)
+    mods, warned = _load_three_times()
+    assert mods == [sentinel] * 3 and warned == [] and built == [name]
+    # a build in progress (cpp_extension's lock file): wait for it through cpp_extension
+    _build._reset()
+    built.clear()
+    (build_dir / "lock").write_text("")
+    monkeypatch.setattr(_build, "_import_library", lambda n, path: pytest.fail("imported"))
+    assert _build.load() is sentinel and built == [name]
+
+
 def test_disable_env_falls_back_silently(monkeypatch):
     _simulate_gpu_without(monkeypatch)
     monkeypatch.setenv("CT3D_FX_DISABLE_CUDA", "1")
@@ -170,3 +218,12 @@ def test_opcodes_and_limits_agree_with_the_kernel():
     assert (int(re.search(r"kMaxSoftmaxChannels = (\d+)", text).group(1))
             == _cuda.SOFTMAX_MAX_CHANNELS)
     assert INSTR_WIDTH == 6
+
+
+def test_layernorm_lines_hold_the_longest_w_line():
+    """layernorm_lines keeps a W line in kLnPerLane registers per lane: it must hold the
+    longest line the host sends (WLINE_MAX_ROWS rows of each of the 2 W-stride phases)."""
+    import re
+    text = (_build._csrc_dir() / "ct3d_epilogue.cuh").read_text()
+    per_lane = int(re.search(r"constexpr int kLnPerLane = (\d+);", text).group(1))
+    assert 32 * per_lane >= 2 * _cuda.WLINE_MAX_ROWS
