@@ -48,7 +48,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import _build
+from . import _build, ops
 from .ops import (INSTR_WIDTH, Opcode, _triple, check_args, conv_transpose3d_epilogue,
                   output_shape, reference)
 
@@ -143,11 +143,14 @@ class _Plan:
 
     __slots__ = ("fallback", "shape", "stride", "dtype", "slot_extras", "slot_strides",
                  "prog_i", "prog_f", "patches", "regs", "conv", "igemm_ok", "igemm_auto",
-                 "igemm_tiles", "wline")
+                 "igemm_tiles", "wline", "ln_split")
 
     def __init__(self, fallback: Optional[str] = None):
         self.fallback = fallback
         self.wline = False  # a LAYER_NORM over W: the W-line tiles only (tensor cores)
+        # (prefix, suffix) programs (_layernorm_split) where the LayerNorm is what keeps the
+        # call off the kernel: the kernel runs the prefix, PyTorch the suffix
+        self.ln_split: Optional[Tuple[List[int], List[int]]] = None
 
 
 _plans: Dict[tuple, _Plan] = {}
@@ -278,11 +281,68 @@ def _make_plan(input, weight, bias, stride, padding, output_padding, dilation, g
             if tiles is None:
                 why = "the operands exceed the channels-last GEMM's 32-bit offsets"
         if why is not None:
-            return _Plan(f"a LayerNorm over W {why}")
+            blocked = _Plan(f"a LayerNorm over W {why}")
+            blocked.ln_split = _layernorm_split(program)
+            return blocked
         plan.wline = True
+        plan.ln_split = _layernorm_split(program)  # for exact FP32 (no W-line tiles there)
         plan.igemm_ok = plan.igemm_auto = True
         plan.igemm_tiles = tiles
     return plan
+
+
+def _layernorm_split(program: Sequence[int]) -> Optional[Tuple[List[int], List[int]]]:
+    """The program cut at its first LAYER_NORM, for calls whose LayerNorm the kernel cannot run.
+
+    Returns (prefix, suffix): ``prefix`` computes the LayerNorm's operand from the conv output
+    (its result; a trailing DETACH names it when it is not the last value), ``suffix`` the
+    LayerNorm and every instruction after it, renumbered so that its value 0 is that operand.
+    ``reference``'s program on ``y`` equals ``suffix`` run on ``prefix``'s result. None when the
+    program has no LAYER_NORM, or when an instruction from the LayerNorm on reads a value
+    computed before it other than the operand (LOAD_SCALAR and LOAD_TENSOR values are loaded
+    again in the suffix).
+    """
+    rows = [list(program[i:i + INSTR_WIDTH]) for i in range(0, len(program), INSTR_WIDTH)]
+    k = next((i for i, r in enumerate(rows) if r[0] == Opcode.LAYER_NORM), None)
+    if k is None:
+        return None
+    operand = rows[k][1]
+    prefix = [v for r in rows[:k] for v in r]
+    if operand != k:  # value k is the last instruction's; else name the operand
+        prefix += [int(Opcode.DETACH), operand, -1, -1, -1, -1]
+    loads = {}  # value before the LayerNorm defined by a load -> its number in the suffix
+    suffix: List[List[int]] = []
+    renumber = {operand: 0}
+
+    def value(v: int) -> int:  # v <= k: a value from before the LayerNorm
+        if v in renumber:
+            return renumber[v]
+        r = rows[v - 1] if v >= 1 else None
+        if r is None or r[0] not in (Opcode.LOAD_SCALAR, Opcode.LOAD_TENSOR):
+            raise LookupError(v)  # a computed value from before the LayerNorm
+        if v not in loads:
+            suffix.append(list(r))
+            loads[v] = len(suffix)
+        return loads[v]
+
+    try:
+        for j in range(k, len(rows)):
+            r = list(rows[j])
+            for f, kind in enumerate(ops._FIELDS[Opcode(r[0])], start=1):
+                if kind == "v":
+                    r[f] = value(r[f]) if r[f] <= k else renumber[r[f]]
+            suffix.append(r)
+            renumber[j + 1] = len(suffix)
+    except LookupError:
+        return None
+    return prefix, [v for r in suffix for v in r]
+
+
+def _run_split(args: tuple, split: Tuple[List[int], List[int]]) -> torch.Tensor:
+    """``args``' call as the fused call of the prefix program, then the suffix in PyTorch."""
+    prefix, suffix = split
+    y = run(args[:8] + (prefix,) + args[9:])
+    return ops._run_program(y, suffix, args[9], args[10])
 
 
 def _wline_reason(input, conv_shape, st, groups) -> Optional[str]:
@@ -708,11 +768,18 @@ def fallback_reason(input, weight, bias, stride, padding, output_padding, dilati
         return f"CUDA extension unavailable: {_build.why_not()}"
     plan = _get_plan(input, weight, bias, stride, padding, output_padding, dilation, groups,
                      program, scalars, extras)
-    if (plan.fallback is None and plan.wline and input.dtype == torch.float32
+    why = plan.fallback
+    if (why is None and plan.wline and input.dtype == torch.float32
             and not torch.backends.cudnn.allow_tf32):
-        return ("a LayerNorm over W runs on the tensor-core kernel only; exact FP32 "
-                "(torch.backends.cudnn.allow_tf32 = False) runs the reference")
-    return plan.fallback
+        why = ("a LayerNorm over W runs on the tensor-core kernel only, not in exact FP32 "
+               "(torch.backends.cudnn.allow_tf32 = False)")
+    if why is not None and plan.ln_split is not None:
+        before = fallback_reason(input, weight, bias, stride, padding, output_padding, dilation,
+                                 groups, plan.ln_split[0], scalars, extras)
+        return (f"{why}: the LayerNorm and the ops after it run in PyTorch, the conv and the "
+                f"ops before it " + ("in the fused kernel" if before is None
+                                     else f"in the reference ({before})"))
+    return why
 
 
 # Per-shape choice between the fused kernel and cuDNN + PyTorch epilogue ("reference"): where
@@ -866,14 +933,16 @@ def run(args: tuple) -> torch.Tensor:
         return reference(*args)
     plan = _plan_for(key, args)
     input, weight, bias, extras = args[0], args[1], args[2], args[10]
-    if plan.fallback is not None:
-        return reference(*args)
     if input.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
         mode = _MODE_FFMA
     else:
         mode = _MODE_TENSOR_CORE
-    if plan.wline and mode == _MODE_FFMA:
-        return reference(*args)  # the W-line tiles run on the tensor cores only
+    if plan.fallback is not None or (plan.wline and mode == _MODE_FFMA):
+        # the W-line tiles run on the tensor cores only; where the LayerNorm is what keeps the
+        # call off the kernel, the kernel still runs the conv and the ops before it
+        if plan.ln_split is not None:
+            return _run_split(args, plan.ln_split)
+        return reference(*args)
     if _tunable(input):
         ck = (key, mode)
         choice = _choices.get(ck)

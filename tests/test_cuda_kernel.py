@@ -644,6 +644,14 @@ def _check_case(case: Case, args, *, record=True):
     with _precision(case.precision):
         reason = _cuda.fallback_reason(*args)
         assert reason is None, f"{case}: took the reference path: {reason}"
+    _check_values(case, case.precision, args, record=record)
+
+
+def _check_values(case, precision: str, args, *, record=True):
+    """The op's output against float64: written everywhere, deterministic, within twice the
+    larger of eager's error and that of the ideal kernel (float64 math on TF32-rounded inputs
+    in TF32), and within 1e-5 in exact FP32. ``case``: the label in messages."""
+    with _precision(precision):
         out = OP(*args)
         out2 = OP(*args)
         eager = ops.reference(*args)
@@ -655,18 +663,18 @@ def _check_case(case: Case, args, *, record=True):
     assert bitwise_equal(out, out2), f"{case}: two runs differ"
     err = rel_err(out, ref)
     err_eager = rel_err(eager, ref)
-    rounded = reference64(args, round_tf32 if case.precision == "tf32" else None)
+    rounded = reference64(args, round_tf32 if precision == "tf32" else None)
     err_ideal = rel_err(rounded.to(out.dtype), ref)
     tol = 2 * max(err_eager, err_ideal)
     if record:
-        _RESULTS.append({"seed": case.seed, "precision": case.precision, "case": str(case),
+        _RESULTS.append({"seed": case.seed, "precision": precision, "case": str(case),
                          "program": ops.describe_program(args[8], args[9]), "err": err,
                          "err_eager": err_eager, "err_ideal": err_ideal,
                          "out_dtype": str(out.dtype)})
     msg = (f"{case}\n  program: {ops.describe_program(args[8], args[9])}\n  rel L2 error "
            f"{err:.3g}, eager {err_eager:.3g}, ideal {err_ideal:.3g}")
     assert err <= tol, msg
-    if case.precision == "fp32":
+    if precision == "fp32":
         assert err <= 1e-5, msg
 
 
@@ -1149,9 +1157,10 @@ def test_layernorm_epilogue(shape, config, precision, affine, dag, ext, poison, 
     ("stride3", "needs a W stride of 1 or 2"),
     ("groups", "needs groups == 1"),
 ])
-def test_layernorm_outside_the_wline_tiles_runs_the_reference(what, want, ext, poison):
-    """Calls the W-line tiles cannot hold run cuDNN + PyTorch (the reference), with the reason
-    in fallback_reason, and still give the reference's values."""
+def test_layernorm_outside_the_wline_tiles_is_cut(what, want, ext, poison):
+    """Calls the W-line tiles cannot hold: fallback_reason names why; the fused kernel runs the
+    conv (and a per-channel add), PyTorch the LayerNorm and the gelu after it; the values are
+    checked against float64 as the sweep checks them."""
     cin, cout, groups, st, sp, op = 8, 6, 1, [2, 2, 2], (2, 3, 4), [0, 0, 0]
     if what == "odd":
         sp = (2, 3, 5)  # W_out = 2 * 5 - 1 = 9 with k = 3, p = 1, op = 0
@@ -1165,24 +1174,41 @@ def test_layernorm_outside_the_wline_tiles_runs_the_reference(what, want, ext, p
     x = draw.normal((2, cin) + sp)
     w = draw.normal((cin, cout // groups, 3, 3, 3), 0.3)
     shape = ops.output_shape(x, w, st, [1, 1, 1], op, [1, 1, 1], groups)
-    program = [int(Opcode.LAYER_NORM), 0, -1, -1, 0, shape[4]]
-    args = (x, w, None, st, [1, 1, 1], op, [1, 1, 1], groups, program, [1e-5], [])
-    reason = _cuda.fallback_reason(*args)
+    t0 = draw.normal((cout, 1, 1, 1))
+    program = [int(Opcode.LOAD_TENSOR), 0, -1, -1, -1, -1, int(Opcode.ADD), 0, 1, -1, -1, -1,
+               int(Opcode.LAYER_NORM), 2, -1, -1, 0, shape[4], int(Opcode.GELU), 3, 0, -1, -1, -1]
+    args = (x, w, None, st, [1, 1, 1], op, [1, 1, 1], groups, program, [1e-5], [t0])
+    with _precision("tf32"):
+        reason = _cuda.fallback_reason(*args)
+        _cuda.LAST_KERNEL = None
     assert reason is not None and want in reason, reason
-    torch.testing.assert_close(OP(*args), ops.reference(*args))
+    assert "the ops before it in the fused kernel" in reason, reason
+    _check_values(f"layernorm cut ({what})", "tf32", args, record=False)
+    assert _cuda.LAST_KERNEL in ("gemm", "direct", "igemm"), _cuda.LAST_KERNEL
 
 
 @cuda_test
-def test_layernorm_exact_fp32_runs_the_reference(ext, poison):
+@pytest.mark.parametrize("bias", [False, True])
+def test_layernorm_exact_fp32_is_cut(bias, ext, poison, monkeypatch):
+    """Exact FP32 (no W-line tiles): the FFMA kernel runs the conv, PyTorch the LayerNorm (with
+    weight and bias) and the scalar multiply after it; within 1e-5 of float64."""
+    monkeypatch.setattr(_cuda, "AUTOTUNE", False)
     draw = _Draw(78, "cuda", torch.float32)
     x = draw.normal((2, 8, 2, 3, 4))
     w = draw.normal((8, 6, 3, 3, 3), 0.3)
-    args = (x, w, None, [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1], 1,
-            [int(Opcode.LAYER_NORM), 0, -1, -1, 0, 8], [1e-5], [])
+    b = draw.normal((6,)) if bias else None
+    lw, lb = draw.normal((8,)) + 1.5, draw.normal((8,))
+    program = [int(Opcode.LAYER_NORM), 0, 0, 1, 0, 8, int(Opcode.LOAD_SCALAR), 1, -1, -1, -1, -1,
+               int(Opcode.MUL), 1, 2, -1, -1, -1]
+    args = (x, w, b, [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1], 1, program, [1e-5, 0.5],
+            [lw, lb])
     with _precision("fp32"):
         reason = _cuda.fallback_reason(*args)
-        assert reason is not None and "exact FP32" in reason, reason
-        torch.testing.assert_close(OP(*args), ops.reference(*args))
+        _cuda.LAST_KERNEL = None
+    assert reason is not None and "exact FP32" in reason, reason
+    assert "the ops before it in the fused kernel" in reason, reason
+    _check_values("layernorm cut (exact FP32)", "fp32", args, record=False)
+    assert _cuda.LAST_KERNEL in ("gemm", "direct"), _cuda.LAST_KERNEL
 
 
 _LAUNCH_CHECK_SCRIPT = r"""
