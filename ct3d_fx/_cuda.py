@@ -34,8 +34,11 @@ Limitations (these calls run the reference, ``ops.reference``):
       ``SOFTMAX_MAX_CHANNELS`` output channels (the pass does not fuse those);
     * a LayerNorm over W (LAYER_NORM) unless the W-line tiles hold the call's W lines: groups
       == 1, W stride 1 or 2, W_out a multiple of the W stride and W_out / W stride <=
-      ``WLINE_MAX_ROWS``, tensor cores (float32 with TF32 allowed, float16, bfloat16: exact
-      FP32 runs the reference), LayerNorm weight and bias 1-D device tensors of W_out elements;
+      ``WLINE_MAX_ROWS``, tensor cores (float32 with TF32 allowed, float16, bfloat16), LayerNorm
+      weight and bias 1-D device tensors of W_out elements. Outside these limits and in exact
+      FP32 the call is cut at the LayerNorm (``_layernorm_split``): the kernel runs the conv
+      and the instructions before it, PyTorch the rest; only where an instruction after the
+      LayerNorm reads a computed value from before it does the whole call run the reference;
     * grids beyond CUDA's limits: groups * ceil(C_out/groups / 16) > 65535, or more than
       2^31 - 1 tiles of 64 output voxels (all stride phases together).
 """
@@ -47,6 +50,7 @@ import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import _build, ops
 from .ops import (INSTR_WIDTH, Opcode, _triple, check_args, conv_transpose3d_epilogue,
@@ -787,12 +791,54 @@ def fallback_reason(input, weight, bias, stride, padding, output_padding, dilati
 # call of a signature times both and keeps the faster. Off with CT3D_FX_AUTOTUNE=0 or
 # ``_cuda.AUTOTUNE = False``; never during stream capture (CUDA graphs) or NaN poisoning.
 AUTOTUNE = os.environ.get("CT3D_FX_AUTOTUNE", "1") != "0"
+# A third candidate for the autotune, off by default until measured on a GPU: cuDNN on
+# channels_last_3d copies of an NCDHW input and of the weight, with cudnn.benchmark on for the
+# call (_reference_channels_last). cuDNN's channels-last kernels beat the fused kernel's conv
+# on about half of the suite (../shared/bench/baseline_h200.json); the copies, the epilogue
+# ops and the copy back to the reference's strides cost extra passes over memory, so only a
+# measurement decides. On with CT3D_FX_CUDNN_CHANNELS_LAST=1 or
+# ``_cuda.CUDNN_CHANNELS_LAST = True``.
+CUDNN_CHANNELS_LAST = os.environ.get("CT3D_FX_CUDNN_CHANNELS_LAST", "0") == "1"
 _choices: Dict[tuple, str] = {}
 
 
 def autotune_choices() -> Dict[tuple, str]:
-    """The implementation chosen per call signature so far: "fused" or "reference"."""
+    """The implementation chosen per call signature so far: "fused", "reference" or
+    "cudnn_channels_last"."""
     return dict(_choices)
+
+
+def _channels_last_applies(input: torch.Tensor) -> bool:
+    """Whether the channels-last candidate differs from the reference: an NCDHW input."""
+    return (CUDNN_CHANNELS_LAST and input.dim() == 5 and input.is_cuda
+            and not input.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+def _reference_channels_last(args: tuple, shape, stride, dtype) -> torch.Tensor:
+    """The reference computed on channels_last_3d copies: ``F.conv_transpose3d`` of the input
+    and weight in channels_last_3d (cuDNN picks its algorithm by timing it: ``cudnn.benchmark``
+    is on for this call only, the other cuDNN flags stay as they are), the program in PyTorch
+    ops, and the result written into a tensor of ``shape``, ``stride``, ``dtype``: the output
+    the fused kernel allocates (the reference's layout).
+
+    Same values as the reference up to the conv's summation order (TF32 or not as
+    ``torch.backends.cudnn.allow_tf32`` says)."""
+    input, weight, bias, st, pa, op, di, g, program, scalars, extras = args
+    cl = torch.channels_last_3d
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # only this flag: cudnn.flags() resets the others
+    try:
+        y = F.conv_transpose3d(input.contiguous(memory_format=cl),
+                               weight.contiguous(memory_format=cl), bias, list(st), list(pa),
+                               list(op), g, list(di))
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+    r = ops._run_program(y, program, scalars, extras)
+    if r.stride() == tuple(stride) and r.dtype == dtype and tuple(r.shape) == tuple(shape):
+        return r
+    out = torch.empty_strided(shape, stride, dtype=dtype, device=input.device)
+    out.copy_(r)
+    return out
 
 
 def _median_ms(fn, reps: int = 5) -> float:
@@ -947,10 +993,17 @@ def run(args: tuple) -> torch.Tensor:
         ck = (key, mode)
         choice = _choices.get(ck)
         if choice is None:
-            t_fused = _median_ms(lambda: _run_fused(ext, plan, input, weight, bias, extras, mode))
-            t_ref = _median_ms(lambda: reference(*args))
-            choice = "fused" if t_fused <= t_ref else "reference"
+            # in order of preference on a tie
+            cands = [("fused", lambda: _run_fused(ext, plan, input, weight, bias, extras, mode)),
+                     ("reference", lambda: reference(*args))]
+            if _channels_last_applies(input):
+                cands.append(("cudnn_channels_last", lambda: _reference_channels_last(
+                    args, plan.shape, plan.stride, plan.dtype)))
+            times = [(_median_ms(fn), i, name) for i, (name, fn) in enumerate(cands)]
+            choice = min(times)[2]
             _choices[ck] = choice
         if choice == "reference":
             return reference(*args)
+        if choice == "cudnn_channels_last":
+            return _reference_channels_last(args, plan.shape, plan.stride, plan.dtype)
     return _run_fused(ext, plan, input, weight, bias, extras, mode)

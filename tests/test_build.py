@@ -113,22 +113,23 @@ def test_failed_build_warns_once_with_the_compiler_message(monkeypatch, tmp_path
     torch.testing.assert_close(_cuda._cuda_impl(*args), expected, rtol=1e-5, atol=1e-5)
 
 
-def _expected_build_dir(root):
-    """The build folder _build._build() uses under TORCH_EXTENSIONS_DIR=root, and its name."""
+def _library_built_earlier(monkeypatch, root, content: bytes):
+    """A GPU machine (simulated) whose extensions folder ``root`` already holds a file
+    ``content`` where _build._build() looks for the built library. Returns (folder, name)."""
+    _simulate_gpu_without(monkeypatch)
+    monkeypatch.setattr(_build, "_arch_flags", lambda: ["-gencode=arch=compute_90a,code=sm_90a"])
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
     files = _build._source_files(_build._csrc_dir())
     key = "|".join([torch.__version__, str(torch.version.cuda), sys.version.split()[0],
                     *_build._arch_flags()])
     name = f"ct3d_fx_ext_{_build._digest(files, key)}"
+    (root / name).mkdir()
+    (root / name / f"{name}.so").write_bytes(content)
     return root / name, name
 
 
 def test_an_existing_library_is_imported_without_cpp_extension(monkeypatch, tmp_path):
-    _simulate_gpu_without(monkeypatch)
-    monkeypatch.setattr(_build, "_arch_flags", lambda: ["-gencode=arch=compute_90a,code=sm_90a"])
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    build_dir, name = _expected_build_dir(tmp_path)
-    build_dir.mkdir()
-    (build_dir / f"{name}.so").write_bytes(b"built earlier")
+    build_dir, name = _library_built_earlier(monkeypatch, tmp_path, b"built earlier")
     imported, built = [], []
     sentinel = object()
     monkeypatch.setattr(_build, "_import_library",
@@ -140,12 +141,8 @@ def test_an_existing_library_is_imported_without_cpp_extension(monkeypatch, tmp_
 
 
 def test_a_damaged_library_or_a_running_build_goes_through_cpp_extension(monkeypatch, tmp_path):
-    _simulate_gpu_without(monkeypatch)
-    monkeypatch.setattr(_build, "_arch_flags", lambda: ["-gencode=arch=compute_90a,code=sm_90a"])
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    build_dir, name = _expected_build_dir(tmp_path)
-    build_dir.mkdir()
-    (build_dir / f"{name}.so").write_bytes(b"not a shared library")  # the real importer fails
+    # not a shared library: the real importer fails
+    build_dir, name = _library_built_earlier(monkeypatch, tmp_path, b"not a shared library")
     built = []
     sentinel = object()
     monkeypatch.setattr(torch.utils.cpp_extension, "load",

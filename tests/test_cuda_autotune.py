@@ -52,3 +52,39 @@ def test_autotune_is_skipped_under_graph_capture(autotune):
     torch.cuda.synchronize()
     assert not cu.autotune_choices(), "no timing may happen during stream capture"
     assert torch.allclose(out, reference(*args), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_candidate_when_it_wins(autotune, monkeypatch, dtype):
+    """With CUDNN_CHANNELS_LAST on and the timings rigged so that it wins, the autotune keeps
+    the cuDNN channels_last_3d candidate: output in the reference's layout and dtype, within
+    TF32 / bf16 error of float64, cudnn.benchmark left as it was."""
+    monkeypatch.setattr(cu, "CUDNN_CHANNELS_LAST", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    timed = []
+
+    def rigged(fn, reps=5):  # candidates are timed in order: fused, reference, channels-last
+        fn()
+        timed.append(len(timed))
+        return [2.0, 2.0, 1.0][len(timed) - 1]
+
+    monkeypatch.setattr(cu, "_median_ms", rigged)
+    x = torch.rand(2, 16, 6, 7, 8, device="cuda").to(dtype)
+    w = (torch.randn(16, 24, 3, 3, 3, device="cuda") / (16 * 27) ** 0.5).to(dtype)
+    b = torch.randn(24, device="cuda").to(dtype)
+    prog = [int(Opcode.RELU), 0, -1, -1, -1, -1]
+    args = (x, w, b, [2] * 3, [1] * 3, [1] * 3, [1] * 3, 1, prog, [], [])
+    out = OP(*args)
+    assert timed == [0, 1, 2]
+    assert list(cu.autotune_choices().values()) == ["cudnn_channels_last"]
+    eager = reference(*args)
+    assert out.shape == eager.shape and out.stride() == eager.stride()
+    assert out.dtype == eager.dtype
+    ref = reference(*[a.double() if torch.is_tensor(a) else a for a in args])
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < (2e-3 if dtype == torch.float32 else 2e-2), err
+    assert torch.backends.cudnn.benchmark is False
+    # the cached choice, no timing (cuDNN's algorithm may not be deterministic: close, not equal)
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(OP(*args), out, rtol=tol, atol=tol)
+    assert len(timed) == 3

@@ -3,7 +3,8 @@
 // time), dynamic shared memory as one static buffer. Included before the kernel header (which
 // scripts/emulate/emulate.py preprocesses: the host launch code cut, the extern shared array
 // replaced by emu_smem). Only what the direct kernel and the FFMA GEMM use is provided; the
-// tensor-core paths (mma.sync) do not run here.
+// tensor-core paths (mma.sync) do not run here. layernorm_harness.cpp runs the epilogue's
+// LayerNorm routine alone (warp shuffles emulated below).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -41,6 +42,25 @@ inline thread_local EmuDim emu_tid, emu_bid;
 
 inline std::barrier<>* emu_bar = nullptr;
 inline void __syncthreads() { emu_bar->arrive_and_wait(); }
+
+// Warp shuffles: each warp of a CTA exchanges values through its own 32-slot buffer between
+// two barriers of its 32 threads (the harness sets emu_warps: one per warp). Every lane of a
+// warp must reach each shuffle, as the full-mask shuffles on the GPU require; the mask is
+// not checked.
+struct EmuWarp {
+  std::barrier<> bar{32};
+  float slot[32];
+};
+inline EmuWarp* emu_warps = nullptr;
+inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
+  EmuWarp& w = emu_warps[emu_tid.x / 32];
+  const unsigned lane = emu_tid.x % 32;
+  w.slot[lane] = v;
+  w.bar.arrive_and_wait();
+  const float r = w.slot[(lane ^ static_cast<unsigned>(lane_mask)) % 32];
+  w.bar.arrive_and_wait();
+  return r;
+}
 alignas(16) inline unsigned char emu_smem[232448];
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
