@@ -284,12 +284,13 @@ def _make_plan(input, weight, bias, stride, padding, output_padding, dilation, g
             tiles = _wline_tiles(input, weight, conv_shape, st, pa, di)
             if tiles is None:
                 why = "the operands exceed the channels-last GEMM's 32-bit offsets"
+        split = _layernorm_split(program)  # where the kernel cannot run the LayerNorm
         if why is not None:
-            blocked = _Plan(f"a LayerNorm over W {why}")
-            blocked.ln_split = _layernorm_split(program)
-            return blocked
+            plan = _Plan(f"a LayerNorm over W {why}")
+            plan.ln_split = split
+            return plan
         plan.wline = True
-        plan.ln_split = _layernorm_split(program)  # for exact FP32 (no W-line tiles there)
+        plan.ln_split = split  # for exact FP32 (no W-line tiles there)
         plan.igemm_ok = plan.igemm_auto = True
         plan.igemm_tiles = tiles
     return plan
@@ -306,7 +307,7 @@ def _layernorm_split(program: Sequence[int]) -> Optional[Tuple[List[int], List[i
     computed before it other than the operand (LOAD_SCALAR and LOAD_TENSOR values are loaded
     again in the suffix).
     """
-    rows = [list(program[i:i + INSTR_WIDTH]) for i in range(0, len(program), INSTR_WIDTH)]
+    rows = ops._split(program)
     k = next((i for i, r in enumerate(rows) if r[0] == Opcode.LAYER_NORM), None)
     if k is None:
         return None
