@@ -26,6 +26,15 @@
 #             CT3D_SWEEP_DTYPE (--dtype, default fp32); LOGDIR/sweep_time[_DTYPE].json
 #   bench     python -m ct3d_fx.bench (suite, no torch.compile), when ct3d_fx/bench.py exists;
 #             LOGDIR/bench.json (CT3D_BENCH_BUDGET_S, default 240: the runner's --budget-s)
+#   suite     the whole pytest suite (GPU and CPU tests); LOGDIR/suite.log
+#   results   the committed benchmark, float32 with TF32 (torch.compile, float64 reference,
+#             both example networks); LOGDIR/h200.json (CT3D_RESULTS_ENV: extra environment,
+#             e.g. CT3D_FX_CUDNN_CHANNELS_LAST=1; CT3D_RESULTS_BUDGET_S, default 420)
+#   results_low  the same for bf16 and exact FP32 (no torch.compile); LOGDIR/h200_bf16.json,
+#             LOGDIR/h200_fp32_exact.json
+#   pack      the built extension library as ext.tgz in CT3D_PACK_DIR (default LOGDIR), to
+#             carry into the next call: unpack it into a carried folder and point
+#             TORCH_EXTENSIONS_DIR there (_build imports a library it finds as is)
 # Exit status: 0 when every step passed. The last lines printed are a summary.
 set -u -o pipefail
 LOG=${1:?usage: scripts/gpu_check.sh LOGDIR [install build test sanitize example time bench]}
@@ -250,9 +259,32 @@ step_bench() {
     --json "$LOG/bench.json"
 }
 
+step_suite() {
+  "$PY" -m pytest -p no:cacheprovider -q -rfE
+}
+
+step_results() {  # float32 with TF32: torch.compile, float64 reference, both networks
+  env ${CT3D_RESULTS_ENV:-} "$PY" -m ct3d_fx.bench --warmup-ms 25 --rep-ms 100 \
+    --budget-s ${CT3D_RESULTS_BUDGET_S:-420} --json "$LOG/h200.json"
+}
+
+step_results_low() {  # bf16 and exact FP32 (no torch.compile, no float64 reference)
+  local B="--warmup-ms 25 --rep-ms 100 --no-compile --no-fp64"
+  env ${CT3D_RESULTS_ENV:-} "$PY" -m ct3d_fx.bench $B --dtype bf16 --budget-s 150 \
+    --json "$LOG/h200_bf16.json" &&
+  env ${CT3D_RESULTS_ENV:-} "$PY" -m ct3d_fx.bench $B --dtype fp32-exact --networks none \
+    --budget-s 120 --json "$LOG/h200_fp32_exact.json"
+}
+
+step_pack() {
+  local dest=${CT3D_PACK_DIR:-$LOG}/ext.tgz
+  (cd "$TORCH_EXTENSIONS_DIR" && tar -czf "$dest" ./*/*.so) && ls -la "$dest"
+}
+
 export LOG PY
 export -f step_install step_build step_test step_sanitize step_example step_time step_profile \
-  step_bench step_igemm step_sweep step_probe step_wgmma
+  step_bench step_igemm step_sweep step_probe step_wgmma step_suite step_results step_results_low \
+  step_pack
 for s in $STEPS; do
   case $s in
     install) run_step install 300 ;;
@@ -267,6 +299,10 @@ for s in $STEPS; do
     time) run_step time 420 ;;
     profile) run_step profile 240 ;;
     bench) run_step bench $(( ${CT3D_BENCH_BUDGET_S:-240} + 120 )) ;;
+    suite) run_step suite 420 ;;
+    results) run_step results $(( ${CT3D_RESULTS_BUDGET_S:-420} + 150 )) ;;
+    results_low) run_step results_low 420 ;;
+    pack) run_step pack 60 ;;
     *) echo "unknown step $s"; FAILED=1 ;;
   esac
 done
