@@ -792,14 +792,13 @@ def fallback_reason(input, weight, bias, stride, padding, output_padding, dilati
 # call of a signature times both and keeps the faster. Off with CT3D_FX_AUTOTUNE=0 or
 # ``_cuda.AUTOTUNE = False``; never during stream capture (CUDA graphs) or NaN poisoning.
 AUTOTUNE = os.environ.get("CT3D_FX_AUTOTUNE", "1") != "0"
-# A third candidate for the autotune, off by default until measured on a GPU: cuDNN on
-# channels_last_3d copies of an NCDHW input and of the weight, with cudnn.benchmark on for the
-# call (_reference_channels_last). cuDNN's channels-last kernels beat the fused kernel's conv
-# on about half of the suite (../shared/bench/baseline_h200.json); the copies, the epilogue
-# ops and the copy back to the reference's strides cost extra passes over memory, so only a
-# measurement decides. On with CT3D_FX_CUDNN_CHANNELS_LAST=1 or
-# ``_cuda.CUDNN_CHANNELS_LAST = True``.
-CUDNN_CHANNELS_LAST = os.environ.get("CT3D_FX_CUDNN_CHANNELS_LAST", "0") == "1"
+# A third candidate for the autotune: cuDNN on channels_last_3d copies of an NCDHW input and of
+# the weight, with cudnn.benchmark on for the call (_reference_channels_last). On by default since
+# the v16 measurement (H200, docs/performance.md): TF32 models l2_61 2.86 -> 2.42 ms, l2_77 4.68
+# -> 4.43, the GAN generator 1.13-1.45x faster, every other suite row within the run-to-run
+# spread, bf16 unchanged. Off with CT3D_FX_CUDNN_CHANNELS_LAST=0 or
+# ``_cuda.CUDNN_CHANNELS_LAST = False``.
+CUDNN_CHANNELS_LAST = os.environ.get("CT3D_FX_CUDNN_CHANNELS_LAST", "1") != "0"
 _choices: Dict[tuple, str] = {}
 
 

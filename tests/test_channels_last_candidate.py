@@ -3,6 +3,10 @@ on the CPU: the same values as the reference, in the layout the fused kernel all
 user's cudnn.benchmark flag left as it was. tests/test_cuda_autotune.py runs it on the GPU."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -55,8 +59,19 @@ def test_the_benchmark_flag_is_restored_when_the_conv_raises(monkeypatch):
     assert torch.backends.cudnn.benchmark is False
 
 
-def test_the_candidate_is_off_by_default_and_only_for_ncdhw_cuda_inputs(monkeypatch):
-    x = torch.randn(1, 2, 3, 4, 5)
-    assert not _cuda._channels_last_applies(x)  # off by default
+@pytest.mark.parametrize("value,on", [(None, True), ("1", True), ("0", False)])
+def test_the_candidate_is_on_unless_the_environment_turns_it_off(value, on):
+    env = {k: v for k, v in os.environ.items() if k != "CT3D_FX_CUDNN_CHANNELS_LAST"}
+    if value is not None:
+        env["CT3D_FX_CUDNN_CHANNELS_LAST"] = value
+    out = subprocess.run([sys.executable, "-c", "from ct3d_fx import _cuda; "
+                          "print(_cuda.CUDNN_CHANNELS_LAST)"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(on)
+
+
+def test_the_candidate_applies_only_to_ncdhw_cuda_inputs(monkeypatch):
     monkeypatch.setattr(_cuda, "CUDNN_CHANNELS_LAST", True)
-    assert not _cuda._channels_last_applies(x)  # a CPU tensor
+    assert not _cuda._channels_last_applies(torch.randn(1, 2, 3, 4, 5))  # a CPU tensor
+    monkeypatch.setattr(_cuda, "CUDNN_CHANNELS_LAST", False)
+    assert not _cuda._channels_last_applies(torch.randn(1, 2, 3, 4, 5))
