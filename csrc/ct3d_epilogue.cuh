@@ -265,44 +265,50 @@ __device__ __forceinline__ void softmax_rows(const float* A, float* D, const Til
   }
 }
 
-// Sum over the 32 lanes of a warp, the same value (bit for bit) in every lane: each step adds
-// the same two partials in either order.
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+// Sum over each aligned group of G lanes of a warp (G = 8 or 16), the same value (bit for bit)
+// in every lane of the group: each butterfly step adds the same two partials in either order.
+// Every lane of the warp must call it (full mask).
+__device__ __forceinline__ float group_sum(float v, int G) {
+  if (G > 8) v += __shfl_xor_sync(0xffffffffu, v, 8);
+  v += __shfl_xor_sync(0xffffffffu, v, 4);
+  v += __shfl_xor_sync(0xffffffffu, v, 2);
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
   return v;
 }
 
-// Elements of a W line per lane in layernorm_lines: W_out <= 32 * kLnPerLane (the W-line tiles
+// Elements of a W line per lane in layernorm_lines: W_out <= 16 * kLnPerLane (the W-line tiles
 // hold at most 64 rows of W stride 2 phases, so W_out <= 128; _cuda.WLINE_MAX_ROWS).
-constexpr int kLnPerLane = 4;
-// (line, column) pairs a warp normalizes at once: independent shuffle chains in flight.
-constexpr int kLnPairs = 2;
+constexpr int kLnPerLane = 8;
 
 // F.layer_norm over W (normalized_shape (W_out,)) of every (line, column) of a tile register
-// whose rows are whole W lines (tr.wline > 0): A -> D (they may be the same register). One warp
-// per line and column (kLnPairs at a time): lane l holds elements w = l, l + 32, ... of the line
-// in registers (consecutive lanes read consecutive floats of shared memory: no bank conflict),
-// the sums are warp shuffles. Mean, then the biased variance of (x - mean), both in float,
-// rstd = rsqrt(var + eps), then (x - mean) * rstd, times weight[w] plus bias[w] where given
-// (slots read at w * s[4], once per tile: a lane's w is the same in every line). Needs
-// tr.threads a multiple of 32 and W <= 32 * kLnPerLane, else poisons the tile.
-// Caller: a barrier before (A complete) and after (D complete).
+// whose rows are whole W lines (tr.wline > 0): A -> D (they may be the same register). A group
+// of G lanes per (line, column) pair, G = 8 for W <= 64 (4 pairs per warp) and 16 for W <= 128
+// (2 pairs): lane j of a group holds elements w = j, j + G, ... of the line in registers, the
+// sums are log2(G) butterfly shuffles shared by the warp's pairs. Mean, then the biased variance
+// of (x - mean), both in float, rstd = rsqrt(var + eps), then (x - mean) * rstd, times weight[w]
+// plus bias[w] where given (slots read at w * s[4], once per tile: a lane's w is the same in
+// every line). The groups of a warp take columns 8 / (32 / G) apart inside each block of 8
+// columns, so with the W-line tiles' pitch (4 mod 32 floats) their reads and writes fall in
+// distinct shared-memory banks. Needs tr.threads a multiple of 32 and W <= 16 * kLnPerLane,
+// else poisons the tile. Caller: a barrier before (A complete) and after (D complete).
 __device__ __forceinline__ void layernorm_lines(const float* A, float* D, const TileRows& tr,
                                                 const Slot* wt, const Slot* bs, float eps) {
   const int W = tr.wline, ld = tr.ld;
-  if (W <= 0 || W > 32 * kLnPerLane || tr.threads % 32 != 0) {
+  if (W <= 0 || W > 16 * kLnPerLane || tr.threads % 32 != 0) {
     // the host never launches this (_cuda.py, binding.cpp): poison, not garbage
     for (int m = tr.tid; m < tr.rows; m += tr.threads)
       for (int c = 0; c < tr.ncols; ++c) D[c * ld + m] = __int_as_float(0x7fc00000);
     return;
   }
+  const int G = W <= 8 * kLnPerLane ? 8 : 16;  // lanes per pair
+  const int P = 32 / G;                        // pairs per warp step
   const int lane = tr.tid & 31, warp = tr.tid >> 5, warps = tr.threads >> 5;
+  const int j = lane & (G - 1), grp = lane / G;
   const float inv_w = 1.0f / static_cast<float>(W);
   float wv[kLnPerLane], bv[kLnPerLane];
 #pragma unroll
   for (int u = 0; u < kLnPerLane; ++u) {
-    const int w = lane + 32 * u;
+    const int w = j + G * u;
     const bool in = w < W;
     wv[u] = in && wt != nullptr ? load_as_float(wt->ptr, static_cast<int64_t>(w) * wt->s[4],
                                                 wt->dtype)
@@ -311,45 +317,37 @@ __device__ __forceinline__ void layernorm_lines(const float* A, float* D, const 
                                                 bs->dtype)
                                 : 0.0f;
   }
-  const int pairs = tr.lines * tr.ncols;
-  // warp-uniform loop: every lane of a warp takes the same pairs, so the shuffles are safe
-  for (int p0 = warp * kLnPairs; p0 < pairs; p0 += warps * kLnPairs) {
-    float x[kLnPairs][kLnPerLane], mean[kLnPairs], rstd[kLnPairs];
-    int base[kLnPairs];
-#pragma unroll
-    for (int q = 0; q < kLnPairs; ++q) {
-      const int pr = p0 + q < pairs ? p0 + q : p0;  // a missing pair repeats the first, unstored
-      const int line = pr / tr.ncols, c = pr - line * tr.ncols;
-      base[q] = c * ld + line * W;
-      float s = 0.0f;
-#pragma unroll
-      for (int u = 0; u < kLnPerLane; ++u) {
-        x[q][u] = lane + 32 * u < W ? A[base[q] + lane + 32 * u] : 0.0f;
-        s += x[q][u];
-      }
-      mean[q] = s;
+  const int ncols = tr.ncols, pairs = tr.lines * ncols;
+  // warp-uniform loop (p0 steps by whole warps): every lane runs every shuffle
+  for (int p0 = warp * P; p0 < pairs; p0 += warps * P) {
+    const bool valid = p0 + grp < pairs;
+    const int pr = valid ? p0 + grp : p0;  // a missing pair repeats the first, unstored
+    const int line = pr / ncols;
+    int c = pr - line * ncols;
+    if ((c | 7) < ncols) {  // a whole block of 8 columns: spread the warp's groups over banks
+      const int q = c & 7;
+      c = (c & ~7) | ((q % P) * (8 / P) + q / P);
     }
+    const int base = c * ld + line * W + j;
+    float x[kLnPerLane];
+    float s = 0.0f;
 #pragma unroll
-    for (int q = 0; q < kLnPairs; ++q) mean[q] = warp_sum(mean[q]) * inv_w;
-#pragma unroll
-    for (int q = 0; q < kLnPairs; ++q) {
-      float v = 0.0f;
-#pragma unroll
-      for (int u = 0; u < kLnPerLane; ++u) {
-        const float dx = x[q][u] - mean[q];
-        if (lane + 32 * u < W) v = fmaf(dx, dx, v);
-      }
-      rstd[q] = v;
+    for (int u = 0; u < kLnPerLane; ++u) {
+      x[u] = j + G * u < W ? A[base + G * u] : 0.0f;
+      s += x[u];
     }
+    const float mean = group_sum(s, G) * inv_w;
+    float v = 0.0f;
 #pragma unroll
-    for (int q = 0; q < kLnPairs; ++q) rstd[q] = rsqrtf(warp_sum(rstd[q]) * inv_w + eps);
-#pragma unroll
-    for (int q = 0; q < kLnPairs; ++q) {
-      if (p0 + q >= pairs) continue;
+    for (int u = 0; u < kLnPerLane; ++u) {
+      const float dx = x[u] - mean;
+      if (j + G * u < W) v = fmaf(dx, dx, v);
+    }
+    const float rstd = rsqrtf(group_sum(v, G) * inv_w + eps);
+    if (valid) {
 #pragma unroll
       for (int u = 0; u < kLnPerLane; ++u)
-        if (lane + 32 * u < W)
-          D[base[q] + lane + 32 * u] = fmaf((x[q][u] - mean[q]) * rstd[q], wv[u], bv[u]);
+        if (j + G * u < W) D[base + G * u] = fmaf((x[u] - mean) * rstd, wv[u], bv[u]);
     }
   }
 }

@@ -223,4 +223,4 @@ def test_layernorm_lines_hold_the_longest_w_line():
     import re
     text = (_build._csrc_dir() / "ct3d_epilogue.cuh").read_text()
     per_lane = int(re.search(r"constexpr int kLnPerLane = (\d+);", text).group(1))
-    assert 32 * per_lane >= 2 * _cuda.WLINE_MAX_ROWS
+    assert 16 * per_lane >= 2 * _cuda.WLINE_MAX_ROWS  # 16 lanes per line (W > 64)

@@ -7,7 +7,7 @@
 //     is tested against cancellation);
 //   - rows past the lines and columns past ncols unchanged (NaN when written to another
 //     register, the input when in place);
-//   - W beyond 32 * kLnPerLane, or threads not a multiple of 32: the whole tile NaN.
+//   - W beyond 16 * kLnPerLane, or threads not a multiple of 32: the whole tile NaN.
 // Weight and bias are float32 or bfloat16 slots with a stride of 2 elements. Tiles, weight and
 // bias are heap buffers of exactly their size, so AddressSanitizer sees any stray access.
 //
@@ -109,7 +109,7 @@ int check(const Case& k, unsigned seed) {
   const float eps = 1e-5f;
   TileRows tr{k.rows, k.ld, k.ncols, true, 0, kThreadsLn, k.W, k.lines};
   run_cta(kThreadsLn, A.data(), dst, tr, wt, bs, eps);
-  const bool poison = k.W > 32 * kLnPerLane;
+  const bool poison = k.W > 16 * kLnPerLane;
   int bad = 0;
   for (int c = 0; c < cols; ++c) {
     for (int m = 0; m < k.ld; ++m) {
