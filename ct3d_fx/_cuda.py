@@ -789,7 +789,8 @@ def fallback_reason(input, weight, bias, stride, padding, output_padding, dilati
 
 # Per-shape choice between the fused kernel and cuDNN + PyTorch epilogue ("reference"): where
 # the fused kernel is still slower (some math-bound shapes, see docs/performance.md) the first
-# call of a signature times both and keeps the faster. Off with CT3D_FX_AUTOTUNE=0 or
+# call of a signature times the candidates (interleaved rounds, lowest median: _pick_fastest)
+# and keeps the fastest. Off with CT3D_FX_AUTOTUNE=0 or
 # ``_cuda.AUTOTUNE = False``; never during stream capture (CUDA graphs) or NaN poisoning.
 AUTOTUNE = os.environ.get("CT3D_FX_AUTOTUNE", "1") != "0"
 # A third candidate for the autotune: cuDNN on channels_last_3d copies of an NCDHW input and of
@@ -841,18 +842,32 @@ def _reference_channels_last(args: tuple, shape, stride, dtype) -> torch.Tensor:
     return out
 
 
-def _median_ms(fn, reps: int = 5) -> float:
-    fn()
-    fn()
+def _cuda_event_ms(fn) -> float:
+    """GPU time of one call of ``fn`` on the current stream, in ms (CUDA events)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(reps):
-        start.record()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _pick_fastest(cands, reps: int = 7, timer=None) -> str:
+    """Name of the fastest of ``cands`` ((name, fn) pairs, in order of preference on a tie):
+    each runs twice untimed, then ``reps`` rounds time every candidate once, in turn, and the
+    lowest median wins. Interleaving the candidates means a GPU clock still ramping up from
+    idle, or another process's burst, slows all of them alike instead of the first one timed.
+    ``timer(fn) -> ms`` defaults to CUDA events on the current stream."""
+    timer = timer or _cuda_event_ms
+    for _, fn in cands:
         fn()
-        end.record()
-        end.synchronize()
-        ts.append(start.elapsed_time(end))
-    return sorted(ts)[reps // 2]
+        fn()
+    ts = [[] for _ in cands]
+    for _ in range(reps):
+        for i, (_, fn) in enumerate(cands):
+            ts[i].append(timer(fn))
+    medians = [(sorted(t)[reps // 2], i) for i, t in enumerate(ts)]
+    return cands[min(medians)[1]][0]
 
 
 def _tunable(input) -> bool:
@@ -999,8 +1014,7 @@ def run(args: tuple) -> torch.Tensor:
             if _channels_last_applies(input):
                 cands.append(("cudnn_channels_last", lambda: _reference_channels_last(
                     args, plan.shape, plan.stride, plan.dtype)))
-            times = [(_median_ms(fn), i, name) for i, (name, fn) in enumerate(cands)]
-            choice = min(times)[2]
+            choice = _pick_fastest(cands)
             _choices[ck] = choice
         if choice == "reference":
             return reference(*args)

@@ -63,20 +63,26 @@ def test_channels_last_candidate_when_it_wins(autotune, monkeypatch, dtype):
     monkeypatch.setattr(cu, "CUDNN_CHANNELS_LAST", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     timed = []
+    pick = cu._pick_fastest
 
-    def rigged(fn, reps=5):  # candidates are timed in order: fused, reference, channels-last
-        fn()
-        timed.append(len(timed))
-        return [2.0, 2.0, 1.0][len(timed) - 1]
+    def rigged(cands, reps=7, timer=None):  # channels-last times 1 ms, the others 2 ms
+        timed.append([name for name, _ in cands])
+        calls = []
 
-    monkeypatch.setattr(cu, "_median_ms", rigged)
+        def fake(fn):
+            fn()
+            calls.append(1)
+            return [2.0, 2.0, 1.0][(len(calls) - 1) % len(cands)]
+        return pick(cands, reps, fake)
+
+    monkeypatch.setattr(cu, "_pick_fastest", rigged)
     x = torch.rand(2, 16, 6, 7, 8, device="cuda").to(dtype)
     w = (torch.randn(16, 24, 3, 3, 3, device="cuda") / (16 * 27) ** 0.5).to(dtype)
     b = torch.randn(24, device="cuda").to(dtype)
     prog = [int(Opcode.RELU), 0, -1, -1, -1, -1]
     args = (x, w, b, [2] * 3, [1] * 3, [1] * 3, [1] * 3, 1, prog, [], [])
     out = OP(*args)
-    assert timed == [0, 1, 2]
+    assert timed == [["fused", "reference", "cudnn_channels_last"]]
     assert list(cu.autotune_choices().values()) == ["cudnn_channels_last"]
     eager = reference(*args)
     assert out.shape == eager.shape and out.stride() == eager.stride()
