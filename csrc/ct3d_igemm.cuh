@@ -1026,26 +1026,12 @@ cudaError_t launch_igemm_wline(const ConvParams& p, const IgemmGeom& g, cudaStre
 //   25   W-line tiles (conv_transpose3d_igemm_wline_kernel): 64 rows x 64 channels per W phase,
 //        128-byte K steps, 2 stages, 2 x 2 warps, 3 CTAs per multiprocessor
 //   26   as 25 with 64-byte K steps, 3 stages
+// The configuration families, each instantiated per input dtype in its own translation unit
+// (csrc/kernels_<dtype>_<family>.cu) so that the extension's build runs them in parallel;
+// ct3d_launch.h declares them and composes them with the fallbacks (launch_igemm_any).
+// Row tiles of 4 warps (0-5); cudaErrorInvalidValue for another id.
 template <int IN_DT>
-cudaError_t launch_igemm(const ConvParams& p, const IgemmGeom& g, int config,
-                         cudaStream_t stream) {
-  bool fits = true;
-  cudaError_t e = cudaSuccess;
-  switch (config) {
-    case 11: e = launch_igemm_box<IN_DT, 4, 4, 8, 64, 128, 2, 2, 3>(p, g, stream, fits); break;
-    case 12: e = launch_igemm_box<IN_DT, 4, 4, 8, 32, 64, 4, 1, 4>(p, g, stream, fits); break;
-    case 13: e = launch_igemm_box<IN_DT, 4, 4, 8, 64, 64, 2, 2, 4>(p, g, stream, fits); break;
-    case 14: e = launch_igemm_box<IN_DT, 2, 4, 16, 64, 128, 2, 2, 3>(p, g, stream, fits); break;
-    case 15: e = launch_igemm_box<IN_DT, 4, 4, 8, 16, 64, 4, 1, 4>(p, g, stream, fits); break;
-    case 16: e = launch_igemm_box<IN_DT, 4, 4, 8, 128, 64, 2, 4, 3>(p, g, stream, fits); break;
-    case 17: e = launch_igemm_box<IN_DT, 4, 4, 8, 32, 128, 4, 1, 3>(p, g, stream, fits); break;
-    default: break;
-  }
-  if (config >= 11 && config <= 17) {
-    if (fits) return e;
-    constexpr int kFallback[7] = {0, 4, 3, 0, 5, 8, 1};
-    config = kFallback[config - 11];
-  }
+cudaError_t igemm_rows(const ConvParams& p, const IgemmGeom& g, int config, cudaStream_t stream) {
   switch (config) {
     case 0: return launch_igemm_tile<IN_DT, 128, 64, 128, 2, 2, 3>(p, g, stream);
     case 1: return launch_igemm_tile<IN_DT, 128, 32, 128, 4, 1, 3>(p, g, stream);
@@ -1053,12 +1039,52 @@ cudaError_t launch_igemm(const ConvParams& p, const IgemmGeom& g, int config,
     case 3: return launch_igemm_tile<IN_DT, 128, 64, 64, 2, 2, 4>(p, g, stream);
     case 4: return launch_igemm_tile<IN_DT, 128, 32, 64, 4, 1, 4>(p, g, stream);
     case 5: return launch_igemm_tile<IN_DT, 128, 16, 64, 4, 1, 4>(p, g, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// Row tiles of 8 warps or capped registers (6-10, 18): a family of its own, so that the row
+// tiles' two translation units take about the same time to compile.
+template <int IN_DT>
+cudaError_t igemm_rows_wide(const ConvParams& p, const IgemmGeom& g, int config,
+                            cudaStream_t stream) {
+  switch (config) {
     case 6: return launch_igemm_tile<IN_DT, 128, 128, 128, 2, 4, 3>(p, g, stream);
     case 7: return launch_igemm_tile<IN_DT, 256, 64, 64, 4, 2, 3>(p, g, stream);
     case 8: return launch_igemm_tile<IN_DT, 128, 128, 64, 2, 4, 3>(p, g, stream);
     case 9: return launch_igemm_tile<IN_DT, 128, 64, 64, 2, 2, 4, 3>(p, g, stream);
     case 10: return launch_igemm_tile<IN_DT, 128, 64, 128, 2, 2, 2, 3>(p, g, stream);
     case 18: return launch_igemm_tile<IN_DT, 64, 64, 128, 2, 2, 2, 4>(p, g, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// Box tiles (11-17); *fits false (nothing launched) when the patch does not fit in shared
+// memory: the caller then runs the row-tile fallback (ct3d_launch.h launch_igemm_any).
+template <int IN_DT>
+cudaError_t igemm_boxes(const ConvParams& p, const IgemmGeom& g, int config, cudaStream_t stream,
+                        bool* fits) {
+  bool f = true;
+  cudaError_t e = cudaErrorInvalidValue;
+  switch (config) {
+    case 11: e = launch_igemm_box<IN_DT, 4, 4, 8, 64, 128, 2, 2, 3>(p, g, stream, f); break;
+    case 12: e = launch_igemm_box<IN_DT, 4, 4, 8, 32, 64, 4, 1, 4>(p, g, stream, f); break;
+    case 13: e = launch_igemm_box<IN_DT, 4, 4, 8, 64, 64, 2, 2, 4>(p, g, stream, f); break;
+    case 14: e = launch_igemm_box<IN_DT, 2, 4, 16, 64, 128, 2, 2, 3>(p, g, stream, f); break;
+    case 15: e = launch_igemm_box<IN_DT, 4, 4, 8, 16, 64, 4, 1, 4>(p, g, stream, f); break;
+    case 16: e = launch_igemm_box<IN_DT, 4, 4, 8, 128, 64, 2, 4, 3>(p, g, stream, f); break;
+    case 17: e = launch_igemm_box<IN_DT, 4, 4, 8, 32, 128, 4, 1, 3>(p, g, stream, f); break;
+    default: break;
+  }
+  *fits = f;
+  return e;
+}
+
+// W-line tiles (25, 26).
+template <int IN_DT>
+cudaError_t igemm_wlines(const ConvParams& p, const IgemmGeom& g, int config,
+                         cudaStream_t stream) {
+  switch (config) {
     case 25: return launch_igemm_wline<IN_DT, 64, 64, 128, 2, 2, 2, 3>(p, g, stream);
     case 26: return launch_igemm_wline<IN_DT, 64, 64, 64, 2, 2, 3, 3>(p, g, stream);
     default: return cudaErrorInvalidValue;

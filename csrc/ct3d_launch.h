@@ -20,7 +20,7 @@ cudaError_t launch_bf16_tc(const ConvParams& p, cudaStream_t stream, int* kernel
 
 // The channels-last implicit GEMM (ct3d_igemm.cuh; groups == 1, tensor cores): packs x into
 // g.xp (scratch the caller allocated, N*Dp*Hp*Wp*Cp elements) and runs the GEMM with the packed
-// weight g.wp; config = tile configuration id (ct3d_wgmma.cuh launch_igemm_any); sets
+// weight g.wp; config = tile configuration id (launch_igemm_any below); sets
 // *wgmma to whether the sm_90a wgmma kernel ran (configurations 19-22 on a compute capability
 // 9.0 device; elsewhere they fall back to the mma.sync box tiles).
 // igemm_plan fills g's extents for K steps of ck channels and tiles of bn channels.
@@ -31,5 +31,59 @@ cudaError_t launch_f16_tc_igemm(const ConvParams& p, const IgemmGeom& g, int con
                                 cudaStream_t stream, int* wgmma);
 cudaError_t launch_bf16_tc_igemm(const ConvParams& p, const IgemmGeom& g, int config,
                                  cudaStream_t stream, int* wgmma);
+
+
+// The channels-last GEMM's configuration families (ct3d_igemm.cuh, ct3d_wgmma.cuh), each
+// explicitly instantiated per input dtype in its own translation unit
+// (kernels_<dtype>_<family>.cu): the extension's build compiles them in parallel. Declared
+// here, not defined, so a translation unit that only dispatches instantiates no kernel.
+template <int IN_DT>
+cudaError_t igemm_rows(const ConvParams& p, const IgemmGeom& g, int config, cudaStream_t stream);
+template <int IN_DT>
+cudaError_t igemm_rows_wide(const ConvParams& p, const IgemmGeom& g, int config,
+                            cudaStream_t stream);
+template <int IN_DT>
+cudaError_t igemm_boxes(const ConvParams& p, const IgemmGeom& g, int config, cudaStream_t stream,
+                        bool* fits);
+template <int IN_DT>
+cudaError_t igemm_wlines(const ConvParams& p, const IgemmGeom& g, int config,
+                         cudaStream_t stream);
+template <int IN_DT>
+cudaError_t igemm_wgmmas(const ConvParams& p, const IgemmGeom& g, int config, cudaStream_t stream,
+                         bool* fits, int* fallback);
+
+// Runs tile configuration `config` (ids in ct3d_igemm.cuh and ct3d_wgmma.cuh): a wgmma
+// configuration whose patch does not fit (or off sm_90) falls back to its box configuration, a
+// box configuration that does not fit to its row tile. Sets *wgmma (when given) to whether the
+// wgmma kernel ran. cudaErrorInvalidValue for an unknown id.
+template <int IN_DT>
+cudaError_t launch_igemm_any(const ConvParams& p, const IgemmGeom& g, int config,
+                             cudaStream_t stream, int* wgmma = nullptr) {
+  if (wgmma != nullptr) *wgmma = 0;
+  if (config >= 19 && config <= 24) {
+    bool fits = false;
+    int fallback = config;
+    const cudaError_t e = igemm_wgmmas<IN_DT>(p, g, config, stream, &fits, &fallback);
+    if (e != cudaSuccess) return e;
+    if (fits) {
+      if (wgmma != nullptr) *wgmma = 1;
+      return e;
+    }
+    config = fallback;
+  }
+  if (config >= 11 && config <= 17) {
+    bool fits = true;
+    const cudaError_t e = igemm_boxes<IN_DT>(p, g, config, stream, &fits);
+    if (fits) return e;
+    constexpr int kBoxFallback[7] = {0, 4, 3, 0, 5, 8, 1};  // row tile of the same K step, BN
+    config = kBoxFallback[config - 11];
+  }
+  if (config >= 0 && config <= 5) return igemm_rows<IN_DT>(p, g, config, stream);
+  if ((config >= 6 && config <= 10) || config == 18) {
+    return igemm_rows_wide<IN_DT>(p, g, config, stream);
+  }
+  if (config == 25 || config == 26) return igemm_wlines<IN_DT>(p, g, config, stream);
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace ct3d

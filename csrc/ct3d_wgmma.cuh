@@ -388,7 +388,7 @@ cudaError_t launch_igemm_wgmma(const ConvParams& p, const IgemmGeom& g, cudaStre
   return cudaGetLastError();
 }
 
-// launch_igemm plus the wgmma configurations (_cuda.py IGEMM_CONFIGS; each falls back to the
+// The wgmma configurations (_cuda.py IGEMM_CONFIGS; each falls back to the
 // mma.sync box configuration of the same K step and BN, in parentheses). Box BD x 8 x 8,
 // warpgroups, BN, K chunk bytes, stages:
 //   19   2 x 8 x 8, 1 warpgroup, BN 64, 64-byte chunks, 4 stages (13)
@@ -397,47 +397,43 @@ cudaError_t launch_igemm_wgmma(const ConvParams& p, const IgemmGeom& g, cudaStre
 //   22   4 x 8 x 8, 2 warpgroups, BN 64, 64-byte chunks, 6 stages (13)
 //   23   4 x 8 x 8, 2 warpgroups, BN 64, 128-byte chunks, 4 stages (11)
 //   24   4 x 8 x 8, 2 warpgroups, BN 128, 64-byte chunks, 4 stages (16)
-// Sets *wgmma (when given) to whether the wgmma kernel ran.
+// *fits false (nothing launched) when the configuration's patch does not fit in shared memory
+// or the device is not sm_90: the caller then runs *fallback (the id in parentheses above;
+// ct3d_launch.h launch_igemm_any).
 template <int IN_DT>
-cudaError_t launch_igemm_any(const ConvParams& p, const IgemmGeom& g, int config,
-                             cudaStream_t stream, int* wgmma = nullptr) {
-  if (wgmma != nullptr) *wgmma = 0;
-  bool fits = false;
-  cudaError_t e = cudaSuccess;
-  int fallback = config;
+cudaError_t igemm_wgmmas(const ConvParams& p, const IgemmGeom& g, int config, cudaStream_t stream,
+                         bool* fits, int* fallback) {
+  bool f = false;
+  cudaError_t e = cudaErrorInvalidValue;
   switch (config) {
     case 19:
-      e = launch_igemm_wgmma<IN_DT, 2, 1, 64, 64, 4, 3>(p, g, stream, fits);
-      fallback = 13;
+      e = launch_igemm_wgmma<IN_DT, 2, 1, 64, 64, 4, 3>(p, g, stream, f);
+      *fallback = 13;
       break;
     case 20:
-      e = launch_igemm_wgmma<IN_DT, 2, 1, 128, 64, 4, 1>(p, g, stream, fits);
-      fallback = 16;
+      e = launch_igemm_wgmma<IN_DT, 2, 1, 128, 64, 4, 1>(p, g, stream, f);
+      *fallback = 16;
       break;
     case 21:
-      e = launch_igemm_wgmma<IN_DT, 2, 1, 64, 128, 4, 2>(p, g, stream, fits);
-      fallback = 11;
+      e = launch_igemm_wgmma<IN_DT, 2, 1, 64, 128, 4, 2>(p, g, stream, f);
+      *fallback = 11;
       break;
     case 22:
-      e = launch_igemm_wgmma<IN_DT, 2, 2, 64, 64, 6, 2>(p, g, stream, fits);
-      fallback = 13;
+      e = launch_igemm_wgmma<IN_DT, 2, 2, 64, 64, 6, 2>(p, g, stream, f);
+      *fallback = 13;
       break;
     case 23:
-      e = launch_igemm_wgmma<IN_DT, 2, 2, 64, 128, 4, 1>(p, g, stream, fits);
-      fallback = 11;
+      e = launch_igemm_wgmma<IN_DT, 2, 2, 64, 128, 4, 1>(p, g, stream, f);
+      *fallback = 11;
       break;
     case 24:
-      e = launch_igemm_wgmma<IN_DT, 2, 2, 128, 64, 4, 1>(p, g, stream, fits);
-      fallback = 16;
+      e = launch_igemm_wgmma<IN_DT, 2, 2, 128, 64, 4, 1>(p, g, stream, f);
+      *fallback = 16;
       break;
-    default: return launch_igemm<IN_DT>(p, g, config, stream);
+    default: break;
   }
-  if (e != cudaSuccess) return e;
-  if (fits) {
-    if (wgmma != nullptr) *wgmma = 1;
-    return e;
-  }
-  return launch_igemm<IN_DT>(p, g, fallback, stream);
+  *fits = f;
+  return e;
 }
 
 }  // namespace ct3d

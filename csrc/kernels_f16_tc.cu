@@ -1,7 +1,8 @@
-// Instantiates the fused kernel for FP16 tensor cores. Includes no torch header.
+// Instantiates the fused kernel for FP16 tensor cores (the strided-input GEMM and the direct
+// kernel) and the channels-last GEMM's dispatch over its configuration families, which
+// kernels_f16_tc_<family>.cu instantiate. Includes no torch header and no family definition
+// (ct3d_igemm.cuh, ct3d_wgmma.cuh): the dispatch must not instantiate them here.
 #include "ct3d_conv.cuh"
-#include "ct3d_igemm.cuh"
-#include "ct3d_wgmma.cuh"
 #include "ct3d_launch.h"
 
 namespace ct3d {
@@ -11,7 +12,7 @@ cudaError_t launch_f16_tc(const ConvParams& p, cudaStream_t stream, int* kernel)
 }
 
 cudaError_t launch_f16_tc_igemm(const ConvParams& p, const IgemmGeom& g, int config,
-                                 cudaStream_t stream, int* wgmma) {
+                                cudaStream_t stream, int* wgmma) {
   return launch_igemm_any<kF16>(p, g, config, stream, wgmma);
 }
 

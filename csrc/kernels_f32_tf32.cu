@@ -1,7 +1,8 @@
-// Instantiates the fused kernel for TF32 tensor cores. Includes no torch header.
+// Instantiates the fused kernel for TF32 tensor cores (the strided-input GEMM and the direct
+// kernel) and the channels-last GEMM's dispatch over its configuration families, which
+// kernels_f32_tf32_<family>.cu instantiate. Includes no torch header and no family definition
+// (ct3d_igemm.cuh, ct3d_wgmma.cuh): the dispatch must not instantiate them here.
 #include "ct3d_conv.cuh"
-#include "ct3d_igemm.cuh"
-#include "ct3d_wgmma.cuh"
 #include "ct3d_launch.h"
 
 namespace ct3d {
@@ -10,10 +11,8 @@ cudaError_t launch_f32_tf32(const ConvParams& p, cudaStream_t stream, int* kerne
   return launch_conv<kF32, kModeTensorCore>(p, stream, kernel);
 }
 
-void igemm_plan(const ConvParams& p, int ck, int bn, IgemmGeom* g) { igemm_geometry(p, ck, bn, *g); }
-
 cudaError_t launch_f32_tf32_igemm(const ConvParams& p, const IgemmGeom& g, int config,
-                                 cudaStream_t stream, int* wgmma) {
+                                  cudaStream_t stream, int* wgmma) {
   return launch_igemm_any<kF32>(p, g, config, stream, wgmma);
 }
 

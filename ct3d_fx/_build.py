@@ -30,9 +30,14 @@ __all__ = ["load", "available", "why_not", "implementation_name"]
 
 _DISABLE_ENV = "CT3D_FX_DISABLE_CUDA"
 _SOURCE_SUFFIXES = (".cu", ".cuh", ".cpp", ".h")
-# Compiled by the extension (headers are hashed too, not listed as sources).
-_SOURCES = ("binding.cpp", "kernels_f32_ffma.cu", "kernels_f32_tf32.cu", "kernels_f16_tc.cu",
-            "kernels_bf16_tc.cu")
+# Compiled by the extension (headers are hashed too, not listed as sources). One translation
+# unit per precision for the strided-input GEMM and the direct kernel, and one per precision and
+# configuration family of the channels-last GEMM (csrc/ct3d_launch.h): ninja compiles them in
+# parallel, and the longest one (a family, not a whole precision) sets the first-use build time.
+_IGEMM_FAMILIES = ("rows", "rows_wide", "box", "wline", "wgmma")
+_SOURCES = ("binding.cpp", "kernels_f32_ffma.cu") + tuple(
+    f"kernels_{dt}{part}.cu" for dt in ("f32_tf32", "f16_tc", "bf16_tc")
+    for part in ("", *(f"_{f}" for f in _IGEMM_FAMILIES)))
 
 _lock = threading.Lock()
 _state = {"tried": False, "module": None, "reason": None}

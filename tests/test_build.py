@@ -184,6 +184,9 @@ def test_sources_are_found_and_hashed(tmp_path):
     files = _build._source_files(csrc)
     names = {f.name for f in files}
     assert set(_build._SOURCES) <= names
+    # every kernel translation unit in csrc/ is compiled (a new one cannot be forgotten)
+    assert {n for n in names if n.startswith("kernels_") and n.endswith(".cu")} <= set(
+        _build._SOURCES)
     assert {"ct3d_conv.cuh", "ct3d_epilogue.cuh", "ct3d_params.h"} <= names
     # the name changes with any source's content, and with the toolchain key
     for f in files:

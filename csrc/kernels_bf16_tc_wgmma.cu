@@ -1,0 +1,12 @@
+// The channels-last implicit GEMM's sm_90a wgmma tiles (19-24) for BF16 tensor cores: one
+// configuration family per translation unit, so the extension's build compiles them in parallel
+// (ct3d_launch.h). Includes no torch header.
+#include "ct3d_wgmma.cuh"
+#include "ct3d_launch.h"
+
+namespace ct3d {
+
+template cudaError_t igemm_wgmmas<kBF16>(const ConvParams&, const IgemmGeom&, int,
+                                          cudaStream_t, bool*, int*);
+
+}  // namespace ct3d

@@ -1,0 +1,12 @@
+// The channels-last implicit GEMM's box tiles (11-17) for TF32 tensor cores: one configuration
+// family per translation unit, so the extension's build compiles them in parallel (ct3d_launch.h).
+// Includes no torch header.
+#include "ct3d_igemm.cuh"
+#include "ct3d_launch.h"
+
+namespace ct3d {
+
+template cudaError_t igemm_boxes<kF32>(const ConvParams&, const IgemmGeom&, int,
+                                          cudaStream_t, bool*);
+
+}  // namespace ct3d
