@@ -21,7 +21,7 @@ cudaError_t launch_bf16_tc(const ConvParams& p, cudaStream_t stream, int* kernel
 // The channels-last implicit GEMM (ct3d_igemm.cuh; groups == 1, tensor cores): packs x into
 // g.xp (scratch the caller allocated, N*Dp*Hp*Wp*Cp elements) and runs the GEMM with the packed
 // weight g.wp; config = tile configuration id (launch_igemm_any below); sets
-// *wgmma to whether the sm_90a wgmma kernel ran (configurations 19-22 on a compute capability
+// *wgmma to whether the sm_90a wgmma kernel ran (configurations 19-24 on a compute capability
 // 9.0 device; elsewhere they fall back to the mma.sync box tiles).
 // igemm_plan fills g's extents for K steps of ck channels and tiles of bn channels.
 void igemm_plan(const ConvParams& p, int ck, int bn, IgemmGeom* g);
@@ -31,7 +31,6 @@ cudaError_t launch_f16_tc_igemm(const ConvParams& p, const IgemmGeom& g, int con
                                 cudaStream_t stream, int* wgmma);
 cudaError_t launch_bf16_tc_igemm(const ConvParams& p, const IgemmGeom& g, int config,
                                  cudaStream_t stream, int* wgmma);
-
 
 // The channels-last GEMM's configuration families (ct3d_igemm.cuh, ct3d_wgmma.cuh), each
 // explicitly instantiated per input dtype in its own translation unit

@@ -29,7 +29,7 @@
 #   suite     the whole pytest suite (GPU and CPU tests); LOGDIR/suite.log
 #   results   the committed benchmark, float32 with TF32 (torch.compile, float64 reference,
 #             both example networks); LOGDIR/h200.json (CT3D_RESULTS_ENV: extra environment,
-#             e.g. CT3D_FX_CUDNN_CHANNELS_LAST=1; CT3D_RESULTS_BUDGET_S, default 420)
+#             e.g. CT3D_FX_CUDNN_CHANNELS_LAST=0; CT3D_RESULTS_BUDGET_S, default 420)
 #   results_low  the same for bf16 and exact FP32 (no torch.compile); LOGDIR/h200_bf16.json,
 #             LOGDIR/h200_fp32_exact.json
 #   pack      the built extension library as ext.tgz in CT3D_PACK_DIR (default LOGDIR), to

@@ -7,6 +7,7 @@ choose must reach a family. Needs g++ and CUDA's include folder; skips without t
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -89,7 +90,6 @@ def test_every_python_configuration_reaches_a_kernel(dispatch_lines):
 
 def _cases(text, function):
     """The ids of ``case N:`` inside the body of the template ``function``."""
-    import re
     start = text.index(f"cudaError_t {function}(")
     body = text[start:text.index("\n}\n", start)]
     return body, [int(c) for c in re.findall(r"case (\d+):", body)]
@@ -98,7 +98,6 @@ def _cases(text, function):
 def test_the_stand_ins_follow_the_kernel_headers():
     """The families' id ranges and the wgmma fallbacks that the stand-ins and _expected assume
     are the ones the kernel headers define."""
-    import re
     igemm = (ROOT / "csrc/ct3d_igemm.cuh").read_text()
     wgmma = (ROOT / "csrc/ct3d_wgmma.cuh").read_text()
     for function in ("igemm_rows", "igemm_rows_wide", "igemm_boxes", "igemm_wlines"):
