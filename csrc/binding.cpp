@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -335,6 +336,60 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
   return wgmma ? 3 : 2;
 }
 
+// x: contiguous (N, C, *spatial) float32/float16/bfloat16 with N * C > 0; out: contiguous, x's
+// shape, dtype x's or float32; weight: contiguous float32 (C,) or None. Softmax (log_softmax
+// when `log`) over the spatial positions of each (n, c), times weight[c]: see
+// csrc/kernels_spatial_softmax.cu. Returns the number of chunks each row was split into.
+int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
+                        const c10::optional<at::Tensor>& weight, bool log) {
+  const at::Device dev = x.device();
+  check_cuda_on(x, dev, "input");
+  check_cuda_on(out, dev, "output");
+  TORCH_CHECK(x.dim() >= 2 && x.is_contiguous() && out.is_contiguous() &&
+                  out.sizes() == x.sizes(),
+              "ct3d: spatial_softmax needs contiguous input and output of the same shape, got ",
+              x.sizes(), " and ", out.sizes());
+  const c10::cuda::CUDAGuard guard(dev);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  ct3d::SpatialSoftmaxParams p{};
+  p.C = static_cast<int32_t>(x.size(1));
+  p.rows = x.size(0) * x.size(1);
+  p.L = p.rows == 0 ? 0 : x.numel() / p.rows;
+  p.in_dtype = dtype_code(x.scalar_type(), "input");
+  p.out_dtype = dtype_code(out.scalar_type(), "output");
+  if (weight.has_value()) {
+    check_cuda_on(*weight, dev, "weight");
+    TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->is_contiguous() &&
+                    weight->numel() == p.C,
+                "ct3d: spatial_softmax weight must be contiguous float32 with ", p.C,
+                " elements, got ", weight->scalar_type(), " with ", weight->numel());
+    p.weight = weight->data_ptr<float>();
+  }
+  p.log = log ? 1 : 0;
+  if (p.rows == 0 || p.L == 0) return 0;
+  const int vec = ct3d::spatial_softmax_vec(p.in_dtype);
+  const int64_t in_bytes = static_cast<int64_t>(x.element_size());
+  p.vec = (p.L % vec == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+           reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0) ? 1 : 0;
+  // about 32 KB of input per CTA (8 vectors of 16 bytes per thread), at most 4096 chunks a row
+  const int64_t target = 8 * 256 * (16 / in_bytes);
+  int64_t chunks = std::min<int64_t>((p.L + target - 1) / target, 4096);
+  int64_t chunk = (p.L + chunks - 1) / chunks;
+  chunk = (chunk + vec - 1) / vec * vec;
+  chunks = (p.L + chunk - 1) / chunk;
+  p.chunk = chunk;
+  p.chunks = static_cast<int32_t>(chunks);
+  at::Tensor partial = at::empty({p.rows * chunks * 2}, x.options().dtype(at::kFloat));
+  p.partial = partial.data_ptr<float>();
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  const cudaError_t err = ct3d::launch_spatial_softmax(p, stream);
+  TORCH_CHECK(err == cudaSuccess, "ct3d: spatial_softmax launch failed: ",
+              cudaGetErrorString(err), " (input ", x.scalar_type(), ", output ",
+              out.scalar_type(), ")");
+  return chunks;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -348,6 +403,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("slots"), py::arg("slot_strides"), py::arg("prog_i"), py::arg("prog_f"),
         py::arg("regs"), py::arg("conv"), py::arg("wpk"), py::arg("ck"), py::arg("bn"),
         py::arg("config"), py::arg("bm") = 128, py::arg("splits") = 1);
+  m.def("spatial_softmax", &spatial_softmax, "Softmax over the spatial positions of each (n, c) "
+        "row, times a per-channel weight (see csrc/binding.cpp)", py::arg("x"), py::arg("out"),
+        py::arg("weight"), py::arg("log"));
   m.attr("MAX_INSTR") = ct3d::kMaxInstr;
   m.attr("MAX_SLOTS") = ct3d::kMaxSlots;
   m.attr("MAX_REGS") = ct3d::kMaxRegs;

@@ -85,4 +85,10 @@ cudaError_t launch_igemm_any(const ConvParams& p, const IgemmGeom& g, int config
   return cudaErrorInvalidValue;
 }
 
+// The spatial softmax (csrc/kernels_spatial_softmax.cu): two kernels on `stream` (the rows' partial
+// max and sum, then the normalized output); cudaErrorInvalidValue for an unsupported dtype pair.
+// spatial_softmax_vec: the elements of a 16-byte vector of input dtype `in_dtype`.
+cudaError_t launch_spatial_softmax(const SpatialSoftmaxParams& p, cudaStream_t stream);
+int spatial_softmax_vec(int in_dtype);
+
 }  // namespace ct3d

@@ -187,4 +187,19 @@ struct IgemmGeom {
   int32_t* counters;
 };
 
+// The spatial softmax (csrc/kernels_spatial_softmax.cu): `rows` = N * C rows of L = D * H * W
+// contiguous elements each (an NCDHW tensor), split into `chunks` chunks of `chunk` elements
+// (a multiple of the vector width when `vec`); `partial` holds rows * chunks (max, sum) pairs.
+struct SpatialSoftmaxParams {
+  const void* x;
+  void* out;
+  const float* weight;  // C per-channel factors (float32, contiguous) or nullptr
+  float* partial;  // rows * chunks * 2 floats
+  int64_t rows, L, chunk;
+  int32_t chunks, C;
+  int32_t in_dtype, out_dtype;  // DType: (f32, f32), (f16|bf16, same or f32)
+  int32_t log;                  // 1: log_softmax
+  int32_t vec;                  // 1: 16-byte loads (L % vec width == 0, 16-byte aligned rows)
+};
+
 }  // namespace ct3d

@@ -755,7 +755,9 @@ def _measure(case: Case, opts, ceilings: dict, device: torch.device, log) -> dic
                 row["note"] = "optimized per submodule, in place (the model did not trace whole)"
             sites = opt.ct3d_report.to_dict()["sites"]
             row["sites"] = sites
-            row["fused"] = [list(s.get("chain", [])) for s in sites if s.get("status") == "fused"]
+            row["fused"] = [list(s.get("chain", [])) + (["+ spatial_softmax"] if s.get("then")
+                                                        else [])
+                            for s in sites if s.get("status") == "fused"]
             row["implementations"] = sorted({str(s.get("implementation")) for s in sites
                                              if s.get("status") == "fused"})
             with _CaptureFused() as cap:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -20,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _cuda, patterns
+from . import spatial_softmax as _spatial
 from .config import Config, VerificationError
 from .ops import INSTR_WIDTH, Opcode
 from .report import RewriteReport, SiteRecord
@@ -634,7 +636,7 @@ def _mode_modules(m: Match, modules) -> List[nn.Module]:
 
 
 def _rewrite(gm: fx.GraphModule, m: Match, e: _Emitter, site_name: str, fqn: str,
-             sites: nn.Module) -> None:
+             sites: nn.Module) -> fx.Node:
     g = gm.graph
     modules = _modules(gm)
     sink = m.sink
@@ -657,6 +659,183 @@ def _rewrite(gm: fx.GraphModule, m: Match, e: _Emitter, site_name: str, fqn: str
     node.meta.update({k: v for k, v in sink.meta.items() if k in ("tensor_meta", "val")})
     sink.replace_all_uses_with(node)
     for n in reversed(m.nodes):
+        g.erase_node(n)
+    return node
+
+
+# --------------------------------------------------------------------------------------------
+# Spatial softmax after a site: view(n, c, -1) -> softmax(dim=2) -> view back [-> mul by weight]
+# --------------------------------------------------------------------------------------------
+_SOFTMAX_FNS = {F.softmax: False, torch.softmax: False, F.log_softmax: True,
+                torch.log_softmax: True}
+
+
+@dataclass
+class SpatialTail:
+    """The nodes of a spatial softmax on a site's output, replaced by one
+    ``ct3d::spatial_softmax`` call (``nodes[-1]``'s users read its result)."""
+
+    nodes: List[fx.Node]
+    log: bool
+    weight: Optional[fx.Node]
+    desc: str
+
+
+def _size_ref(n, y: fx.Node):
+    """"all" when ``n`` is ``y.shape`` / ``y.size()``, i when it is ``y.shape[i]`` /
+    ``y.size(i)``, else None."""
+    if not isinstance(n, fx.Node):
+        return None
+    if (n.op == "call_function" and n.target is getattr and len(n.args) == 2
+            and n.args[0] is y and n.args[1] == "shape"):
+        return "all"
+    if n.op == "call_method" and n.target == "size" and n.args and n.args[0] is y:
+        if len(n.args) == 1 and not n.kwargs:
+            return "all"
+        d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        return d if isinstance(d, int) and not isinstance(d, bool) else None
+    if (n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2
+            and _size_ref(n.args[0], y) == "all" and isinstance(n.args[1], int)
+            and not isinstance(n.args[1], bool)):
+        return n.args[1]
+    return None
+
+
+def _shape_args(n: fx.Node) -> Optional[tuple]:
+    """The target shape of ``view``/``reshape`` (method or ``torch.reshape``) as a tuple whose
+    items are ints or nodes (a single shape node stays one item), else None."""
+    if n.kwargs:
+        return None
+    if n.op == "call_method" and n.target in ("view", "reshape"):
+        dims = n.args[1:]
+    elif n.op == "call_function" and n.target is torch.reshape and len(n.args) == 2:
+        dims = n.args[1:]
+    else:
+        return None
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    return tuple(dims)
+
+
+def _flattens_spatial(v: fx.Node, y: fx.Node) -> bool:
+    """``v`` is ``y.view(y.shape[0], y.shape[1], -1)`` (or reshape, flatten(2))."""
+    if not v.args or v.args[0] is not y:
+        return False
+    if (v.op == "call_method" and v.target == "flatten") or (
+            v.op == "call_function" and v.target is torch.flatten):
+        def sig(input, start_dim=0, end_dim=-1):
+            return start_dim, end_dim
+        try:
+            return sig(*v.args, **v.kwargs) == (2, -1)
+        except TypeError:
+            return False
+    dims = _shape_args(v)
+    return (dims is not None and len(dims) == 3 and _size_ref(dims[0], y) == 0
+            and _size_ref(dims[1], y) == 1 and dims[2] == -1 and dims[0] is not dims[1])
+
+
+def _softmax_over_last(s: fx.Node, v: fx.Node, modules) -> Optional[bool]:
+    """log (True/False) when ``s`` is softmax / log_softmax of ``v`` over dim 2 (or -1) with no
+    dtype, else None."""
+    if s.op == "call_module":
+        m = modules.get(s.target)
+        if type(m) not in (nn.Softmax, nn.LogSoftmax) or len(s.args) != 1 or s.kwargs:
+            return None
+        ok = s.args[0] is v and m.dim in (2, -1)
+        return isinstance(m, nn.LogSoftmax) if ok else None
+    if s.op == "call_function" and s.target in _SOFTMAX_FNS:
+        log = _SOFTMAX_FNS[s.target]
+    elif s.op == "call_method" and s.target in ("softmax", "log_softmax"):
+        log = s.target == "log_softmax"
+    else:
+        return None
+    if len(s.args) > 2:
+        return None
+
+    def sig(input, dim=None, _stacklevel=3, dtype=None):
+        return input, dim, dtype
+    try:
+        inp, dim, dtype = sig(*s.args, **s.kwargs)
+    except TypeError:
+        return None
+    return log if inp is v and dim in (2, -1) and dtype is None else None
+
+
+def _restores_shape(b: fx.Node, s: fx.Node, y: fx.Node) -> bool:
+    """``b`` is ``s.view(y.shape)`` (reshape, view_as(y), or the 5 sizes of y one by one)."""
+    if not b.args or b.args[0] is not s:
+        return False
+    if b.op == "call_method" and b.target in ("view_as", "reshape_as"):
+        return len(b.args) == 2 and b.args[1] is y and not b.kwargs
+    dims = _shape_args(b)
+    if dims is None:
+        return False
+    if len(dims) == 1:
+        return _size_ref(dims[0], y) == "all"
+    return len(dims) == 5 and all(_size_ref(d, y) == i for i, d in enumerate(dims))
+
+
+def _is_mul_by(u: fx.Node, b: fx.Node, pcache) -> Optional[fx.Node]:
+    """The other operand when ``u`` is ``b * w`` (or ``w * b``) with ``w`` computed from
+    parameters and buffers alone, else None."""
+    if u.kwargs or len(u.args) != 2:
+        return None
+    if not ((u.op == "call_function" and u.target in (operator.mul, torch.mul)) or
+            (u.op == "call_method" and u.target == "mul")):
+        return None
+    a, w = u.args
+    if a is not b:
+        if u.op == "call_method":
+            return None
+        a, w = w, a
+    if a is not b or not isinstance(w, fx.Node) or w is b:
+        return None
+    return w if _param_derived(w, pcache) else None
+
+
+def match_spatial_tail(y: fx.Node, modules, config: Config) -> Optional[SpatialTail]:
+    """The spatial softmax that reads ``y`` (a site's result), or None."""
+    if "spatial_softmax" not in config.families:
+        return None
+    for v in list(y.users):
+        if len(v.users) != 1 or not _flattens_spatial(v, y):
+            continue
+        s = next(iter(v.users))
+        log = _softmax_over_last(s, v, modules)
+        if log is None or len(s.users) != 1:
+            continue
+        b = next(iter(s.users))
+        if not _restores_shape(b, s, y):
+            continue
+        name = "log_softmax" if log else "softmax"
+        nodes, weight = [v, s, b], None
+        desc = f"view(n, c, -1) -> {name}(dim=2) -> view"
+        if len(b.users) == 1:
+            u = next(iter(b.users))
+            weight = _is_mul_by(u, b, {})
+            if weight is not None:
+                nodes.append(u)
+                desc += f" -> mul({weight.name})"
+        return SpatialTail(nodes, log, weight, desc)
+    return None
+
+
+def _spatial_softmax_call(input, log, weight):
+    """What the rewritten graph calls: ``ct3d::spatial_softmax``, through the dispatcher only
+    when autograd, tracing or a mode needs it (see ``_direct_call_ok``)."""
+    if _direct_call_ok(input, input, weight, ()):
+        return _spatial.run(input, log, weight)
+    return torch.ops.ct3d.spatial_softmax(input, log, weight)
+
+
+def _rewrite_tail(gm: fx.GraphModule, y: fx.Node, tail: SpatialTail) -> None:
+    g = gm.graph
+    last = tail.nodes[-1]
+    with g.inserting_before(last):
+        node = g.call_function(_spatial_softmax_call, (y, tail.log, tail.weight))
+    node.meta.update({k: v for k, v in last.meta.items() if k in ("tensor_meta", "val")})
+    last.replace_all_uses_with(node)
+    for n in reversed(tail.nodes):
         g.erase_node(n)
 
 
@@ -847,12 +1026,17 @@ def _process(model: nn.Module, inputs, config: Config, prefix: str, rewrite: boo
             continue
         rec.program = e.program
         rec.scalars = e.scalars
+        tail = match_spatial_tail(m.sink, modules, config)
+        if tail is not None:
+            rec.then = f"{tail.desc}: ct3d spatial_softmax kernel"
         if rewrite:
             name = fqn.replace(".", "_") or f"site{i}"
             while name in used:
                 name += "_"
             used.add(name)
-            _rewrite(gm, m, e, name, full, sites)
+            node = _rewrite(gm, m, e, name, full, sites)
+            if tail is not None:
+                _rewrite_tail(gm, node, tail)
     if not rewrite:
         return gm
     return _finish(gm, model, sites)

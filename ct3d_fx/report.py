@@ -30,6 +30,7 @@ class SiteRecord:
     output_shape: Optional[List[int]] = None
     dtype: Optional[str] = None
     ops_fused: int = 0
+    then: Optional[str] = None      # what runs on the result next (the spatial softmax kernel)
     program: List[int] = field(default_factory=list, repr=False)
     scalars: List[float] = field(default_factory=list, repr=False)
 
@@ -73,6 +74,8 @@ class RewriteReport:
         rows = []
         for s in self.sites:
             note = s.reason if s.status != "fused" else (f"stopped: {s.stop}" if s.stop else "")
+            if s.status == "fused" and s.then:
+                note = f"{note}; then {s.then}" if note else f"then {s.then}"
             rows.append([s.fqn, " -> ".join(s.chain), _shape(s.input_shape),
                          _shape(s.output_shape), s.dtype.replace("torch.", "") if s.dtype else "-",
                          s.status, s.implementation, note])

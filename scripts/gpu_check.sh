@@ -32,6 +32,8 @@
 #             e.g. CT3D_FX_CUDNN_CHANNELS_LAST=0; CT3D_RESULTS_BUDGET_S, default 420)
 #   results_low  the same for bf16 and exact FP32 (no torch.compile); LOGDIR/h200_bf16.json,
 #             LOGDIR/h200_fp32_exact.json
+#   spatial   tests/test_spatial_softmax.py, memcheck over its kernel tests, the kernel's time
+#             against eager softmax + mul, and l2_38 through the runner; LOGDIR/l2_38.json
 #   pack      the built extension library as ext.tgz in CT3D_PACK_DIR (default LOGDIR), to
 #             carry into the next call: unpack it into a carried folder and point
 #             TORCH_EXTENSIONS_DIR there (_build imports a library it finds as is)
@@ -276,6 +278,32 @@ step_results_low() {  # bf16 and exact FP32 (no torch.compile, no float64 refere
     --budget-s 120 --json "$LOG/h200_fp32_exact.json"
 }
 
+step_spatial() {  # the spatial softmax kernel: its tests, memcheck, timing, and l2_38 end to end
+  "$PY" -m pytest -p no:cacheprovider -q -rfE tests/test_spatial_softmax.py || return 1
+  compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+    --report-api-errors no "$PY" -m pytest -p no:cacheprovider -q tests/test_spatial_softmax.py \
+    -k "kernel_matches and not f16 and (none or channel)" || return 3
+  "$PY" - <<'EOF2'
+import torch
+from triton.testing import do_bench
+import ct3d_fx  # noqa: F401
+from ct3d_fx import spatial_softmax as ss
+OP = torch.ops.ct3d.spatial_softmax.default
+for shape, dt in [((32, 64, 32, 64, 64), torch.float32), ((32, 64, 32, 64, 64), torch.bfloat16),
+                  ((8, 32, 16, 32, 32), torch.float32)]:
+    x = torch.randn(shape, device="cuda", dtype=dt)
+    w = torch.randn(1, shape[1], 1, 1, 1, device="cuda", dtype=dt)
+    def eager():
+        return torch.softmax(x.view(shape[0], shape[1], -1), dim=2).view(shape) * w
+    ms_k = do_bench(lambda: ss.run(x, False, w), warmup=25, rep=200, return_mode="median")
+    ms_e = do_bench(eager, warmup=25, rep=200, return_mode="median")
+    gb = 3 * x.numel() * x.element_size() / 1e9
+    print(f"spatial softmax {tuple(shape)} {dt}: kernel {ms_k:.3f} ms ({gb / ms_k:.2f} TB/s for "
+          f"2 reads + 1 write), eager softmax + mul {ms_e:.3f} ms, {ms_e / ms_k:.2f}x")
+EOF2
+  "$PY" -m ct3d_fx.bench --only '^l2_38$' --json "$LOG/l2_38.json"
+}
+
 step_pack() {
   local dest=${CT3D_PACK_DIR:-$LOG}/ext.tgz
   (cd "$TORCH_EXTENSIONS_DIR" && tar -czf "$dest" ./*/*.so) && ls -la "$dest"
@@ -303,6 +331,7 @@ for s in $STEPS; do
     results) run_step results $(( ${CT3D_RESULTS_BUDGET_S:-420} + 150 )) ;;
     results_low) run_step results_low 420 ;;
     pack) run_step pack 60 ;;
+    spatial) run_step spatial 300 ;;
     *) echo "unknown step $s"; FAILED=1 ;;
   esac
 done

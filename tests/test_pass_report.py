@@ -33,7 +33,7 @@ def optimized(dtype=torch.float64):
 
 
 SITE_KEYS = {"fqn", "kind", "chain", "status", "implementation", "stop", "reason",
-             "input_shape", "output_shape", "dtype", "ops_fused"}
+             "input_shape", "output_shape", "dtype", "ops_fused", "then"}
 
 
 def test_report_rows():

@@ -1,0 +1,247 @@
+// Softmax (or log_softmax) over the spatial positions of each (n, c) row of a contiguous NCDHW
+// tensor, times an optional per-channel weight: out[r, i] = exp(x[r, i] - M_r) / S_r * w[c] with
+// r = n * C + c, M_r the row maximum and S_r the sum of exp(x - M_r) over the row's L
+// positions (D * H * W). log_softmax: (x - M_r - log S_r) * w[c]. Includes no torch header.
+//
+// Two kernels, 2 reads and 1 write of the tensor (the floor for a softmax whose row does not
+// fit on chip; PyTorch's softmax reads it 3 times and the weight's mul is a fourth pass):
+//   1. spatial_softmax_stats: each CTA takes one chunk of one row and writes the chunk's
+//      (max, sum of exp(x - max)) to partial[r * chunks + chunk];
+//   2. spatial_softmax_apply: each CTA combines the `chunks` partials of its row (the same
+//      order in every CTA of the row, so they agree bit for bit) and writes its chunk.
+// Rows are split into chunks so that rows x chunks CTAs fill the machine whatever the batch.
+// Loads and stores are 16-byte vectors when the row length and the pointers allow it.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "ct3d_launch.h"
+#include "ct3d_params.h"
+
+namespace ct3d {
+namespace {
+
+constexpr int kSmThreads = 256;
+constexpr int kUnroll = 4;  // 16-byte vectors per thread in flight
+
+template <typename T>
+__device__ __forceinline__ float to_f(T v);
+template <>
+__device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// VEC consecutive elements as floats, from one 16-byte load when `vec` (aligned), else one by one.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* p, float (&v)[VEC]) {
+  static_assert(sizeof(T) * VEC == 16, "one 16-byte vector");
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) v[j] = to_f<T>(e[j]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* p, const float (&v)[VEC]) {
+  // VEC * sizeof(T) is 16 or 32 bytes (the output is at least as wide as the input)
+  constexpr int kPer = 16 / sizeof(T);
+  static_assert(VEC % kPer == 0, "whole 16-byte vectors");
+#pragma unroll
+  for (int q = 0; q < VEC / kPer; ++q) {
+    uint4 u;
+    T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) e[j] = from_f<T>(v[q * kPer + j]);
+    *reinterpret_cast<uint4*>(p + q * kPer) = u;
+  }
+}
+
+// (m, s) <- the pair for the union of the elements of (m, s) and (m2, s2). -inf max: no finite
+// element yet (s == 0, or NaN). A NaN element makes s NaN (exp(NaN - m)), and the row's output
+// NaN, as in PyTorch's softmax; exp(-inf - finite) = 0 keeps an empty side out of the sum.
+__device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
+  const float mn = fmaxf(m, m2);
+  if (mn == -INFINITY) {  // both sides empty (exp(-inf - -inf) would be NaN)
+    s += s2;
+    return;
+  }
+  s = s * expf(m - mn) + s2 * expf(m2 - mn);
+  m = mn;
+}
+
+// Adds VEC values to the running (m, s): one rescale per vector, one exp per element.
+template <int VEC>
+__device__ __forceinline__ void accumulate(float& m, float& s, const float (&v)[VEC]) {
+  float bm = v[0];
+#pragma unroll
+  for (int j = 1; j < VEC; ++j) bm = fmaxf(bm, v[j]);
+  const float mn = fmaxf(m, bm);
+  if (mn == -INFINITY) {  // every value so far is -inf; a NaN element still poisons s
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) s += (v[j] != v[j]) ? v[j] : 0.f;
+    return;
+  }
+  float add = 0.f;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) add += expf(v[j] - mn);
+  s = s * expf(m - mn) + add;
+  m = mn;
+}
+
+// The block's combined (m, s), in every thread. Fixed reduction order: deterministic.
+__device__ __forceinline__ void block_combine(float& m, float& s) {
+  __shared__ float sm_m[kSmThreads / 32], sm_s[kSmThreads / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+    const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    combine(m, s, m2, s2);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // a previous call's readers are done
+  if (lane == 0) {
+    sm_m[warp] = m;
+    sm_s[warp] = s;
+  }
+  __syncthreads();
+  m = sm_m[0];
+  s = sm_s[0];
+#pragma unroll
+  for (int w = 1; w < kSmThreads / 32; ++w) combine(m, s, sm_m[w], sm_s[w]);
+}
+
+template <typename TI, int VEC>
+__global__ void __launch_bounds__(kSmThreads)
+    spatial_softmax_stats(const TI* __restrict__ x, float2* __restrict__ partial, int64_t L,
+                          int64_t chunk, int chunks, bool vec) {
+  const int64_t row = blockIdx.x / chunks;
+  const int ck = static_cast<int>(blockIdx.x % chunks);
+  const int64_t lo = ck * chunk;
+  const int64_t hi = lo + chunk < L ? lo + chunk : L;
+  const TI* xr = x + row * L;
+  float m = -INFINITY, s = 0.f;
+  if (vec) {  // lo, hi, L multiples of VEC, row start 16-byte aligned
+    constexpr int64_t kStep = static_cast<int64_t>(kSmThreads) * VEC;
+    for (int64_t i = lo + static_cast<int64_t>(threadIdx.x) * VEC; i < hi; i += kUnroll * kStep) {
+      float v[kUnroll][VEC];  // kUnroll loads in flight before the first exp
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i + u * kStep < hi) load_vec<TI, VEC>(xr + i + u * kStep, v[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i + u * kStep < hi) accumulate<VEC>(m, s, v[u]);
+      }
+    }
+  } else {
+    for (int64_t i = lo + threadIdx.x; i < hi; i += kSmThreads) {
+      float v[1] = {to_f<TI>(xr[i])};
+      accumulate<1>(m, s, v);
+    }
+  }
+  block_combine(m, s);
+  if (threadIdx.x == 0) partial[row * chunks + ck] = make_float2(m, s);
+}
+
+template <typename TI, typename TO, int VEC>
+__global__ void __launch_bounds__(kSmThreads)
+    spatial_softmax_apply(const TI* __restrict__ x, TO* __restrict__ out,
+                          const float2* __restrict__ partial, const float* __restrict__ weight,
+                          int64_t L, int64_t chunk, int chunks, int C, bool log, bool vec) {
+  const int64_t row = blockIdx.x / chunks;
+  const int ck = static_cast<int>(blockIdx.x % chunks);
+  float m = -INFINITY, s = 0.f;
+  for (int i = threadIdx.x; i < chunks; i += kSmThreads) {
+    const float2 p = partial[row * chunks + i];
+    combine(m, s, p.x, p.y);
+  }
+  block_combine(m, s);
+  const float w = weight != nullptr ? weight[row % C] : 1.f;
+  // softmax: exp(x - m) * (w / s); log_softmax: (x - (m + log s)) * w
+  const float a = log ? m + logf(s) : m;
+  const float k = log ? w : w / s;
+  const int64_t lo = ck * chunk;
+  const int64_t hi = lo + chunk < L ? lo + chunk : L;
+  const TI* xr = x + row * L;
+  TO* orow = out + row * L;
+  if (vec) {
+    constexpr int64_t kStep = static_cast<int64_t>(kSmThreads) * VEC;
+    for (int64_t i = lo + static_cast<int64_t>(threadIdx.x) * VEC; i < hi; i += kUnroll * kStep) {
+      float v[kUnroll][VEC];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i + u * kStep < hi) load_vec<TI, VEC>(xr + i + u * kStep, v[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i + u * kStep < hi) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            v[u][j] = log ? (v[u][j] - a) * k : expf(v[u][j] - a) * k;
+          }
+          store_vec<TO, VEC>(orow + i + u * kStep, v[u]);
+        }
+      }
+    }
+  } else {
+    for (int64_t i = lo + threadIdx.x; i < hi; i += kSmThreads) {
+      const float v = to_f<TI>(xr[i]);
+      orow[i] = from_f<TO>(log ? (v - a) * k : expf(v - a) * k);
+    }
+  }
+}
+
+template <typename TI, typename TO>
+cudaError_t launch_typed(const SpatialSoftmaxParams& p, cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(TI);
+  const dim3 grid(static_cast<unsigned>(p.rows * p.chunks));
+  const TI* x = static_cast<const TI*>(p.x);
+  float2* partial = reinterpret_cast<float2*>(p.partial);  // 8-byte aligned (cudaMalloc)
+  spatial_softmax_stats<TI, VEC><<<grid, kSmThreads, 0, stream>>>(x, partial, p.L, p.chunk,
+                                                                  p.chunks, p.vec != 0);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  spatial_softmax_apply<TI, TO, VEC><<<grid, kSmThreads, 0, stream>>>(
+      x, static_cast<TO*>(p.out), partial, p.weight, p.L, p.chunk, p.chunks, p.C, p.log != 0,
+      p.vec != 0);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int spatial_softmax_vec(int in_dtype) { return in_dtype == kF32 ? 4 : 8; }
+
+cudaError_t launch_spatial_softmax(const SpatialSoftmaxParams& p, cudaStream_t stream) {
+  if (p.rows <= 0 || p.L <= 0) return cudaSuccess;
+  if (p.rows * p.chunks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  if (p.in_dtype == kF32 && p.out_dtype == kF32) return launch_typed<float, float>(p, stream);
+  if (p.in_dtype == kF16 && p.out_dtype == kF16) return launch_typed<__half, __half>(p, stream);
+  if (p.in_dtype == kF16 && p.out_dtype == kF32) return launch_typed<__half, float>(p, stream);
+  if (p.in_dtype == kBF16 && p.out_dtype == kBF16) {
+    return launch_typed<__nv_bfloat16, __nv_bfloat16>(p, stream);
+  }
+  if (p.in_dtype == kBF16 && p.out_dtype == kF32) {
+    return launch_typed<__nv_bfloat16, float>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace ct3d
