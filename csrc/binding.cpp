@@ -339,9 +339,12 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
 // x: contiguous (N, C, *spatial) float32/float16/bfloat16 with N * C > 0; out: contiguous, x's
 // shape, dtype x's or float32; weight: contiguous float32 (C,) or None. Softmax (log_softmax
 // when `log`) over the spatial positions of each (n, c), times weight[c]: see
-// csrc/kernels_spatial_softmax.cu. Returns the number of chunks each row was split into.
+// csrc/kernels_spatial_softmax.cu. max_cluster (0-8): the largest cluster of the one-read kernel
+// (compute capability 9.0 and up, 16-byte vectors, rows of at most max_cluster CTAs' worth); 0
+// always runs the two kernels. Returns -(cluster size) when the one-read kernel ran, else the
+// number of chunks each row was split into (0 for an empty tensor).
 int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
-                        const c10::optional<at::Tensor>& weight, bool log) {
+                        const c10::optional<at::Tensor>& weight, bool log, int64_t max_cluster) {
   const at::Device dev = x.device();
   check_cuda_on(x, dev, "input");
   check_cuda_on(out, dev, "output");
@@ -371,6 +374,25 @@ int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
   const int64_t in_bytes = static_cast<int64_t>(x.element_size());
   p.vec = (p.L % vec == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
            reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0) ? 1 : 0;
+  TORCH_CHECK(max_cluster >= 0 && max_cluster <= 8, "ct3d: spatial_softmax max_cluster must be "
+              "in [0, 8], got ", max_cluster);
+  int cc_major = 0;
+  if (p.vec && max_cluster > 0 &&
+      cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev.index()) ==
+          cudaSuccess &&
+      cc_major >= 9) {
+    const int64_t per_cta = ct3d::spatial_softmax_onchip_elems(p.in_dtype);
+    const int64_t csize = (p.L + per_cta - 1) / per_cta;
+    if (csize <= max_cluster) {
+      p.cluster = static_cast<int32_t>(csize);
+      p.x = x.data_ptr();
+      p.out = out.data_ptr();
+      const cudaError_t err = ct3d::launch_spatial_softmax(p, stream);
+      if (err == cudaSuccess) return -csize;
+      (void)cudaGetLastError();  // a cluster shape the device refuses: the two kernels below
+      p.cluster = 0;
+    }
+  }
   // about 32 KB of input per CTA (8 vectors of 16 bytes per thread), at most 4096 chunks a row
   const int64_t target = 8 * 256 * (16 / in_bytes);
   int64_t chunks = std::min<int64_t>((p.L + target - 1) / target, 4096);
@@ -405,7 +427,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("config"), py::arg("bm") = 128, py::arg("splits") = 1);
   m.def("spatial_softmax", &spatial_softmax, "Softmax over the spatial positions of each (n, c) "
         "row, times a per-channel weight (see csrc/binding.cpp)", py::arg("x"), py::arg("out"),
-        py::arg("weight"), py::arg("log"));
+        py::arg("weight"), py::arg("log"), py::arg("max_cluster") = 8);
   m.attr("MAX_INSTR") = ct3d::kMaxInstr;
   m.attr("MAX_SLOTS") = ct3d::kMaxSlots;
   m.attr("MAX_REGS") = ct3d::kMaxRegs;

@@ -200,6 +200,8 @@ struct SpatialSoftmaxParams {
   int32_t in_dtype, out_dtype;  // DType: (f32, f32), (f16|bf16, same or f32)
   int32_t log;                  // 1: log_softmax
   int32_t vec;                  // 1: 16-byte loads (L % vec width == 0, 16-byte aligned rows)
+  int32_t cluster;  // > 0: the one-read kernel, clusters of this many CTAs per row (sm_90, vec);
+                    // 0: the two kernels (chunks of `chunk` elements, `partial`)
 };
 
 }  // namespace ct3d

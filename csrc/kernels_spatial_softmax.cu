@@ -13,6 +13,7 @@
 // Loads and stores are 16-byte vectors when the row length and the pointers allow it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -209,11 +210,101 @@ __global__ void __launch_bounds__(kSmThreads)
   }
 }
 
+// One-read form for rows that fit on chip (v17b): a thread-block cluster of `csize` <= 8 CTAs
+// per row (sm_90), each CTA holding up to kOnchipPer 16-byte vectors per thread of the row in
+// registers (16384 float32 / 32768 half elements per CTA). Each CTA reduces its part to (max,
+// sum), publishes it in shared memory, and after a cluster barrier every thread combines the
+// csize pairs through distributed shared memory in rank order (every CTA of the row gets the
+// same bits); a second barrier keeps each CTA's pair alive until all have read it. Then the
+// values still in registers are normalized and written: 1 read and 1 write of the tensor.
+constexpr int kOnchipPer = 16;
+
+template <typename TI, typename TO, int VEC>
+__global__ void __launch_bounds__(kSmThreads)
+    spatial_softmax_onchip(const TI* __restrict__ x, TO* __restrict__ out,
+                           const float* __restrict__ weight, int64_t L, int C, int csize,
+                           bool log) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t row = blockIdx.x / csize;
+  const int64_t lo = static_cast<int64_t>(rank) * kSmThreads * kOnchipPer * VEC;
+  const TI* xr = x + row * L;
+  uint4 raw[kOnchipPer];
+#pragma unroll
+  for (int u = 0; u < kOnchipPer; ++u) {  // every load in flight before the first exp
+    const int64_t i = lo + (static_cast<int64_t>(u) * kSmThreads + threadIdx.x) * VEC;
+    if (i < L) raw[u] = __ldg(reinterpret_cast<const uint4*>(xr + i));
+  }
+  float m = -INFINITY, s = 0.f;
+#pragma unroll
+  for (int u = 0; u < kOnchipPer; ++u) {
+    const int64_t i = lo + (static_cast<int64_t>(u) * kSmThreads + threadIdx.x) * VEC;
+    if (i < L) {
+      float v[VEC];
+      const TI* e = reinterpret_cast<const TI*>(&raw[u]);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] = to_f<TI>(e[j]);
+      accumulate<VEC>(m, s, v);
+    }
+  }
+  block_combine(m, s);
+  __shared__ float2 cta_pair;
+  if (threadIdx.x == 0) cta_pair = make_float2(m, s);
+  cluster.sync();
+  m = -INFINITY;
+  s = 0.f;
+  for (int r = 0; r < csize; ++r) {
+    const float2 q = *cluster.map_shared_rank(&cta_pair, r);
+    combine(m, s, q.x, q.y);
+  }
+  cluster.sync();  // no CTA leaves (freeing its cta_pair) before every CTA has read it
+  const float w = weight != nullptr ? weight[row % C] : 1.f;
+  const float a = log ? m + logf(s) : m;
+  const float k = log ? w : w / s;
+  TO* orow = out + row * L;
+#pragma unroll
+  for (int u = 0; u < kOnchipPer; ++u) {
+    const int64_t i = lo + (static_cast<int64_t>(u) * kSmThreads + threadIdx.x) * VEC;
+    if (i < L) {
+      float v[VEC];
+      const TI* e = reinterpret_cast<const TI*>(&raw[u]);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float t = to_f<TI>(e[j]);
+        v[j] = log ? (t - a) * k : expf(t - a) * k;
+      }
+      store_vec<TO, VEC>(orow + i, v);
+    }
+  }
+#else
+  __trap();  // the host launches this kernel on compute capability 9.0 and up only
+#endif
+}
+
 template <typename TI, typename TO>
 cudaError_t launch_typed(const SpatialSoftmaxParams& p, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(TI);
-  const dim3 grid(static_cast<unsigned>(p.rows * p.chunks));
   const TI* x = static_cast<const TI*>(p.x);
+  if (p.cluster > 0) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(p.rows * p.cluster));
+    cfg.blockDim = dim3(kSmThreads);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(p.cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, spatial_softmax_onchip<TI, TO, VEC>, x,
+                              static_cast<TO*>(p.out), p.weight, p.L, p.C, p.cluster,
+                              p.log != 0);
+  }
+  const dim3 grid(static_cast<unsigned>(p.rows * p.chunks));
   float2* partial = reinterpret_cast<float2*>(p.partial);  // 8-byte aligned (cudaMalloc)
   spatial_softmax_stats<TI, VEC><<<grid, kSmThreads, 0, stream>>>(x, partial, p.L, p.chunk,
                                                                   p.chunks, p.vec != 0);
@@ -229,9 +320,15 @@ cudaError_t launch_typed(const SpatialSoftmaxParams& p, cudaStream_t stream) {
 
 int spatial_softmax_vec(int in_dtype) { return in_dtype == kF32 ? 4 : 8; }
 
+int64_t spatial_softmax_onchip_elems(int in_dtype) {
+  return static_cast<int64_t>(kSmThreads) * kOnchipPer * spatial_softmax_vec(in_dtype);
+}
+
 cudaError_t launch_spatial_softmax(const SpatialSoftmaxParams& p, cudaStream_t stream) {
   if (p.rows <= 0 || p.L <= 0) return cudaSuccess;
-  if (p.rows * p.chunks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  if (p.rows * (p.cluster > 0 ? p.cluster : p.chunks) > 0x7fffffffLL) {
+    return cudaErrorInvalidConfiguration;
+  }
   if (p.in_dtype == kF32 && p.out_dtype == kF32) return launch_typed<float, float>(p, stream);
   if (p.in_dtype == kF16 && p.out_dtype == kF16) return launch_typed<__half, __half>(p, stream);
   if (p.in_dtype == kF16 && p.out_dtype == kF32) return launch_typed<__half, float>(p, stream);

@@ -9,6 +9,7 @@ tensor); the kernel reads it twice and writes the result once.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -24,8 +25,13 @@ _KERNEL_DTYPES = {  # (input dtype, output dtype) pairs the kernel implements
     (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
     (torch.bfloat16, torch.float32)}
 
-# Set by each CUDA call (tests read it): True when the kernel ran, False when the reference did.
+# Set by each CUDA call (tests read it): True when the kernel ran, False when the reference did;
+# LAST_PATH: "onchip" (the one-read cluster kernel), "two_pass" or "reference".
 LAST_KERNEL: Optional[bool] = None
+LAST_PATH: Optional[str] = None
+# The largest thread-block cluster (CTAs per row) of the one-read kernel, 0-8; 0 always runs the
+# two-kernel form (tests force each path). Environment: CT3D_FX_SPATIAL_MAX_CLUSTER.
+MAX_CLUSTER = int(os.environ.get("CT3D_FX_SPATIAL_MAX_CLUSTER", "0"))
 # Tests: fill the output with NaN before the kernel writes it.
 POISON_OUTPUT = False
 
@@ -79,6 +85,10 @@ def _fake(input, log, weight):
 def _per_channel(input: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
     """``weight`` as C float32 values on input's device when it multiplies each channel by one
     value and leaves the output shape as is, else None."""
+    c, k = input.shape[1], 1 - (input.dim() - weight.dim())
+    if (weight.dtype == torch.float32 and weight.device == input.device and k >= 0
+            and weight.shape[k] == c and weight.numel() == c):
+        return weight.reshape(c)  # (1, C, 1, 1, 1) float32, the common case: a view, no kernel
     try:
         shape = torch.broadcast_shapes(input.shape, weight.shape)
     except RuntimeError:
@@ -102,8 +112,8 @@ def _cuda_impl(input, log, weight):
 
 def run(input: torch.Tensor, log: bool, weight: Optional[torch.Tensor]) -> torch.Tensor:
     """The CUDA implementation: the kernel where it applies, else :func:`reference`."""
-    global LAST_KERNEL
-    LAST_KERNEL = False
+    global LAST_KERNEL, LAST_PATH
+    LAST_KERNEL, LAST_PATH = False, "reference"
     if input.dim() < 2 or input.numel() == 0 or not input.is_contiguous():
         return reference(input, log, weight)
     out_dtype = input.dtype if weight is None else torch.result_type(input, weight)
@@ -120,8 +130,8 @@ def run(input: torch.Tensor, log: bool, weight: Optional[torch.Tensor]) -> torch
     out = torch.empty(input.shape, dtype=out_dtype, device=input.device)
     if POISON_OUTPUT:
         out.fill_(float("nan"))
-    ext.spatial_softmax(input, out, wc, bool(log))
-    LAST_KERNEL = True
+    ran = ext.spatial_softmax(input, out, wc, bool(log), int(MAX_CLUSTER))
+    LAST_KERNEL, LAST_PATH = True, "onchip" if ran < 0 else "two_pass"
     return out
 
 

@@ -210,13 +210,33 @@ def _tol(dtype):
 
 
 SHAPES = [
-    (2, 3, 4, 5, 6),        # L = 120: vectors, one chunk
-    (2, 3, 3, 5, 7),        # L = 105: no vectors (odd)
+    (2, 3, 4, 5, 6),        # L = 120: vectors, one chunk / a cluster of 1
+    (2, 3, 3, 5, 7),        # L = 105: no vectors (odd): two kernels
     (1, 2, 1, 1, 1),        # L = 1
-    (2, 2, 17, 64, 66),     # L = 71808: several chunks a row, vectors
+    (2, 2, 17, 64, 66),     # L = 71808: several chunks a row / a cluster of 5 (3 in 16 bits)
     (1, 3, 13, 61, 67),     # L = 53131: several chunks, no vectors
     (64, 32, 2, 2, 2),      # many rows, L = 8
+    (1, 2, 32, 64, 64),     # L = 131072 (l2_38's rows): a cluster of 8 in float32
+    (1, 2, 8, 128, 132),    # L = 135168: too long for 8 float32 CTAs (two kernels), 5 in 16 bits
 ]
+
+
+def _expected_path(shape, dtype, path):
+    """Which form the kernel runs: the one-read cluster kernel needs compute capability 9.0,
+    16-byte vectors (L a multiple of the vector width) and at most 8 CTAs of 4096 vectors."""
+    L = 1
+    for d in shape[2:]:
+        L *= d
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    onchip = (path == "onchip" and torch.cuda.get_device_capability()[0] >= 9 and L % vec == 0
+              and -(-L // (256 * 16 * vec)) <= 8)
+    return "onchip" if onchip else "two_pass"
+
+
+@pytest.fixture(params=["onchip", "two_pass"])
+def path(request, monkeypatch):
+    monkeypatch.setattr(ss, "MAX_CLUSTER", 8 if request.param == "onchip" else 0)
+    return request.param
 
 
 @pytest.mark.cuda
@@ -225,17 +245,18 @@ SHAPES = [
                          ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log"])
 @pytest.mark.parametrize("wkind", ["none", "channel", "flat_channel", "scalar0d"])
-def test_kernel_matches_float64(shape, dtype, log, wkind, poison):
+def test_kernel_matches_float64(shape, dtype, log, wkind, path, poison):
     x = (randn(*shape, seed=sum(shape)) * 3).to(dtype).cuda()
     c = shape[1]
     w = {"none": None,
          "channel": randn(1, c, 1, 1, 1, seed=1),
          "flat_channel": randn(c, 1, 1, 1, seed=2),
-         "scalar0d": randn(seed=3).reshape(())}[wkind]
+         "scalar0d": randn(1, seed=3).reshape(())}[wkind]
     if w is not None:
         w = w.to(dtype).cuda()
     out = OP(x, log, w)
     assert ss.LAST_KERNEL is True
+    assert ss.LAST_PATH == _expected_path(shape, dtype, path)
     ref = _ref64(x, log, w)
     assert out.shape == x.shape and out.dtype == (x.dtype if w is None else
                                                   torch.result_type(x, w))
@@ -250,7 +271,7 @@ def test_kernel_matches_float64(shape, dtype, log, wkind, poison):
 @pytest.mark.parametrize("xdt,wdt", [(torch.bfloat16, torch.float32),
                                      (torch.float16, torch.float32),
                                      (torch.float16, torch.bfloat16)])
-def test_kernel_promotes_like_mul(xdt, wdt, poison):
+def test_kernel_promotes_like_mul(xdt, wdt, path, poison):
     """A wider weight widens the result (bf16 * float32 Parameter -> float32), as `y * w` does."""
     x = randn(2, 4, 3, 8, 8, seed=12).to(xdt).cuda()
     w = randn(1, 4, 1, 1, 1, seed=13).to(wdt).cuda()
@@ -294,7 +315,7 @@ def test_reference_where_the_kernel_does_not_apply(case):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("log", [False, True])
-def test_kernel_nan_and_inf_rows(log):
+def test_kernel_nan_and_inf_rows(log, path):
     x = randn(2, 3, 4, 8, 8, seed=19).float()
     x[0, 0, 1, 2, 3] = float("nan")      # row (0, 0): NaN everywhere, as PyTorch
     x[0, 1, :2] = float("-inf")          # row (0, 1): some -inf, the rest finite
