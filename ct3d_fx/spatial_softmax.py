@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _build
+from . import _build, _cuda
 
 __all__ = ["spatial_softmax", "reference"]
 
@@ -32,6 +32,8 @@ LAST_PATH: Optional[str] = None
 # The largest thread-block cluster (CTAs per row) of the one-read kernel, 0-8; 0 always runs the
 # two-kernel form (tests force each path). Environment: CT3D_FX_SPATIAL_MAX_CLUSTER.
 MAX_CLUSTER = int(os.environ.get("CT3D_FX_SPATIAL_MAX_CLUSTER", "0"))
+# Autotune choices per call signature ("kernel" or "reference"), when _cuda.AUTOTUNE is on.
+_choices: dict = {}
 # Tests: fill the output with NaN before the kernel writes it.
 POISON_OUTPUT = False
 
@@ -68,7 +70,9 @@ def spatial_softmax(input: torch.Tensor, log: bool, weight: Optional[torch.Tenso
             another device (as PyTorch's ops raise).
 
     Limitations:
-        The CUDA kernel runs for contiguous (NCDHW) float32/float16/bfloat16 inputs with a
+        With the autotune on (``CT3D_FX_AUTOTUNE``, as for the fused conv) the first call of
+        each signature times the kernel against :func:`reference` and keeps the faster. The
+        CUDA kernel runs for contiguous (NCDHW) float32/float16/bfloat16 inputs with a
         weight of one value per channel (or none) and a float32 or input-dtype result; other
         calls, and CPU tensors, run :func:`reference`. The kernel computes in float32 and
         rounds once: with a float16/bfloat16 input it does not round the softmax to the input
@@ -127,10 +131,29 @@ def run(input: torch.Tensor, log: bool, weight: Optional[torch.Tensor]) -> torch
     ext = _build.load()
     if ext is None:
         return reference(input, log, weight)
-    out = torch.empty(input.shape, dtype=out_dtype, device=input.device)
-    if POISON_OUTPUT:
-        out.fill_(float("nan"))
-    ran = ext.spatial_softmax(input, out, wc, bool(log), int(MAX_CLUSTER))
+
+    def kernel():
+        out = torch.empty(input.shape, dtype=out_dtype, device=input.device)
+        if POISON_OUTPUT:
+            out.fill_(float("nan"))
+        ran = ext.spatial_softmax(input, out, wc, bool(log), int(MAX_CLUSTER))
+        return out, ran
+
+    if not POISON_OUTPUT and _cuda._tunable(input):
+        # once per signature, as the conv's autotune: the kernel or PyTorch's ops, whichever
+        # is faster (tensors that stay in L2 and are host-bound favour PyTorch's)
+        key = (tuple(input.shape), input.dtype, input.device, out_dtype, bool(log),
+               wc is not None, int(MAX_CLUSTER))
+        choice = _choices.get(key)
+        if choice is None:
+            choice = _cuda._pick_fastest([("kernel", kernel),
+                                          ("reference", lambda: reference(input, log, weight))])
+            if len(_choices) >= 1024:
+                _choices.clear()
+            _choices[key] = choice
+        if choice == "reference":
+            return reference(input, log, weight)
+    out, ran = kernel()
     LAST_KERNEL, LAST_PATH = True, "onchip" if ran < 0 else "two_pass"
     return out
 

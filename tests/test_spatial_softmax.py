@@ -360,3 +360,45 @@ def test_optimized_model_cuda(form, poison, monkeypatch):
     m64.load_state_dict(m.state_dict())
     ref = m64.double()(x.double().cpu()).cuda()
     assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+class _FakeExt:
+    """Stands in for the CUDA extension on the CPU: writes the reference into `out`."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def spatial_softmax(self, x, out, wc, log, max_cluster):
+        self.calls += 1
+        w = None if wc is None else wc.view(1, -1, *[1] * (x.dim() - 2))
+        out.copy_(ss.reference(x, log, w))
+        return 1
+
+
+@pytest.mark.parametrize("winner", ["kernel", "reference"])
+def test_autotune_picks_once_per_signature(winner, monkeypatch):
+    """With the autotune on, the first call of a signature times the kernel against the
+    reference (one _pick_fastest call), keeps the winner, and later calls reuse it."""
+    fake = _FakeExt()
+    monkeypatch.setattr(ss._build, "load", lambda: fake)
+    monkeypatch.setattr(ss._cuda, "_tunable", lambda t: True)
+    monkeypatch.setattr(ss, "_choices", {})
+    picks = []
+
+    def pick(cands, reps=7, timer=None):
+        picks.append([name for name, _ in cands])
+        for _, fn in cands:
+            fn()
+        return winner
+    monkeypatch.setattr(ss._cuda, "_pick_fastest", pick)
+    x = randn(2, 3, 4, 5, 6, dtype=torch.float32, seed=30)
+    w = randn(1, 3, 1, 1, 1, dtype=torch.float32, seed=31)
+    ref = ss.reference(x, False, w)
+    for _ in range(3):
+        torch.testing.assert_close(ss.run(x, False, w), ref, rtol=1e-6, atol=1e-7)
+        assert ss.LAST_KERNEL is (winner == "kernel")
+    assert picks == [["kernel", "reference"]]
+    assert list(ss._choices.values()) == [winner]
+    # another signature is timed again
+    ss.run(x[:1], False, w)
+    assert len(picks) == 2
