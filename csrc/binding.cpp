@@ -370,10 +370,12 @@ int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
   }
   p.log = log ? 1 : 0;
   if (p.rows == 0 || p.L == 0) return 0;
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
   const int vec = ct3d::spatial_softmax_vec(p.in_dtype);
   const int64_t in_bytes = static_cast<int64_t>(x.element_size());
-  p.vec = (p.L % vec == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-           reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0) ? 1 : 0;
+  p.vec = (p.L % vec == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
+           reinterpret_cast<uintptr_t>(p.out) % 16 == 0) ? 1 : 0;
   TORCH_CHECK(max_cluster >= 0 && max_cluster <= 8, "ct3d: spatial_softmax max_cluster must be "
               "in [0, 8], got ", max_cluster);
   int cc_major = 0;
@@ -385,8 +387,6 @@ int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
     const int64_t csize = (p.L + per_cta - 1) / per_cta;
     if (csize <= max_cluster) {
       p.cluster = static_cast<int32_t>(csize);
-      p.x = x.data_ptr();
-      p.out = out.data_ptr();
       const cudaError_t err = ct3d::launch_spatial_softmax(p, stream);
       if (err == cudaSuccess) return -csize;
       (void)cudaGetLastError();  // a cluster shape the device refuses: the two kernels below
@@ -403,8 +403,6 @@ int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
   p.chunks = static_cast<int32_t>(chunks);
   at::Tensor partial = at::empty({p.rows * chunks * 2}, x.options().dtype(at::kFloat));
   p.partial = partial.data_ptr<float>();
-  p.x = x.data_ptr();
-  p.out = out.data_ptr();
   const cudaError_t err = ct3d::launch_spatial_softmax(p, stream);
   TORCH_CHECK(err == cudaSuccess, "ct3d: spatial_softmax launch failed: ",
               cudaGetErrorString(err), " (input ", x.scalar_type(), ", output ",

@@ -152,6 +152,18 @@ __device__ __forceinline__ float elem_to_float(T v) {
   }
 }
 
+// The other way: float -> T, round to nearest even (as PyTorch's casts).
+template <typename T>
+__device__ __forceinline__ T elem_from_float(float v) {
+  if constexpr (std::is_same<T, __half>::value) {
+    return __float2half_rn(v);
+  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __float2bfloat16_rn(v);
+  } else {
+    return v;
+  }
+}
+
 template <int PER, int BATCH, class Pos>
 __device__ __forceinline__ void load_tensor_batched(const Slot& s, float* D, Pos pos) {
   constexpr int kBatch = PER % BATCH == 0 ? BATCH : PER % 8 == 0 ? 8 : PER % 4 == 0 ? 4 : 1;

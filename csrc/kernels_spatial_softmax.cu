@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "ct3d_epilogue.cuh"
 #include "ct3d_launch.h"
 #include "ct3d_params.h"
 
@@ -28,36 +29,18 @@ namespace {
 constexpr int kSmThreads = 256;
 constexpr int kUnroll = 4;  // 16-byte vectors per thread in flight
 
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 // VEC consecutive elements as floats, from one 16-byte load when `vec` (aligned), else one by one.
 template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const T* p, float (&v)[VEC]) {
+__device__ __forceinline__ void unpack_vec(const uint4& u, float (&v)[VEC]) {
   static_assert(sizeof(T) * VEC == 16, "one 16-byte vector");
-  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
   const T* e = reinterpret_cast<const T*>(&u);
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) v[j] = to_f<T>(e[j]);
+  for (int j = 0; j < VEC; ++j) v[j] = elem_to_float<T>(e[j]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* p, float (&v)[VEC]) {
+  unpack_vec<T, VEC>(__ldg(reinterpret_cast<const uint4*>(p)), v);
 }
 
 template <typename T, int VEC>
@@ -70,7 +53,7 @@ __device__ __forceinline__ void store_vec(T* p, const float (&v)[VEC]) {
     uint4 u;
     T* e = reinterpret_cast<T*>(&u);
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) e[j] = from_f<T>(v[q * kPer + j]);
+    for (int j = 0; j < kPer; ++j) e[j] = elem_from_float<T>(v[q * kPer + j]);
     *reinterpret_cast<uint4*>(p + q * kPer) = u;
   }
 }
@@ -154,7 +137,7 @@ __global__ void __launch_bounds__(kSmThreads)
     }
   } else {
     for (int64_t i = lo + threadIdx.x; i < hi; i += kSmThreads) {
-      float v[1] = {to_f<TI>(xr[i])};
+      float v[1] = {elem_to_float<TI>(xr[i])};
       accumulate<1>(m, s, v);
     }
   }
@@ -204,8 +187,8 @@ __global__ void __launch_bounds__(kSmThreads)
     }
   } else {
     for (int64_t i = lo + threadIdx.x; i < hi; i += kSmThreads) {
-      const float v = to_f<TI>(xr[i]);
-      orow[i] = from_f<TO>(log ? (v - a) * k : expf(v - a) * k);
+      const float v = elem_to_float<TI>(xr[i]);
+      orow[i] = elem_from_float<TO>(log ? (v - a) * k : expf(v - a) * k);
     }
   }
 }
@@ -231,21 +214,21 @@ __global__ void __launch_bounds__(kSmThreads)
   const int64_t row = blockIdx.x / csize;
   const int64_t lo = static_cast<int64_t>(rank) * kSmThreads * kOnchipPer * VEC;
   const TI* xr = x + row * L;
+  // element index of this thread's u-th vector (the CTA's vectors are consecutive per u)
+  auto at = [&](int u) {
+    return lo + (static_cast<int64_t>(u) * kSmThreads + threadIdx.x) * VEC;
+  };
   uint4 raw[kOnchipPer];
 #pragma unroll
   for (int u = 0; u < kOnchipPer; ++u) {  // every load in flight before the first exp
-    const int64_t i = lo + (static_cast<int64_t>(u) * kSmThreads + threadIdx.x) * VEC;
-    if (i < L) raw[u] = __ldg(reinterpret_cast<const uint4*>(xr + i));
+    if (at(u) < L) raw[u] = __ldg(reinterpret_cast<const uint4*>(xr + at(u)));
   }
   float m = -INFINITY, s = 0.f;
 #pragma unroll
   for (int u = 0; u < kOnchipPer; ++u) {
-    const int64_t i = lo + (static_cast<int64_t>(u) * kSmThreads + threadIdx.x) * VEC;
-    if (i < L) {
+    if (at(u) < L) {
       float v[VEC];
-      const TI* e = reinterpret_cast<const TI*>(&raw[u]);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] = to_f<TI>(e[j]);
+      unpack_vec<TI, VEC>(raw[u], v);
       accumulate<VEC>(m, s, v);
     }
   }
@@ -266,16 +249,12 @@ __global__ void __launch_bounds__(kSmThreads)
   TO* orow = out + row * L;
 #pragma unroll
   for (int u = 0; u < kOnchipPer; ++u) {
-    const int64_t i = lo + (static_cast<int64_t>(u) * kSmThreads + threadIdx.x) * VEC;
-    if (i < L) {
+    if (at(u) < L) {
       float v[VEC];
-      const TI* e = reinterpret_cast<const TI*>(&raw[u]);
+      unpack_vec<TI, VEC>(raw[u], v);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float t = to_f<TI>(e[j]);
-        v[j] = log ? (t - a) * k : expf(t - a) * k;
-      }
-      store_vec<TO, VEC>(orow + i, v);
+      for (int j = 0; j < VEC; ++j) v[j] = log ? (v[j] - a) * k : expf(v[j] - a) * k;
+      store_vec<TO, VEC>(orow + at(u), v);
     }
   }
 #else
