@@ -339,12 +339,15 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
 // x: contiguous (N, C, *spatial) float32/float16/bfloat16 with N * C > 0; out: contiguous, x's
 // shape, dtype x's or float32; weight: contiguous float32 (C,) or None. Softmax (log_softmax
 // when `log`) over the spatial positions of each (n, c), times weight[c]: see
-// csrc/kernels_spatial_softmax.cu. max_cluster (0-8): the largest cluster of the one-read kernel
+// csrc/kernels_spatial_softmax.cu. max_cluster (0-8): the largest cluster of a one-read kernel
 // (compute capability 9.0 and up, 16-byte vectors, rows of at most max_cluster CTAs' worth); 0
-// always runs the two kernels. Returns -(cluster size) when the one-read kernel ran, else the
-// number of chunks each row was split into (0 for an empty tensor).
+// always runs the two kernels. shared_vecs (0-16): 0 picks the one-read registers form (16
+// vectors per thread), 1-16 the shared-memory form with at most that many vectors per thread
+// (the row spread evenly over the cluster's CTAs). Returns -(cluster size) when a one-read
+// kernel ran, else the number of chunks each row was split into (0 for an empty tensor).
 int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
-                        const c10::optional<at::Tensor>& weight, bool log, int64_t max_cluster) {
+                        const c10::optional<at::Tensor>& weight, bool log, int64_t max_cluster,
+                        int64_t shared_vecs) {
   const at::Device dev = x.device();
   check_cuda_on(x, dev, "input");
   check_cuda_on(out, dev, "output");
@@ -369,6 +372,12 @@ int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
     p.weight = weight->data_ptr<float>();
   }
   p.log = log ? 1 : 0;
+  TORCH_CHECK(max_cluster >= 0 && max_cluster <= 8, "ct3d: spatial_softmax max_cluster must be "
+              "in [0, 8], got ", max_cluster);
+  const int64_t per_cta = ct3d::spatial_softmax_onchip_elems(p.in_dtype,
+                                                             static_cast<int>(shared_vecs));
+  TORCH_CHECK(shared_vecs >= 0 && per_cta > 0, "ct3d: spatial_softmax shared_vecs must be in "
+              "[0, 16], got ", shared_vecs);
   if (p.rows == 0 || p.L == 0) return 0;
   p.x = x.data_ptr();
   p.out = out.data_ptr();
@@ -376,21 +385,23 @@ int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
   const int64_t in_bytes = static_cast<int64_t>(x.element_size());
   p.vec = (p.L % vec == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
            reinterpret_cast<uintptr_t>(p.out) % 16 == 0) ? 1 : 0;
-  TORCH_CHECK(max_cluster >= 0 && max_cluster <= 8, "ct3d: spatial_softmax max_cluster must be "
-              "in [0, 8], got ", max_cluster);
   int cc_major = 0;
   if (p.vec && max_cluster > 0 &&
       cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev.index()) ==
           cudaSuccess &&
       cc_major >= 9) {
-    const int64_t per_cta = ct3d::spatial_softmax_onchip_elems(p.in_dtype);
     const int64_t csize = (p.L + per_cta - 1) / per_cta;
     if (csize <= max_cluster) {
       p.cluster = static_cast<int32_t>(csize);
+      if (shared_vecs > 0) {  // vectors per thread for an even split of the row over csize CTAs
+        const int64_t step = ct3d::spatial_softmax_onchip_elems(p.in_dtype, 1);
+        p.nvec = static_cast<int32_t>(((p.L + csize - 1) / csize + step - 1) / step);
+      }
       const cudaError_t err = ct3d::launch_spatial_softmax(p, stream);
       if (err == cudaSuccess) return -csize;
       (void)cudaGetLastError();  // a cluster shape the device refuses: the two kernels below
       p.cluster = 0;
+      p.nvec = 0;
     }
   }
   // about 32 KB of input per CTA (8 vectors of 16 bytes per thread), at most 4096 chunks a row
@@ -425,7 +436,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("config"), py::arg("bm") = 128, py::arg("splits") = 1);
   m.def("spatial_softmax", &spatial_softmax, "Softmax over the spatial positions of each (n, c) "
         "row, times a per-channel weight (see csrc/binding.cpp)", py::arg("x"), py::arg("out"),
-        py::arg("weight"), py::arg("log"), py::arg("max_cluster") = 8);
+        py::arg("weight"), py::arg("log"), py::arg("max_cluster") = 8,
+        py::arg("shared_vecs") = 16);
   m.attr("MAX_INSTR") = ct3d::kMaxInstr;
   m.attr("MAX_SLOTS") = ct3d::kMaxSlots;
   m.attr("MAX_REGS") = ct3d::kMaxRegs;

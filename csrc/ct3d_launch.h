@@ -86,12 +86,14 @@ cudaError_t launch_igemm_any(const ConvParams& p, const IgemmGeom& g, int config
 }
 
 // The spatial softmax (csrc/kernels_spatial_softmax.cu) on `stream`: one kernel of thread-block
-// clusters when p.cluster > 0, else two (the rows' partial max and sum, then the normalized
-// output); cudaErrorInvalidValue for an unsupported dtype pair. spatial_softmax_vec: elements of
-// a 16-byte vector of input dtype `in_dtype`; spatial_softmax_onchip_elems: elements of a row
-// one CTA of the cluster kernel holds.
+// clusters when p.cluster > 0 (the registers form when p.nvec == 0, else the shared-memory
+// form), else two (the rows' partial max and sum, then the normalized output);
+// cudaErrorInvalidValue for an unsupported dtype pair. spatial_softmax_vec: elements of a
+// 16-byte vector of input dtype `in_dtype`; spatial_softmax_onchip_elems: elements of a row one
+// CTA of a cluster kernel holds with `vecs` vectors per thread (0: the registers form's 16;
+// returns 0 for vecs outside [0, 16]).
 cudaError_t launch_spatial_softmax(const SpatialSoftmaxParams& p, cudaStream_t stream);
 int spatial_softmax_vec(int in_dtype);
-int64_t spatial_softmax_onchip_elems(int in_dtype);
+int64_t spatial_softmax_onchip_elems(int in_dtype, int vecs);
 
 }  // namespace ct3d

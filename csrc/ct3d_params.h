@@ -202,6 +202,8 @@ struct SpatialSoftmaxParams {
   int32_t vec;                  // 1: 16-byte loads (L % vec width == 0, 16-byte aligned rows)
   int32_t cluster;  // > 0: the one-read kernel, clusters of this many CTAs per row (sm_90, vec);
                     // 0: the two kernels (chunks of `chunk` elements, `partial`)
+  int32_t nvec;     // cluster > 0: 0 for the registers form, else the shared-memory form with
+                    // nvec 16-byte vectors per thread (1-16; nvec * 4 KB of shared memory)
 };
 
 }  // namespace ct3d

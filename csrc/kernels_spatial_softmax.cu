@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "ct3d_async.cuh"
 #include "ct3d_epilogue.cuh"
 #include "ct3d_launch.h"
 #include "ct3d_params.h"
@@ -193,14 +194,50 @@ __global__ void __launch_bounds__(kSmThreads)
   }
 }
 
-// One-read form for rows that fit on chip (v17b): a thread-block cluster of `csize` <= 8 CTAs
-// per row (sm_90), each CTA holding up to kOnchipPer 16-byte vectors per thread of the row in
-// registers (16384 float32 / 32768 half elements per CTA). Each CTA reduces its part to (max,
-// sum), publishes it in shared memory, and after a cluster barrier every thread combines the
-// csize pairs through distributed shared memory in rank order (every CTA of the row gets the
-// same bits); a second barrier keeps each CTA's pair alive until all have read it. Then the
-// values still in registers are normalized and written: 1 read and 1 write of the tensor.
+// One-read forms for rows that fit on chip: a thread-block cluster of `csize` <= 8 CTAs per
+// row (sm_90), each CTA holding a consecutive part of the row. Each CTA reduces its part to
+// (max, sum), publishes it in shared memory, and after a cluster barrier every thread combines
+// the csize pairs through distributed shared memory in rank order (every CTA of the row gets
+// the same bits); a second barrier keeps each CTA's pair alive until all have read it. Then
+// the values still on chip are normalized and written: 1 read and 1 write of the tensor.
+//   registers (v17b): up to kOnchipPer 16-byte vectors per thread in registers (16384 float32
+//     / 32768 half elements per CTA); 111-187 registers, so one CTA per SM, whose load and
+//     store phases do not overlap: 2.63 TB/s measured on the H200, no faster than two kernels;
+//   shared (v18): the CTA's part copied to shared memory with cp.async (`nvec` <= kOnchipPer
+//     vectors per thread, nvec * 4 KB per CTA: up to 3 CTAs per SM at 64 KB), so one CTA's
+//     stores overlap another's loads and the registers stay few.
 constexpr int kOnchipPer = 16;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // used by the sm_90 kernels only
+// Combines each CTA's (m, s) over the cluster, in rank order, into the row's (max, sum), the
+// same in every thread of every CTA of the row; then the factors of finish_vec for the row's
+// weight w: a (subtracted) and k (multiplied).
+__device__ __forceinline__ void cluster_scale(float m, float s, int csize, float w, bool log,
+                                              float& a, float& k) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  block_combine(m, s);
+  __shared__ float2 cta_pair;
+  if (threadIdx.x == 0) cta_pair = make_float2(m, s);
+  cluster.sync();
+  m = -INFINITY;
+  s = 0.f;
+  for (int r = 0; r < csize; ++r) {
+    const float2 q = *cluster.map_shared_rank(&cta_pair, r);
+    combine(m, s, q.x, q.y);
+  }
+  cluster.sync();  // no CTA leaves (freeing its cta_pair) before every CTA has read it
+  a = log ? m + logf(s) : m;
+  k = log ? w : w / s;
+}
+
+// out[i] for one 16-byte vector of inputs v: exp(v - a) * k, or (v - a) * k for log_softmax.
+template <int VEC>
+__device__ __forceinline__ void finish_vec(float (&v)[VEC], float a, float k, bool log) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) v[j] = log ? (v[j] - a) * k : expf(v[j] - a) * k;
+}
+#endif
 
 template <typename TI, typename TO, int VEC>
 __global__ void __launch_bounds__(kSmThreads)
@@ -208,9 +245,7 @@ __global__ void __launch_bounds__(kSmThreads)
                            const float* __restrict__ weight, int64_t L, int C, int csize,
                            bool log) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  const int rank = static_cast<int>(cluster.block_rank());
+  const int rank = static_cast<int>(cooperative_groups::this_cluster().block_rank());
   const int64_t row = blockIdx.x / csize;
   const int64_t lo = static_cast<int64_t>(rank) * kSmThreads * kOnchipPer * VEC;
   const TI* xr = x + row * L;
@@ -232,30 +267,60 @@ __global__ void __launch_bounds__(kSmThreads)
       accumulate<VEC>(m, s, v);
     }
   }
-  block_combine(m, s);
-  __shared__ float2 cta_pair;
-  if (threadIdx.x == 0) cta_pair = make_float2(m, s);
-  cluster.sync();
-  m = -INFINITY;
-  s = 0.f;
-  for (int r = 0; r < csize; ++r) {
-    const float2 q = *cluster.map_shared_rank(&cta_pair, r);
-    combine(m, s, q.x, q.y);
-  }
-  cluster.sync();  // no CTA leaves (freeing its cta_pair) before every CTA has read it
-  const float w = weight != nullptr ? weight[row % C] : 1.f;
-  const float a = log ? m + logf(s) : m;
-  const float k = log ? w : w / s;
+  float a, k;
+  cluster_scale(m, s, csize, weight != nullptr ? weight[row % C] : 1.f, log, a, k);
   TO* orow = out + row * L;
 #pragma unroll
   for (int u = 0; u < kOnchipPer; ++u) {
     if (at(u) < L) {
       float v[VEC];
       unpack_vec<TI, VEC>(raw[u], v);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] = log ? (v[j] - a) * k : expf(v[j] - a) * k;
+      finish_vec<VEC>(v, a, k, log);
       store_vec<TO, VEC>(orow + at(u), v);
     }
+  }
+#else
+  __trap();  // the host launches this kernel on compute capability 9.0 and up only
+#endif
+}
+
+template <typename TI, typename TO, int VEC>
+__global__ void __launch_bounds__(kSmThreads)
+    spatial_softmax_onchip_shared(const TI* __restrict__ x, TO* __restrict__ out,
+                                  const float* __restrict__ weight, int64_t L, int C, int csize,
+                                  int nvec, bool log) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ uint4 stage[];  // nvec * kSmThreads vectors: the CTA's part of the row
+  const int rank = static_cast<int>(cooperative_groups::this_cluster().block_rank());
+  const int64_t row = blockIdx.x / csize;
+  const int64_t lo = static_cast<int64_t>(rank) * nvec * kSmThreads * VEC;
+  const TI* xr = x + row * L;
+  // Each thread copies, then reads back, only its own vectors (u * kSmThreads + threadIdx.x):
+  // waiting for its own cp.async group is enough, no CTA barrier.
+  int64_t i = lo + static_cast<int64_t>(threadIdx.x) * VEC;
+  for (int u = 0; u < nvec && i < L; ++u, i += kSmThreads * VEC) {
+    cp_async_16(smem_u32(&stage[u * kSmThreads + threadIdx.x]), xr + i);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  float m = -INFINITY, s = 0.f;
+  i = lo + static_cast<int64_t>(threadIdx.x) * VEC;
+#pragma unroll 4
+  for (int u = 0; u < nvec && i < L; ++u, i += kSmThreads * VEC) {
+    float v[VEC];
+    unpack_vec<TI, VEC>(stage[u * kSmThreads + threadIdx.x], v);
+    accumulate<VEC>(m, s, v);
+  }
+  float a, k;
+  cluster_scale(m, s, csize, weight != nullptr ? weight[row % C] : 1.f, log, a, k);
+  TO* orow = out + row * L;
+  i = lo + static_cast<int64_t>(threadIdx.x) * VEC;
+#pragma unroll 4
+  for (int u = 0; u < nvec && i < L; ++u, i += kSmThreads * VEC) {
+    float v[VEC];
+    unpack_vec<TI, VEC>(stage[u * kSmThreads + threadIdx.x], v);
+    finish_vec<VEC>(v, a, k, log);
+    store_vec<TO, VEC>(orow + i, v);
   }
 #else
   __trap();  // the host launches this kernel on compute capability 9.0 and up only
@@ -279,9 +344,21 @@ cudaError_t launch_typed(const SpatialSoftmaxParams& p, cudaStream_t stream) {
     attr[0].val.clusterDim.z = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, spatial_softmax_onchip<TI, TO, VEC>, x,
-                              static_cast<TO*>(p.out), p.weight, p.L, p.C, p.cluster,
-                              p.log != 0);
+    if (p.nvec == 0) {
+      return cudaLaunchKernelEx(&cfg, spatial_softmax_onchip<TI, TO, VEC>, x,
+                                static_cast<TO*>(p.out), p.weight, p.L, p.C, p.cluster,
+                                p.log != 0);
+    }
+    if (p.nvec < 0 || p.nvec > kOnchipPer) return cudaErrorInvalidValue;
+    auto* kernel = spatial_softmax_onchip_shared<TI, TO, VEC>;
+    cfg.dynamicSmemBytes = static_cast<size_t>(p.nvec) * kSmThreads * 16;
+    // above 48 KB a kernel must opt in (on the current device: set at every launch)
+    const cudaError_t opt_in = cudaFuncSetAttribute(kernel,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                    static_cast<int>(cfg.dynamicSmemBytes));
+    if (opt_in != cudaSuccess) return opt_in;
+    return cudaLaunchKernelEx(&cfg, kernel, x, static_cast<TO*>(p.out), p.weight, p.L, p.C,
+                              p.cluster, p.nvec, p.log != 0);
   }
   const dim3 grid(static_cast<unsigned>(p.rows * p.chunks));
   float2* partial = reinterpret_cast<float2*>(p.partial);  // 8-byte aligned (cudaMalloc)
@@ -299,8 +376,10 @@ cudaError_t launch_typed(const SpatialSoftmaxParams& p, cudaStream_t stream) {
 
 int spatial_softmax_vec(int in_dtype) { return in_dtype == kF32 ? 4 : 8; }
 
-int64_t spatial_softmax_onchip_elems(int in_dtype) {
-  return static_cast<int64_t>(kSmThreads) * kOnchipPer * spatial_softmax_vec(in_dtype);
+int64_t spatial_softmax_onchip_elems(int in_dtype, int vecs) {
+  if (vecs < 0 || vecs > kOnchipPer) return 0;
+  return static_cast<int64_t>(kSmThreads) * (vecs == 0 ? kOnchipPer : vecs) *
+         spatial_softmax_vec(in_dtype);
 }
 
 cudaError_t launch_spatial_softmax(const SpatialSoftmaxParams& p, cudaStream_t stream) {

@@ -1,11 +1,13 @@
 """``ct3d::spatial_softmax``: softmax over the spatial positions of each (n, c), times an optional
-per-channel weight, in one CUDA pass pair (csrc/kernels_spatial_softmax.cu).
+per-channel weight, in CUDA (csrc/kernels_spatial_softmax.cu).
 
 It is what ``x.view(n, c, -1).softmax(dim=2).view(x.shape) * weight`` computes, the attention
 map of spatial-softmax heads; :func:`ct3d_fx.optimize` puts it after a fused site whose output
 feeds that pattern (``Config.families`` "spatial_softmax"). PyTorch runs the pattern as a
 softmax that reads its input three times plus an elementwise multiply (six passes over the
-tensor); the kernel reads it twice and writes the result once.
+tensor). On compute capability 9.0 a row of up to 8 CTAs' worth (131072 float32 / 262144
+half-precision elements) is read once and kept on chip by a thread-block cluster (one read, one
+write); longer rows, and older GPUs, take two kernels (two reads, one write).
 """
 from __future__ import annotations
 
@@ -26,13 +28,19 @@ _KERNEL_DTYPES = {  # (input dtype, output dtype) pairs the kernel implements
     (torch.bfloat16, torch.float32)}
 
 # Set by each CUDA call (tests read it): True when the kernel ran, False when the reference did;
-# LAST_PATH: "onchip" (the one-read cluster kernel), "two_pass" or "reference".
+# LAST_PATH: "onchip_shared" or "onchip_registers" (the one-read cluster kernels), "two_pass" or
+# "reference".
 LAST_KERNEL: Optional[bool] = None
 LAST_PATH: Optional[str] = None
-# The largest thread-block cluster (CTAs per row) of the one-read kernel, 0-8; 0 always runs the
-# two-kernel form (tests force each path). Environment: CT3D_FX_SPATIAL_MAX_CLUSTER.
-MAX_CLUSTER = int(os.environ.get("CT3D_FX_SPATIAL_MAX_CLUSTER", "0"))
-# Autotune choices per call signature ("kernel" or "reference"), when _cuda.AUTOTUNE is on.
+# The largest thread-block cluster (CTAs per row) of the one-read kernels, 0-8; 0 always runs
+# the two-kernel form. Environment: CT3D_FX_SPATIAL_MAX_CLUSTER.
+MAX_CLUSTER = int(os.environ.get("CT3D_FX_SPATIAL_MAX_CLUSTER", "8"))
+# The one-read form: 1-16 stages the row in shared memory with at most that many 16-byte vectors
+# per thread (4 KB of shared memory per CTA each); 0 holds it in registers. Environment:
+# CT3D_FX_SPATIAL_SHARED_VECS.
+SHARED_VECS = int(os.environ.get("CT3D_FX_SPATIAL_SHARED_VECS", "16"))
+# Autotune choices per call signature ((max_cluster, shared_vecs) or "reference"), when
+# _cuda.AUTOTUNE is on.
 _choices: dict = {}
 # Tests: fill the output with NaN before the kernel writes it.
 POISON_OUTPUT = False
@@ -71,7 +79,8 @@ def spatial_softmax(input: torch.Tensor, log: bool, weight: Optional[torch.Tenso
 
     Limitations:
         With the autotune on (``CT3D_FX_AUTOTUNE``, as for the fused conv) the first call of
-        each signature times the kernel against :func:`reference` and keeps the faster. The
+        each signature times the kernel's forms (one-read in shared memory or registers, two
+        kernels) against :func:`reference` and keeps the fastest. The
         CUDA kernel runs for contiguous (NCDHW) float32/float16/bfloat16 inputs with a
         weight of one value per channel (or none) and a float32 or input-dtype result; other
         calls, and CPU tensors, run :func:`reference`. The kernel computes in float32 and
@@ -132,29 +141,36 @@ def run(input: torch.Tensor, log: bool, weight: Optional[torch.Tensor]) -> torch
     if ext is None:
         return reference(input, log, weight)
 
-    def kernel():
+    def kernel(max_cluster=MAX_CLUSTER, shared_vecs=SHARED_VECS):
         out = torch.empty(input.shape, dtype=out_dtype, device=input.device)
         if POISON_OUTPUT:
             out.fill_(float("nan"))
-        ran = ext.spatial_softmax(input, out, wc, bool(log), int(MAX_CLUSTER))
+        ran = ext.spatial_softmax(input, out, wc, bool(log), int(max_cluster), int(shared_vecs))
         return out, ran
 
+    form = (MAX_CLUSTER, SHARED_VECS)
     if not POISON_OUTPUT and _cuda._tunable(input):
-        # once per signature, as the conv's autotune: the kernel or PyTorch's ops, whichever
-        # is faster (tensors that stay in L2 and are host-bound favour PyTorch's)
+        # once per signature, as the conv's autotune: the one-read forms (where the row fits in
+        # a cluster, else they run the two kernels), the two kernels, or PyTorch's ops, whichever
+        # is fastest (tensors that stay in L2 and are host-bound favour PyTorch's)
         key = (tuple(input.shape), input.dtype, input.device, out_dtype, bool(log),
-               wc is not None, int(MAX_CLUSTER))
+               wc is not None, form)
         choice = _choices.get(key)
         if choice is None:
-            choice = _cuda._pick_fastest([("kernel", kernel),
-                                          ("reference", lambda: reference(input, log, weight))])
+            forms = [(MAX_CLUSTER, v) for v in (16, 8, 0)] if MAX_CLUSTER > 0 else []
+            cands = [(f, (lambda f=f: kernel(*f))) for f in forms + [(0, 0)]]
+            cands.append(("reference", lambda: reference(input, log, weight)))
+            choice = _cuda._pick_fastest(cands)
             if len(_choices) >= 1024:
                 _choices.clear()
             _choices[key] = choice
         if choice == "reference":
             return reference(input, log, weight)
-    out, ran = kernel()
-    LAST_KERNEL, LAST_PATH = True, "onchip" if ran < 0 else "two_pass"
+        form = choice
+    out, ran = kernel(*form)
+    LAST_KERNEL = True
+    LAST_PATH = "two_pass" if ran >= 0 else ("onchip_shared" if form[1] > 0
+                                             else "onchip_registers")
     return out
 
 

@@ -222,21 +222,43 @@ SHAPES = [
 
 
 def _expected_path(shape, dtype, path):
-    """Which form the kernel runs: the one-read cluster kernel needs compute capability 9.0,
+    """Which form the kernel runs: the one-read cluster kernels need compute capability 9.0,
     16-byte vectors (L a multiple of the vector width) and at most 8 CTAs of 4096 vectors."""
     L = 1
     for d in shape[2:]:
         L *= d
     vec = 16 // torch.empty((), dtype=dtype).element_size()
-    onchip = (path == "onchip" and torch.cuda.get_device_capability()[0] >= 9 and L % vec == 0
-              and -(-L // (256 * 16 * vec)) <= 8)
-    return "onchip" if onchip else "two_pass"
+    onchip = (path.startswith("onchip") and torch.cuda.get_device_capability()[0] >= 9
+              and L % vec == 0 and -(-L // (256 * 16 * vec)) <= 8)
+    return path if onchip else "two_pass"
 
 
-@pytest.fixture(params=["onchip", "two_pass"])
+# path -> (MAX_CLUSTER, SHARED_VECS); "onchip_shared" with 16 vectors per thread (64 KB per CTA)
+# and with 3 (the row split over more CTAs, an uneven last vector group)
+PATHS = {"onchip_shared": (8, 16), "onchip_shared3": (8, 3), "onchip_registers": (8, 0),
+         "two_pass": (0, 16)}
+
+
+@pytest.fixture(params=list(PATHS))
 def path(request, monkeypatch):
-    monkeypatch.setattr(ss, "MAX_CLUSTER", 8 if request.param == "onchip" else 0)
+    mc, vecs = PATHS[request.param]
+    monkeypatch.setattr(ss, "MAX_CLUSTER", mc)
+    monkeypatch.setattr(ss, "SHARED_VECS", vecs)
     return request.param
+
+
+def _path_ran(shape, dtype, path):
+    """LAST_PATH expected after a call on `path` (shared3 reports as onchip_shared, and falls
+    back to two kernels where its 3 vectors per thread x 8 CTAs do not hold the row)."""
+    if path == "onchip_shared3":
+        L = 1
+        for d in shape[2:]:
+            L *= d
+        vec = 16 // torch.empty((), dtype=dtype).element_size()
+        if -(-L // (256 * 3 * vec)) > 8:
+            return "two_pass"
+        return _expected_path(shape, dtype, "onchip_shared")
+    return _expected_path(shape, dtype, path)
 
 
 @pytest.mark.cuda
@@ -256,7 +278,7 @@ def test_kernel_matches_float64(shape, dtype, log, wkind, path, poison):
         w = w.to(dtype).cuda()
     out = OP(x, log, w)
     assert ss.LAST_KERNEL is True
-    assert ss.LAST_PATH == _expected_path(shape, dtype, path)
+    assert ss.LAST_PATH == _path_ran(shape, dtype, path)
     ref = _ref64(x, log, w)
     assert out.shape == x.shape and out.dtype == (x.dtype if w is None else
                                                   torch.result_type(x, w))
@@ -363,42 +385,71 @@ def test_optimized_model_cuda(form, poison, monkeypatch):
 
 
 class _FakeExt:
-    """Stands in for the CUDA extension on the CPU: writes the reference into `out`."""
+    """Stands in for the CUDA extension on the CPU: writes the reference into `out` and reports
+    a one-read kernel (a cluster of 1) for max_cluster > 0, else two kernels."""
 
     def __init__(self):
-        self.calls = 0
+        self.calls = []
 
-    def spatial_softmax(self, x, out, wc, log, max_cluster):
-        self.calls += 1
+    def spatial_softmax(self, x, out, wc, log, max_cluster, shared_vecs):
+        self.calls.append((max_cluster, shared_vecs))
         w = None if wc is None else wc.view(1, -1, *[1] * (x.dim() - 2))
         out.copy_(ss.reference(x, log, w))
-        return 1
+        return -1 if max_cluster > 0 else 1
 
 
-@pytest.mark.parametrize("winner", ["kernel", "reference"])
-def test_autotune_picks_once_per_signature(winner, monkeypatch):
-    """With the autotune on, the first call of a signature times the kernel against the
-    reference (one _pick_fastest call), keeps the winner, and later calls reuse it."""
+@pytest.fixture
+def tuned(monkeypatch):
+    """The autotune on, over a fake extension. Returns (fake, picks, answer): picks collects the
+    candidate names of each _pick_fastest call, which runs every candidate once and returns
+    answer[0] (None: the first candidate)."""
     fake = _FakeExt()
     monkeypatch.setattr(ss._build, "load", lambda: fake)
     monkeypatch.setattr(ss._cuda, "_tunable", lambda t: True)
     monkeypatch.setattr(ss, "_choices", {})
-    picks = []
+    picks, answer = [], [None]
 
     def pick(cands, reps=7, timer=None):
         picks.append([name for name, _ in cands])
         for _, fn in cands:
             fn()
-        return winner
+        return cands[0][0] if answer[0] is None else answer[0]
     monkeypatch.setattr(ss._cuda, "_pick_fastest", pick)
+    return fake, picks, answer
+
+
+@pytest.mark.parametrize("winner", [(8, 16), (8, 8), (8, 0), (0, 0), "reference"],
+                         ids=str)
+def test_autotune_picks_once_per_signature(winner, tuned, monkeypatch):
+    """With the autotune on, the first call of a signature times every form of the kernel
+    against the reference (one _pick_fastest call), keeps the winner, and later calls run it."""
+    fake, picks, answer = tuned
+    answer[0] = winner
+    monkeypatch.setattr(ss, "MAX_CLUSTER", 8)
     x = randn(2, 3, 4, 5, 6, dtype=torch.float32, seed=30)
     w = randn(1, 3, 1, 1, 1, dtype=torch.float32, seed=31)
     ref = ss.reference(x, False, w)
     for _ in range(3):
+        fake.calls.clear()
         torch.testing.assert_close(ss.run(x, False, w), ref, rtol=1e-6, atol=1e-7)
-        assert ss.LAST_KERNEL is (winner == "kernel")
-    assert picks == [["kernel", "reference"]]
+        assert ss.LAST_KERNEL is (winner != "reference")
+        if winner != "reference":
+            assert fake.calls[-1] == winner
+            expected = "two_pass" if winner[0] == 0 else \
+                ("onchip_shared" if winner[1] > 0 else "onchip_registers")
+            assert ss.LAST_PATH == expected
+    assert picks == [[(8, 16), (8, 8), (8, 0), (0, 0), "reference"]]
     assert list(ss._choices.values()) == [winner]
     # another signature is timed again
     ss.run(x[:1], False, w)
     assert len(picks) == 2
+
+
+def test_autotune_without_cluster_forms(tuned, monkeypatch):
+    """MAX_CLUSTER = 0 (no one-read kernel): the autotune weighs the two kernels against the
+    reference only."""
+    fake, picks, _ = tuned
+    monkeypatch.setattr(ss, "MAX_CLUSTER", 0)
+    ss.run(randn(2, 3, 4, 5, 6, dtype=torch.float32, seed=32), True, None)
+    assert picks == [[(0, 0), "reference"]]
+    assert fake.calls[-1] == (0, 0) and ss.LAST_PATH == "two_pass"
