@@ -1,0 +1,82 @@
+"""Host (CPU) time against GPU time of a small optimized model, to tell host-bound rows apart.
+
+    python scripts/host_time.py [--dtype bf16|fp32] [--batch 1] [--json OUT.json] [--prof OUT.txt]
+
+For the GAN generator of examples/ (eval mode), eager and ``ct3d_fx.optimize``: after a warm-up
+(the autotune's first calls), the mean CPU time to enqueue one forward (200 forwards back to
+back, one synchronize at the end, so that it measures the host when the GPU keeps up), the mean
+GPU time per forward over the same loop (CUDA events around it), and the autotune's choice per
+site. With --prof, torch.profiler's table (self CPU time) of 20 optimized forwards. Needs CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+import ct3d_fx  # noqa: E402
+from ct3d_fx import _cuda  # noqa: E402
+import gan_generator  # noqa: E402
+
+
+def per_forward(fn, n: int = 200) -> dict:
+    """Mean host ms to enqueue one call, and mean device ms per call, over n calls."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t) * 1e3 / n
+    end.record()
+    torch.cuda.synchronize()
+    return {"host_ms": round(host, 4), "wall_ms": round(start.elapsed_time(end) / n, 4)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--json")
+    ap.add_argument("--prof")
+    a = ap.parse_args(argv)
+    dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    torch.manual_seed(0)
+    model, (shape,) = gan_generator.build(a.batch)
+    model = model.cuda().to(dt)
+    x = torch.rand(shape, device="cuda", dtype=dt)
+    opt = ct3d_fx.optimize(model, x)
+    res = {"device": torch.cuda.get_device_name(), "dtype": a.dtype, "batch": a.batch}
+    with torch.no_grad():
+        opt(x)  # the autotune's first calls
+        res["eager"] = per_forward(lambda: model(x))
+        res["ct3d"] = per_forward(lambda: opt(x))
+        res["eager_again"] = per_forward(lambda: model(x))
+        res["ct3d_again"] = per_forward(lambda: opt(x))
+        res["autotune"] = sorted({v for v in _cuda.autotune_choices().values()})
+        err = (opt(x).float() - model(x).float()).abs().max().item()
+        res["max_abs_diff_vs_eager"] = err
+        if a.prof:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                for _ in range(20):
+                    opt(x)
+                torch.cuda.synchronize()
+            with open(a.prof, "w") as f:
+                f.write(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    print(json.dumps(res, indent=1))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
