@@ -32,8 +32,9 @@
 #             e.g. CT3D_FX_CUDNN_CHANNELS_LAST=0; CT3D_RESULTS_BUDGET_S, default 420)
 #   results_low  the same for bf16 and exact FP32 (no torch.compile); LOGDIR/h200_bf16.json,
 #             LOGDIR/h200_fp32_exact.json
-#   spatial   tests/test_spatial_softmax.py, memcheck over its kernel tests, the kernel's time
-#             against eager softmax + mul, and l2_38 through the runner; LOGDIR/l2_38.json
+#   spatial   tests/test_spatial_softmax.py, memcheck over its kernel tests, each form's time
+#             (one-read shared 16 / 8 vectors, registers, two kernels; autotune off) against eager
+#             softmax + mul on four tensors, and l2_38 through the runner; LOGDIR/l2_38.json
 #   pack      the built extension library as ext.tgz in CT3D_PACK_DIR (default LOGDIR), to
 #             carry into the next call: unpack it into a carried folder and point
 #             TORCH_EXTENSIONS_DIR there (_build imports a library it finds as is)
