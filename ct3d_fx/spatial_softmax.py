@@ -141,7 +141,7 @@ def run(input: torch.Tensor, log: bool, weight: Optional[torch.Tensor]) -> torch
     if ext is None:
         return reference(input, log, weight)
 
-    def kernel(max_cluster=MAX_CLUSTER, shared_vecs=SHARED_VECS):
+    def kernel(max_cluster, shared_vecs):
         out = torch.empty(input.shape, dtype=out_dtype, device=input.device)
         if POISON_OUTPUT:
             out.fill_(float("nan"))
