@@ -299,27 +299,34 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
   if (y.numel() == 0) return -1;
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
-  at::Tensor xp = at::empty({xp_elems}, x.options());
-  g.xp = xp.data_ptr();
-  g.wp = wpk.data_ptr();
   TORCH_CHECK(splits >= 1 && splits <= 1024 && bm >= 16 && bm <= 256,
               "ct3d: split-K factor must be in [1, 1024] and bm in [16, 256], got ", splits,
               " and ", bm);
   g.splits = static_cast<int32_t>(splits);
-  at::Tensor ws, counters;
+  // One scratch allocation (host time: small models are bound by it): xp, then for split-K
+  // the FP32 partial tiles and the per-tile counters (zeroed here, on the stream)
+  const int64_t xp_bytes = (xp_elems * esize + 255) / 256 * 256;
+  int64_t tiles = 0;
   if (splits > 1) {
     int64_t m_max = p.N;
     for (int i = 0; i < 3; ++i) {
       const int64_t out = i == 0 ? p.Do : i == 1 ? p.Ho : p.Wo;
       m_max *= (out + p.st[i] - 1) / p.st[i];
     }
-    const int64_t tiles =
-        (m_max + bm - 1) / bm * p.st[0] * p.st[1] * p.st[2] * (g.CoutP / bn);
+    tiles = (m_max + bm - 1) / bm * p.st[0] * p.st[1] * p.st[2] * (g.CoutP / bn);
     g.ws_floats = tiles * splits * bm * bn;
-    ws = at::empty({g.ws_floats}, x.options().dtype(at::kFloat));
-    counters = at::zeros({tiles}, x.options().dtype(at::kInt));
-    g.ws = ws.data_ptr<float>();
-    g.counters = counters.data_ptr<int32_t>();
+  }
+  const int64_t ws_bytes = (g.ws_floats * 4 + 255) / 256 * 256;
+  at::Tensor scratch = at::empty({xp_bytes + ws_bytes + tiles * 4}, x.options().dtype(at::kByte));
+  char* base = static_cast<char*>(scratch.data_ptr());
+  g.xp = base;
+  g.wp = wpk.data_ptr();
+  if (splits > 1) {
+    g.ws = reinterpret_cast<float*>(base + xp_bytes);
+    g.counters = reinterpret_cast<int32_t*>(base + xp_bytes + ws_bytes);
+    const cudaError_t zero = cudaMemsetAsync(g.counters, 0, tiles * 4, stream);
+    TORCH_CHECK(zero == cudaSuccess, "ct3d: zeroing the split-K counters failed: ",
+                cudaGetErrorString(zero));
   }
   const int cfg = static_cast<int>(config);
   cudaError_t err;

@@ -39,6 +39,7 @@
 #include <type_traits>
 
 #include "ct3d_epilogue.cuh"
+#include "ct3d_host.h"
 #include "ct3d_params.h"
 
 namespace ct3d {
@@ -1044,13 +1045,14 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
 // Host side: grid, shared memory, launch on the caller's stream. Returns the launch error.
 // Opts `kernel` in to `dynamic` bytes of dynamic shared memory when that plus its static shared
 // memory passes the 48 KB a launch gets by default (the launch would fail otherwise).
+// (Both queries are cached: ct3d_host.h.)
 template <class Kernel>
 inline cudaError_t opt_in_smem(Kernel kernel, int dynamic) {
-  cudaFuncAttributes a;
-  cudaError_t e = cudaFuncGetAttributes(&a, kernel);
+  int static_bytes = 0;
+  const cudaError_t e = kernel_static_smem(kernel, &static_bytes);
   if (e != cudaSuccess) return e;
-  if (dynamic + static_cast<int>(a.sharedSizeBytes) <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic);
+  if (dynamic + static_bytes <= 48 * 1024) return cudaSuccess;
+  return opt_in_dynamic_smem(kernel, dynamic);
 }
 
 template <int IN_DT, int MODE, int BM, int BN, int WARPS_M, int WARPS_N>

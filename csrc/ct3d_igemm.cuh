@@ -854,16 +854,6 @@ inline int box_patch_rows(const ConvParams& p, int bd, int bh, int bw) {
   return rows;
 }
 
-// Shared memory a CTA may opt into on the current device.
-inline int max_smem_optin() {
-  int dev = 0, v = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 48 * 1024;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
-    return 48 * 1024;
-  }
-  return v;
-}
-
 // Box-tile launch (conv_transpose3d_igemm_box_kernel). Sets `fits` to false and launches
 // nothing when the largest phase's patch does not fit in shared memory (long kernels, e.g.
 // k = 7 in every dimension with 128-byte K steps): the caller then runs the row-tile kernel of
@@ -885,10 +875,10 @@ cudaError_t launch_igemm_box(const ConvParams& p, const IgemmGeom& g, cudaStream
                                                   STAGES, MIN_CTAS>;
   const int p_max = box_patch_rows(p, BD, BH, BW);
   const int smem = Cfg::smem_bytes(p.epi.n_regs, p_max);
-  cudaFuncAttributes attr;
-  cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+  int static_bytes = 0;
+  cudaError_t e = kernel_static_smem(kernel, &static_bytes);
   if (e != cudaSuccess) return e;
-  if (smem + static_cast<int>(attr.sharedSizeBytes) > max_smem_optin()) {
+  if (smem + static_bytes > max_smem_optin()) {
     fits = false;
     return cudaSuccess;
   }

@@ -337,13 +337,10 @@ __global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
 
 // Whether the current device runs the sm_90a wgmma kernels (compute capability 9.0).
 inline bool device_has_wgmma() {
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-    return false;
-  }
-  return major == 9 && minor == 0;
+  int major = 0, minor = 0;  // (cached: ct3d_host.h)
+  return current_device_attribute(cudaDevAttrComputeCapabilityMajor, &major) &&
+         current_device_attribute(cudaDevAttrComputeCapabilityMinor, &minor) && major == 9 &&
+         minor == 0;
 }
 
 // wgmma box launch. Sets `fits` to false and launches nothing where the kernel cannot run:
@@ -365,10 +362,10 @@ cudaError_t launch_igemm_wgmma(const ConvParams& p, const IgemmGeom& g, cudaStre
   // (the descriptors' 14-bit fields hold offsets up to 256 KB, more than shared memory)
   const int p_max = box_patch_rows(p, Cfg::BD, Cfg::BH, Cfg::BW);
   const int smem = Cfg::smem_bytes(p.epi.n_regs, p_max);
-  cudaFuncAttributes attr;
-  cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+  int static_bytes = 0;
+  cudaError_t e = kernel_static_smem(kernel, &static_bytes);
   if (e != cudaSuccess) return e;
-  if (smem + static_cast<int>(attr.sharedSizeBytes) > max_smem_optin()) return cudaSuccess;
+  if (smem + static_bytes > max_smem_optin()) return cudaSuccess;
   fits = true;
   if (static_cast<int64_t>(p.N) * g.Dp * g.Hp * g.Wp == 0) return cudaSuccess;
   e = pack_input<T, IN_DT == kF32>(p, g, stream);

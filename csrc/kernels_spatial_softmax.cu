@@ -21,6 +21,7 @@
 
 #include "ct3d_async.cuh"
 #include "ct3d_epilogue.cuh"
+#include "ct3d_host.h"
 #include "ct3d_launch.h"
 #include "ct3d_params.h"
 
@@ -352,10 +353,9 @@ cudaError_t launch_typed(const SpatialSoftmaxParams& p, cudaStream_t stream) {
     if (p.nvec < 0 || p.nvec > kOnchipPer) return cudaErrorInvalidValue;
     auto* kernel = spatial_softmax_onchip_shared<TI, TO, VEC>;
     cfg.dynamicSmemBytes = static_cast<size_t>(p.nvec) * kSmThreads * 16;
-    // above 48 KB a kernel must opt in (on the current device: set at every launch)
-    const cudaError_t opt_in = cudaFuncSetAttribute(kernel,
-                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                    static_cast<int>(cfg.dynamicSmemBytes));
+    // above 48 KB a kernel must opt in, per device (cached: ct3d_host.h)
+    const cudaError_t opt_in = opt_in_dynamic_smem(kernel,
+                                                   static_cast<int>(cfg.dynamicSmemBytes));
     if (opt_in != cudaSuccess) return opt_in;
     return cudaLaunchKernelEx(&cfg, kernel, x, static_cast<TO*>(p.out), p.weight, p.L, p.C,
                               p.cluster, p.nvec, p.log != 0);
