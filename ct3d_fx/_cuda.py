@@ -45,9 +45,10 @@ Limitations (these calls run the reference, ``ops.reference``):
 from __future__ import annotations
 
 import math
+import operator
 import os
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -147,10 +148,11 @@ class _Plan:
 
     __slots__ = ("fallback", "shape", "stride", "dtype", "slot_extras", "slot_strides",
                  "prog_i", "prog_f", "patches", "regs", "conv", "igemm_ok", "igemm_auto",
-                 "igemm_tiles", "wline", "ln_split")
+                 "igemm_tiles", "wline", "ln_split", "checked")
 
     def __init__(self, fallback: Optional[str] = None):
         self.fallback = fallback
+        self.checked = False  # ops.check_args passed on this call signature (run())
         self.wline = False  # a LAYER_NORM over W: the W-line tiles only (tensor cores)
         # (prefix, suffix) programs (_layernorm_split) where the LayerNorm is what keeps the
         # call off the kernel: the kernel runs the prefix, PyTorch the suffix
@@ -162,7 +164,7 @@ _PLANS_MAX = 512
 
 
 def _sig(t: torch.Tensor) -> tuple:
-    return (tuple(t.shape), t.stride(), t.dtype, t.device)
+    return (t.shape, t.stride(), t.dtype, t.device)  # (torch.Size hashes as a tuple)
 
 
 def _key(input, weight, bias, stride, padding, output_padding, dilation, groups, program,
@@ -747,10 +749,6 @@ def _get_plan(*args) -> _Plan:
     return _plan_for(_key(*args), args)
 
 
-#: Call signatures (``_key``) whose arguments passed ``ops.check_args``.
-_checked: set = set()
-
-
 def _plan_for(key: tuple, args: tuple) -> _Plan:
     plan = _plans.get(key)
     if plan is None:
@@ -822,24 +820,199 @@ def _reference_channels_last(args: tuple, shape, stride, dtype) -> torch.Tensor:
     ops, and the result written into a tensor of ``shape``, ``stride``, ``dtype``: the output
     the fused kernel allocates (the reference's layout).
 
+    Where the bias and the whole program are one per-channel affine map of the conv output
+    (``_affine_prefix``: scale/shift by scalars or per-channel tensors, eval BatchNorm), they
+    run as one ``addcmul`` that writes the output: one pass instead of one per op plus the
+    copy; where only a prefix of the program is, the bias and that prefix run as one
+    ``addcmul``, the rest as before.
+
     Same values as the reference up to the conv's summation order (TF32 or not as
-    ``torch.backends.cudnn.allow_tf32`` says)."""
+    ``torch.backends.cudnn.allow_tf32`` says) and, for a folded program, the rounding of the
+    folded scale and shift (computed in float32, float64 for float64 inputs)."""
     input, weight, bias, st, pa, op, di, g, program, scalars, extras = args
     cl = torch.channels_last_3d
+    fold = _affine_prefix(program, scalars, extras, bias, weight.size(1) * g,
+                          torch.promote_types(torch.promote_types(input.dtype, dtype),
+                                              torch.float32), input.device, input.dtype)
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True  # only this flag: cudnn.flags() resets the others
     try:
-        y = F.conv_transpose3d(input.contiguous(memory_format=cl),
-                               weight.contiguous(memory_format=cl), bias, list(st), list(pa),
-                               list(op), g, list(di))
+        y = F.conv_transpose3d(input.contiguous(memory_format=cl), _weight_channels_last(weight),
+                               None if fold is not None else bias, list(st), list(pa), list(op),
+                               g, list(di))
     finally:
         torch.backends.cudnn.benchmark = benchmark
+    if fold is not None:
+        k, scale, shift = fold[0], fold[1].view(1, -1, 1, 1, 1), fold[2].view(1, -1, 1, 1, 1)
+        if k * INSTR_WIDTH == len(program):
+            # bias and program in one pass that also writes the output's layout
+            out = torch.empty_strided(shape, stride, dtype=dtype, device=input.device)
+            return torch.addcmul(shift, y, scale, out=out)
+        # bias and the program's first k instructions in one pass, the rest op by op
+        y = torch.addcmul(shift, y, scale, out=torch.empty_like(y))
+        program = _shift_values(program, k)
     r = ops._run_program(y, program, scalars, extras)
     if r.stride() == tuple(stride) and r.dtype == dtype and tuple(r.shape) == tuple(shape):
         return r
     out = torch.empty_strided(shape, stride, dtype=dtype, device=input.device)
     out.copy_(r)
     return out
+
+
+def _per_channel(t: torch.Tensor, channels: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``t`` as a (channels,) or (1,) vector of ``dtype`` when, broadcast against a 5-D
+    (N, channels, D, H, W) value, it varies along the channels only; else None."""
+    if t.numel() == 1:
+        return t.reshape(1).to(dtype)
+    if t.dim() > 5:
+        return None
+    shape = (1,) * (5 - t.dim()) + tuple(t.shape)
+    if shape[1] != channels or any(n != 1 for i, n in enumerate(shape) if i != 1):
+        return None
+    return t.reshape(channels).to(dtype)
+
+
+def _affine_fold(program, scalars, extras, bias, channels: int, dtype: torch.dtype,
+                 device: torch.device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(scale, shift), (channels,) or (1,) tensors of ``dtype``, such that the program's result
+    is ``conv * scale + shift`` per output channel (``conv`` without the bias: the bias is in
+    ``shift``), or None when the whole program is not such a map (``_affine_prefix``)."""
+    pre = _affine_prefix(program, scalars, extras, bias, channels, dtype, device, None)
+    if pre is None or pre[0] * INSTR_WIDTH != len(program):
+        return None
+    return pre[1], pre[2]
+
+
+def _affine_prefix(program, scalars, extras, bias, channels: int, dtype: torch.dtype,
+                   device: torch.device, conv_dtype: Optional[torch.dtype]):
+    """``(k, scale, shift)`` for the longest prefix of k instructions of ``program`` whose last
+    value is ``conv * scale + shift`` per output channel (``conv`` without the bias, which is in
+    ``shift``; scale and shift (channels,) or (1,) tensors of ``dtype``) and after which no
+    instruction reads a value before value k; None when there is none (k >= 1).
+
+    Folds ADD / SUB / MUL / DIV with scalars or per-channel tensors (DIV by them only), sums
+    and differences of two such maps, NEG, DETACH and eval-mode BATCH_NORM; the walk stops at
+    any other op, or an extra tensor that varies over more than the channels. A prefix shorter
+    than the program needs every tensor it reads (bias included) to be of ``conv_dtype`` (then
+    its value has the conv output's dtype, as the rest of the program expects); None there
+    allows only the whole program."""
+    rows = ops._split(program)
+    n = len(rows)
+    # lowest value number read by instructions i.. (n: none)
+    low = [n + 1] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        kinds = ops._FIELDS[Opcode(rows[i][0])]
+        reads = [rows[i][1 + j] for j, kind in enumerate(kinds) if kind == "v"]
+        low[i] = min([low[i + 1]] + reads)
+    uniform = conv_dtype is not None and (bias is None or bias.dtype == conv_dtype)
+    # a value: ("affine", scale, shift) of the conv output, or ("const", c); scale, shift and
+    # c are Python floats or (channels,) / (1,) tensors
+    shift0: Any = 0.0 if bias is None else bias.reshape(-1).to(dtype)  # (C_out,)
+    vals: List[Any] = [("affine", 1.0, shift0)]
+    best = (0, 1.0, shift0) if n == 0 and bias is not None else None  # the bias alone
+    for i, row in enumerate(rows):
+        try:
+            v = _fold_one(row, vals, scalars, extras, channels, dtype)
+        except ZeroDivisionError:  # a Python float divided by 0.0: left to the ops (inf / nan)
+            v = None
+        if v is None:
+            break
+        vals.append(v)
+        code = row[0]
+        if code == Opcode.LOAD_TENSOR:
+            uniform = uniform and extras[row[1]].dtype == conv_dtype
+        elif code == Opcode.BATCH_NORM:
+            uniform = uniform and all(extras[row[2] + j].dtype == conv_dtype
+                                      for j in range(4 if row[3] else 2))
+        if v[0] == "affine" and low[i + 1] >= i + 1 and (i + 1 == n or uniform):
+            best = (i + 1, v[1], v[2])
+    if best is None:
+        return None
+    k, scale, shift = best
+    return (k,) + tuple(t.to(device) if isinstance(t, torch.Tensor)
+                        else torch.full((1,), t, dtype=dtype, device=device)
+                        for t in (scale, shift))
+
+
+def _fold_one(row, vals, scalars, extras, channels, dtype):
+    """The value instruction ``row`` defines, as ``_affine_prefix`` tracks them, or None."""
+    code, a, b, c, d, _ = row
+    if code == Opcode.LOAD_SCALAR:
+        return ("const", float(scalars[a]))
+    if code == Opcode.LOAD_TENSOR:
+        v = _per_channel(extras[a], channels, dtype)
+        return None if v is None else ("const", v)
+    x = vals[a]
+    if code in (Opcode.ADD, Opcode.SUB, Opcode.MUL, Opcode.DIV):
+        y = vals[b]
+        if x[0] == "const" and y[0] == "const":
+            k = {Opcode.ADD: operator.add, Opcode.SUB: operator.sub,
+                 Opcode.MUL: operator.mul, Opcode.DIV: operator.truediv}[code]
+            return ("const", k(x[1], y[1]))
+        if code in (Opcode.ADD, Opcode.SUB) and x[0] == y[0] == "affine":
+            k = operator.add if code == Opcode.ADD else operator.sub
+            return ("affine", k(x[1], y[1]), k(x[2], y[2]))
+        if code == Opcode.ADD:
+            (_, s, t), (_, k) = (x, y) if x[0] == "affine" else (y, x)
+            return ("affine", s, t + k)
+        if code == Opcode.SUB:
+            return (("affine", x[1], x[2] - y[1]) if x[0] == "affine"
+                    else ("affine", -y[1], x[1] - y[2]))
+        if code == Opcode.MUL and "const" in (x[0], y[0]):
+            (_, s, t), (_, k) = (x, y) if x[0] == "affine" else (y, x)
+            return ("affine", s * k, t * k)
+        if code == Opcode.DIV and x[0] == "affine" and y[0] == "const":
+            return ("affine", x[1] / y[1], x[2] / y[1])
+        return None
+    if x[0] != "affine":
+        return None
+    if code == Opcode.NEG:
+        return ("affine", -x[1], -x[2])
+    if code == Opcode.DETACH:
+        return x
+    if code == Opcode.BATCH_NORM:
+        # (C,) vectors, as F.batch_norm takes them
+        stats = [extras[b + i].reshape(-1).to(dtype) for i in range(4 if c else 2)]
+        g = torch.rsqrt(stats[1] + float(scalars[d]))
+        if c:
+            g = g * stats[2]
+        shift = (x[2] - stats[0]) * g
+        return ("affine", x[1] * g, shift + stats[3] if c else shift)
+    return None
+
+
+def _shift_values(program: Sequence[int], k: int) -> List[int]:
+    """Instructions k.. of ``program`` as a program of their own: value k becomes value 0
+    (no instruction reads a value before k: ``_affine_prefix``)."""
+    out: List[int] = []
+    for row in ops._split(program)[k:]:
+        kinds = ops._FIELDS[Opcode(row[0])]
+        out += [row[0]] + [x - k if j < len(kinds) and kinds[j] == "v" else x
+                           for j, x in enumerate(row[1:])]
+    return out
+
+
+_CL_WEIGHT = "channels_last_3d"
+
+
+def _weight_channels_last(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in channels_last_3d, the copy cached like ``_packed_weight``."""
+    cl = torch.channels_last_3d
+    if weight.is_contiguous(memory_format=cl) or not weight.is_cuda:
+        return weight.contiguous(memory_format=cl)
+    key = None
+    if not (torch.is_inference_mode_enabled() and weight.is_inference()):
+        key = (_CL_WEIGHT, weight.data_ptr(), tuple(weight.shape), weight.stride(),
+               weight.dtype, weight.device, weight._version)
+        hit = _packed.get(key)
+        if hit is not None and hit[0]() is weight:
+            return hit[1]
+    wc = weight.detach().contiguous(memory_format=cl)
+    if key is not None and not torch.cuda.is_current_stream_capturing():
+        if len(_packed) >= _PACKED_MAX:
+            _packed.clear()
+        _packed[key] = (weakref.ref(weight), wc)
+    return wc
 
 
 def _cuda_event_ms(fn) -> float:
@@ -981,18 +1154,18 @@ def run(args: tuple) -> torch.Tensor:
     """The op's CUDA implementation on ``args`` (the op's 11 arguments): the fused kernel, or
     the reference where the kernel does not apply or the autotune measured it slower. The
     checks of ``ops.check_args`` run once per call signature (every value they read is part of
-    the plan key). ``fuse.FusedSite`` calls this directly, without the dispatcher, when no
+    the plan key; the plan records that they passed). ``fuse.FusedSite`` calls this directly, without the dispatcher, when no
     autograd, tracing or dispatch mode is involved (about 40 us less host time per site)."""
     key = _key(*args)
-    if key not in _checked:
+    plan = _plans.get(key)
+    if plan is None or not plan.checked:
         check_args(*args)
-        if len(_checked) >= _PLANS_MAX:
-            _checked.clear()
-        _checked.add(key)
     ext = _build.load()
     if ext is None:
         return reference(*args)
-    plan = _plan_for(key, args)
+    if plan is None:
+        plan = _plan_for(key, args)
+    plan.checked = True
     input, weight, bias, extras = args[0], args[1], args[2], args[10]
     if input.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
         mode = _MODE_FFMA
