@@ -35,6 +35,9 @@
 #   spatial   tests/test_spatial_softmax.py, memcheck over its kernel tests, each form's time
 #             (one-read shared 16 / 8 vectors, registers, two kernels; autotune off) against eager
 #             softmax + mul on four tensors, and l2_38 through the runner; LOGDIR/l2_38.json
+#   host      scripts/host_time.py on the GAN generator (host ms to enqueue a forward against GPU
+#             ms per forward, eager and optimized): bf16 at batch 1 (with a profiler table,
+#             LOGDIR/host_prof.txt), 2 and 8, fp32 at batch 1; LOGDIR/host.json
 #   pack      the built extension library as ext.tgz in CT3D_PACK_DIR (default LOGDIR), to
 #             carry into the next call: unpack it into a carried folder and point
 #             TORCH_EXTENSIONS_DIR there (_build imports a library it finds as is)
@@ -316,6 +319,23 @@ EOF2
     -k "kernel_matches and not f16 and (none or channel)"
 }
 
+step_host() {  # host-bound small models: the GAN generator's host time against its GPU time
+  local rc=0
+  "$PY" scripts/host_time.py --dtype bf16 --batch 1 --prof "$LOG/host_prof.txt" --sites \
+    --json "$LOG/host_bf16_b1.json" || rc=1
+  for a in "bf16 2" "bf16 8" "fp32 1"; do
+    set -- $a
+    "$PY" scripts/host_time.py --dtype "$1" --batch "$2" --sites --json "$LOG/host_$1_b$2.json" || rc=1
+  done
+  "$PY" - "$LOG" <<'EOF2'
+import glob, json, os, sys
+rows = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(sys.argv[1], "host_*_b*.json")))]
+json.dump(rows, open(os.path.join(sys.argv[1], "host.json"), "w"), indent=1)
+EOF2
+  rm -f "$LOG"/host_*_b*.json
+  return $rc
+}
+
 step_pack() {
   local dest=${CT3D_PACK_DIR:-$LOG}/ext.tgz
   (cd "$TORCH_EXTENSIONS_DIR" && tar -czf "$dest" ./*/*.so) && ls -la "$dest"
@@ -324,7 +344,7 @@ step_pack() {
 export LOG PY
 export -f step_spatial step_install step_build step_test step_sanitize step_example step_time step_profile \
   step_bench step_igemm step_sweep step_probe step_wgmma step_suite step_results step_results_low \
-  step_pack
+  step_pack step_host
 for s in $STEPS; do
   case $s in
     install) run_step install 300 ;;
@@ -343,6 +363,7 @@ for s in $STEPS; do
     results) run_step results $(( ${CT3D_RESULTS_BUDGET_S:-420} + 150 )) ;;
     results_low) run_step results_low 420 ;;
     pack) run_step pack 60 ;;
+    host) run_step host 300 ;;
     spatial) run_step spatial 300 ;;
     *) echo "unknown step $s"; FAILED=1 ;;
   esac

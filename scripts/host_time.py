@@ -1,12 +1,16 @@
 """Host (CPU) time against GPU time of a small optimized model, to tell host-bound rows apart.
 
     python scripts/host_time.py [--dtype bf16|fp32] [--batch 1] [--json OUT.json] [--prof OUT.txt]
+                                [--sites]
 
 For the GAN generator of examples/ (eval mode), eager and ``ct3d_fx.optimize``: after a warm-up
 (the autotune's first calls), the mean CPU time to enqueue one forward (200 forwards back to
 back, one synchronize at the end, so that it measures the host when the GPU keeps up), the mean
 GPU time per forward over the same loop (CUDA events around it), and the autotune's choice per
-site. With --prof, torch.profiler's table (self CPU time) of 20 optimized forwards. Needs CUDA.
+site. With --prof, torch.profiler's table (self CPU time) of 20 optimized forwards. With --sites,
+per fused site (its arguments captured from one forward): GPU ms (triton's do_bench, median) of
+the fused kernel (autotune off), the reference and the cuDNN channels_last_3d candidate, the
+kernel that ran and the autotune's choice. Needs CUDA.
 """
 from __future__ import annotations
 
@@ -40,12 +44,56 @@ def per_forward(fn, n: int = 200) -> dict:
     return {"host_ms": round(host, 4), "wall_ms": round(start.elapsed_time(end) / n, 4)}
 
 
+def per_site(opt, x) -> list:
+    """Each fused site's candidates timed on the arguments of one forward."""
+    from triton.testing import do_bench
+
+    captured = []
+    run = _cuda.run
+
+    def capture(args):
+        captured.append(args)
+        return run(args)
+
+    _cuda.run = capture
+    try:
+        opt(x)
+    finally:
+        _cuda.run = run
+    rows = []
+    autotune = _cuda.AUTOTUNE
+    choices = _cuda.autotune_choices()
+    try:
+        _cuda.AUTOTUNE = False  # run() then always takes the fused kernel where it applies
+        for args in captured:
+            inp, w = args[0], args[1]
+            plan = _cuda._get_plan(*args)
+            row = {"input": list(inp.shape), "weight": list(w.shape),
+                   "fallback": plan.fallback,
+                   "igemm_tiles": list(getattr(plan, "igemm_tiles", None) or ()),
+                   "igemm_auto": getattr(plan, "igemm_auto", None),
+                   "choice": [v for k, v in choices.items() if k[0] == _cuda._key(*args)]}
+            bench = lambda f: round(do_bench(f, warmup=10, rep=100, return_mode="median"), 4)
+            row["fused_ms"] = bench(lambda: _cuda.run(args))
+            row["kernel"] = str(_cuda.LAST_KERNEL) + (
+                " (wgmma)" if _cuda.LAST_KERNEL == "igemm" and _cuda.LAST_WGMMA else "")
+            row["reference_ms"] = bench(lambda: _cuda.reference(*args))
+            if _cuda._channels_last_applies(inp):
+                row["cudnn_channels_last_ms"] = bench(lambda: _cuda._reference_channels_last(
+                    args, plan.shape, plan.stride, plan.dtype))
+            rows.append(row)
+    finally:
+        _cuda.AUTOTUNE = autotune
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--json")
     ap.add_argument("--prof")
+    ap.add_argument("--sites", action="store_true")
     a = ap.parse_args(argv)
     dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
@@ -63,6 +111,8 @@ def main(argv=None) -> int:
         res["autotune"] = sorted({v for v in _cuda.autotune_choices().values()})
         err = (opt(x).float() - model(x).float()).abs().max().item()
         res["max_abs_diff_vs_eager"] = err
+        if a.sites:
+            res["sites"] = per_site(opt, x)
         if a.prof:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
