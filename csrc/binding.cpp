@@ -430,6 +430,50 @@ int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
 
 }  // namespace
 
+// x: contiguous NCDHW float32/float16/bfloat16; out: contiguous (N, C, D / kd, H / kh, W / kw)
+// of x's dtype. avg_pool3d with kernel == stride == (kd, kh, kw) (each 1-8), no padding, floor
+// mode, then `act` (0: none, else ct3d::Op OP_RELU / OP_GELU / OP_SILU / OP_SIGMOID / OP_TANH;
+// act_flag 1: GELU's tanh approximation): see csrc/kernels_pool_tail.cu.
+void pool_tail(const at::Tensor& x, at::Tensor& out, int64_t kd, int64_t kh, int64_t kw,
+               int64_t act, int64_t act_flag) {
+  const at::Device dev = x.device();
+  check_cuda_on(x, dev, "input");
+  check_cuda_on(out, dev, "output");
+  TORCH_CHECK(kd >= 1 && kd <= 8 && kh >= 1 && kh <= 8 && kw >= 1 && kw <= 8,
+              "ct3d: pool_tail kernel must be in [1, 8] per dimension, got (", kd, ", ", kh,
+              ", ", kw, ")");
+  TORCH_CHECK(x.dim() == 5 && x.is_contiguous(), "ct3d: pool_tail needs a contiguous NCDHW "
+              "input, got ", x.sizes(), " with strides ", x.strides());
+  const std::vector<int64_t> want = {x.size(0), x.size(1), x.size(2) / kd, x.size(3) / kh,
+                                     x.size(4) / kw};
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == at::IntArrayRef(want) &&
+                  out.scalar_type() == x.scalar_type(),
+              "ct3d: pool_tail output must be contiguous ", at::IntArrayRef(want), " ",
+              x.scalar_type(), ", got ", out.sizes(), " ", out.scalar_type());
+  TORCH_CHECK(x.size(2) <= INT32_MAX && x.size(3) <= INT32_MAX && x.size(4) <= INT32_MAX,
+              "ct3d: pool_tail spatial sizes must fit in 32 bits");
+  ct3d::PoolTailParams p{};
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  p.nc = x.size(0) * x.size(1);
+  p.D = static_cast<int32_t>(x.size(2));
+  p.H = static_cast<int32_t>(x.size(3));
+  p.W = static_cast<int32_t>(x.size(4));
+  p.Do = static_cast<int32_t>(want[2]);
+  p.Ho = static_cast<int32_t>(want[3]);
+  p.Wo = static_cast<int32_t>(want[4]);
+  p.kd = static_cast<int32_t>(kd);
+  p.kh = static_cast<int32_t>(kh);
+  p.kw = static_cast<int32_t>(kw);
+  p.dtype = dtype_code(x.scalar_type(), "input");
+  p.act = static_cast<int32_t>(act);
+  p.act_flag = static_cast<int32_t>(act_flag);
+  const c10::cuda::CUDAGuard guard(dev);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const cudaError_t err = ct3d::launch_pool_tail(p, stream);
+  TORCH_CHECK(err == cudaSuccess, "ct3d: pool_tail launch failed: ", cudaGetErrorString(err));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ct3d_fx fused ConvTranspose3d + epilogue CUDA kernel";
   m.def("launch", &launch, "Launch the fused kernel (see csrc/binding.cpp)", py::arg("x"),
@@ -445,6 +489,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "row, times a per-channel weight (see csrc/binding.cpp)", py::arg("x"), py::arg("out"),
         py::arg("weight"), py::arg("log"), py::arg("max_cluster") = 8,
         py::arg("shared_vecs") = 16);
+  m.def("pool_tail", &pool_tail, "avg_pool3d (kernel == stride, no padding) then an activation "
+        "(see csrc/binding.cpp)", py::arg("x"), py::arg("out"), py::arg("kd"), py::arg("kh"),
+        py::arg("kw"), py::arg("act"), py::arg("act_flag"));
   m.attr("MAX_INSTR") = ct3d::kMaxInstr;
   m.attr("MAX_SLOTS") = ct3d::kMaxSlots;
   m.attr("MAX_REGS") = ct3d::kMaxRegs;

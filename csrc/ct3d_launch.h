@@ -96,4 +96,8 @@ cudaError_t launch_spatial_softmax(const SpatialSoftmaxParams& p, cudaStream_t s
 int spatial_softmax_vec(int in_dtype);
 int64_t spatial_softmax_onchip_elems(int in_dtype, int vecs);
 
+// The pooled tail (csrc/kernels_pool_tail.cu) on `stream`; cudaErrorInvalidValue for an
+// unsupported dtype or activation, or a pooling kernel outside [1, 8] per dimension.
+cudaError_t launch_pool_tail(const PoolTailParams& p, cudaStream_t stream);
+
 }  // namespace ct3d

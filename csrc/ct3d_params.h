@@ -206,4 +206,19 @@ struct SpatialSoftmaxParams {
                     // nvec 16-byte vectors per thread (1-16; nvec * 4 KB of shared memory)
 };
 
+// The pooled tail (csrc/kernels_pool_tail.cu): avg_pool3d with kernel == stride (kd, kh, kw),
+// no padding, floor mode, on a contiguous NCDHW tensor, then at most one elementwise activation,
+// into a contiguous (N, C, Do, Ho, Wo) output of the input's dtype.
+struct PoolTailParams {
+  const void* x;
+  void* out;
+  int64_t nc;                // N * C
+  int32_t D, H, W;           // input spatial size
+  int32_t Do, Ho, Wo;        // output spatial size: D / kd, H / kh, W / kw (floor)
+  int32_t kd, kh, kw;
+  int32_t dtype;             // DType: kF32, kF16 or kBF16 (input and output)
+  int32_t act;               // 0 (none) or an Op: OP_RELU, OP_GELU, OP_SILU, OP_SIGMOID, OP_TANH
+  int32_t act_flag;          // OP_GELU: 1 for the tanh approximation
+};
+
 }  // namespace ct3d

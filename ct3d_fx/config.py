@@ -22,13 +22,18 @@ class Config:
     Attributes:
         families: op families that may join an epilogue, a subset of ``{"arithmetic",
             "activation", "clamp", "batch_norm", "dropout", "residual", "softmax",
-            "layer_norm", "spatial_softmax"}`` ("dropout" also covers nn.Identity, clone,
+            "layer_norm", "spatial_softmax", "pool_tail"}`` ("dropout" also covers
+            nn.Identity, clone,
             detach, contiguous; "residual" covers operands that come from model inputs, such as
             a skip connection; "softmax" is softmax and log_softmax over the channels;
             "layer_norm" is LayerNorm over the last dimension, W; "spatial_softmax" is
             ``y.view(n, c, -1)`` -> softmax over dim 2 -> view back (times a per-channel
             parameter) on a site's result ``y``, which then runs as ``ct3d::spatial_softmax``,
-            a second kernel). The convolution and its bias are always fused.
+            a second kernel; "pool_tail" is nn.AvgPool3d / F.avg_pool3d with stride equal to
+            the window (at most 8 per dimension), no padding, floor mode and no
+            divisor_override on a site's result, and one activation (ReLU, GELU, SiLU,
+            Sigmoid, Tanh) that only the pool reads, which then run as one second kernel:
+            ``ct3d_fx.pool_tail``). The convolution and its bias are always fused.
         filter_fn: ``filter_fn(module, fqn) -> bool``; called with the ConvTranspose3d module
             (None for a functional call) and the site's FQN; False leaves the site unfused.
         verify: with example_inputs, run the original and the optimized model and compare.

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _cuda, patterns
+from . import pool_tail as _pool_tail
 from . import spatial_softmax as _spatial
 from .config import Config, VerificationError
 from .ops import INSTR_WIDTH, Opcode
@@ -839,6 +840,118 @@ def _rewrite_tail(gm: fx.GraphModule, y: fx.Node, tail: SpatialTail) -> None:
         g.erase_node(n)
 
 
+@dataclass
+class PoolTail:
+    """An average pool (and the activation after it) on a site's output, replaced by one
+    ``pool_tail.call`` (``nodes[-1]``'s users read its result)."""
+
+    nodes: List[fx.Node]
+    kernel: Tuple[int, int, int]
+    act: Optional[str]
+    desc: str
+
+
+def _triple_of(v) -> Optional[Tuple[int, int, int]]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v, v)
+    if (isinstance(v, (tuple, list)) and len(v) == 3
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+        return tuple(v)
+    return None
+
+
+def _avg_pool_window(p: fx.Node, y: fx.Node, modules) -> Optional[Tuple[int, int, int]]:
+    """The window of ``p`` when it is ``avg_pool3d(y)`` with stride equal to the window (each
+    1-8), no padding, floor mode and no divisor_override, else None."""
+    if p.op == "call_module":
+        m = modules.get(p.target)
+        if type(m) is not nn.AvgPool3d or p.args != (y,) or p.kwargs:
+            return None
+        k, st, pad = m.kernel_size, m.stride, m.padding
+        ceil, div = m.ceil_mode, m.divisor_override
+    elif p.op == "call_function" and p.target in (F.avg_pool3d, torch._C._nn.avg_pool3d):
+        def sig(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+                count_include_pad=True, divisor_override=None):
+            return input, kernel_size, stride, padding, ceil_mode, divisor_override
+        try:
+            inp, k, st, pad, ceil, div = sig(*p.args, **p.kwargs)
+        except TypeError:
+            return None
+        if inp is not y:
+            return None
+        if st is None or (isinstance(st, (tuple, list)) and len(st) == 0):
+            st = k
+    else:
+        return None
+    k3, st3, pad3 = _triple_of(k), _triple_of(st), _triple_of(pad)
+    if (k3 is None or k3 != st3 or pad3 != (0, 0, 0) or ceil is not False or div is not None
+            or not all(1 <= x <= 8 for x in k3)):
+        return None
+    return k3
+
+
+_TAIL_ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+_TAIL_ACT_FNS = {torch.relu: "relu", F.relu: "relu", F.silu: "silu", torch.sigmoid: "sigmoid",
+                 torch.tanh: "tanh", F.gelu: "gelu"}
+_TAIL_ACT_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+
+
+def _tail_activation(u: fx.Node, p: fx.Node, modules) -> Optional[str]:
+    """The ``pool_tail.ACTIVATIONS`` key of ``u`` when it is an activation of ``p`` alone,
+    else None."""
+    if not u.args or u.args[0] is not p or len(u.args) > 1:
+        return None
+    if u.op == "call_module":
+        m = modules.get(u.target)
+        if u.kwargs:
+            return None
+        if type(m) is nn.GELU:
+            return {"none": "gelu", "tanh": "gelu_tanh"}.get(m.approximate)
+        return _TAIL_ACT_MODULES.get(type(m))
+    if u.op == "call_function" and u.target in _TAIL_ACT_FNS:
+        name = _TAIL_ACT_FNS[u.target]
+        kw = dict(u.kwargs)
+        if name == "gelu":
+            name = {"none": "gelu", "tanh": "gelu_tanh"}.get(kw.pop("approximate", "none"))
+        elif u.target in (F.relu, F.silu):
+            kw.pop("inplace", None)
+        return name if not kw else None
+    if u.op == "call_method" and u.target in _TAIL_ACT_METHODS and not u.kwargs:
+        return _TAIL_ACT_METHODS[u.target]
+    return None
+
+
+def match_pool_tail(y: fx.Node, modules, config: Config) -> Optional[PoolTail]:
+    """The average pool (and its activation) that reads ``y`` (a site's result), or None."""
+    if "pool_tail" not in config.families:
+        return None
+    for p in list(y.users):
+        k = _avg_pool_window(p, y, modules)
+        if k is None:
+            continue
+        nodes, act = [p], None
+        desc = f"avg_pool3d({k[0] if len(set(k)) == 1 else k})"
+        if len(p.users) == 1:
+            u = next(iter(p.users))
+            act = _tail_activation(u, p, modules)
+            if act is not None:
+                nodes.append(u)
+                desc += f" -> {act}"
+        return PoolTail(nodes, k, act, desc)
+    return None
+
+
+def _rewrite_pool_tail(gm: fx.GraphModule, y: fx.Node, tail: PoolTail) -> None:
+    g = gm.graph
+    last = tail.nodes[-1]
+    with g.inserting_before(last):
+        node = g.call_function(_pool_tail.call, (y, tail.kernel, tail.act))
+    node.meta.update({k: v for k, v in last.meta.items() if k in ("tensor_meta", "val")})
+    last.replace_all_uses_with(node)
+    for n in reversed(tail.nodes):
+        g.erase_node(n)
+
+
 def _finish(gm: fx.GraphModule, model: nn.Module, sites: nn.Module) -> fx.GraphModule:
     """Make ``gm`` share every submodule, Parameter and buffer of ``model`` at its FQN."""
     gm.graph.lint()
@@ -1027,8 +1140,11 @@ def _process(model: nn.Module, inputs, config: Config, prefix: str, rewrite: boo
         rec.program = e.program
         rec.scalars = e.scalars
         tail = match_spatial_tail(m.sink, modules, config)
+        ptail = None if tail is not None else match_pool_tail(m.sink, modules, config)
         if tail is not None:
             rec.then = f"{tail.desc}: ct3d spatial_softmax kernel"
+        elif ptail is not None:
+            rec.then = f"{ptail.desc}: ct3d pooled tail kernel"
         if rewrite:
             name = fqn.replace(".", "_") or f"site{i}"
             while name in used:
@@ -1037,6 +1153,8 @@ def _process(model: nn.Module, inputs, config: Config, prefix: str, rewrite: boo
             node = _rewrite(gm, m, e, name, full, sites)
             if tail is not None:
                 _rewrite_tail(gm, node, tail)
+            elif ptail is not None:
+                _rewrite_pool_tail(gm, node, ptail)
     if not rewrite:
         return gm
     return _finish(gm, model, sites)
