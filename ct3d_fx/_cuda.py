@@ -1154,8 +1154,9 @@ def run(args: tuple) -> torch.Tensor:
     """The op's CUDA implementation on ``args`` (the op's 11 arguments): the fused kernel, or
     the reference where the kernel does not apply or the autotune measured it slower. The
     checks of ``ops.check_args`` run once per call signature (every value they read is part of
-    the plan key; the plan records that they passed). ``fuse.FusedSite`` calls this directly, without the dispatcher, when no
-    autograd, tracing or dispatch mode is involved (about 40 us less host time per site)."""
+    the plan key; the plan records that they passed). ``fuse.FusedSite`` calls this directly,
+    without the dispatcher, when no autograd, tracing or dispatch mode is involved (about 40 us
+    less host time per site)."""
     key = _key(*args)
     plan = _plans.get(key)
     if plan is None or not plan.checked:
