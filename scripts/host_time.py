@@ -9,8 +9,9 @@ back, one synchronize at the end, so that it measures the host when the GPU keep
 GPU time per forward over the same loop (CUDA events around it), and the autotune's choice per
 site. With --prof, torch.profiler's table (self CPU time) of 20 optimized forwards. With --sites,
 per fused site (its arguments captured from one forward): GPU ms (triton's do_bench, median) of
-the fused kernel (autotune off), the reference and the cuDNN channels_last_3d candidate, the
-kernel that ran and the autotune's choice. Needs CUDA.
+the fused kernel (autotune off; then each of its kernels forced: direct, igemm, gemm), the
+reference and the cuDNN channels_last_3d candidate, the kernel that ran and the autotune's
+choice. Needs CUDA.
 """
 from __future__ import annotations
 
@@ -77,6 +78,14 @@ def per_site(opt, x) -> list:
             row["fused_ms"] = bench(lambda: _cuda.run(args))
             row["kernel"] = str(_cuda.LAST_KERNEL) + (
                 " (wgmma)" if _cuda.LAST_KERNEL == "igemm" and _cuda.LAST_WGMMA else "")
+            algo = _cuda.ALGO
+            try:  # the other kernels of the fused op, forced
+                for forced in ("direct", "igemm", "gemm"):
+                    _cuda.ALGO = forced
+                    row[f"{forced}_ms"] = bench(lambda: _cuda.run(args))
+                    row[f"{forced}_kernel"] = _cuda.LAST_KERNEL
+            finally:
+                _cuda.ALGO = algo
             row["reference_ms"] = bench(lambda: _cuda.reference(*args))
             if _cuda._channels_last_applies(inp):
                 row["cudnn_channels_last_ms"] = bench(lambda: _cuda._reference_channels_last(
