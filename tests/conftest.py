@@ -32,6 +32,16 @@ import ct3d_fx._cuda  # noqa: E402
 ct3d_fx._cuda.AUTOTUNE = False
 
 
+@pytest.fixture
+def ext():
+    """The built extension; a GPU test fails (does not skip) when it cannot be built."""
+    from ct3d_fx import _build
+
+    mod = _build.load()
+    assert mod is not None, f"the CUDA extension did not build: {_build.why_not()}"
+    return mod
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

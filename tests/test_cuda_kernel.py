@@ -317,14 +317,6 @@ class _precision:
 
 
 @pytest.fixture
-def ext():
-    """The built extension; a GPU test fails (does not skip) when it cannot be built."""
-    mod = _build.load()
-    assert mod is not None, f"the CUDA extension did not build: {_build.why_not()}"
-    return mod
-
-
-@pytest.fixture
 def poison(monkeypatch):
     monkeypatch.setattr(_cuda, "POISON_OUTPUT", True)
 

@@ -17,20 +17,12 @@ import torch.nn.functional as F
 import ct3d_fx
 from ct3d_fx import Config
 from ct3d_fx import pool_tail as pt
-from ct3d_fx import _build
 
 from conftest import randn
 
 cuda = pytest.mark.cuda
 
 _TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-@pytest.fixture
-def ext():
-    mod = _build.load()
-    assert mod is not None, f"the CUDA extension did not build: {_build.why_not()}"
-    return mod
 
 
 @pytest.fixture
