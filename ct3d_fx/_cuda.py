@@ -872,17 +872,6 @@ def _per_channel(t: torch.Tensor, channels: int, dtype: torch.dtype) -> Optional
     return t.reshape(channels).to(dtype)
 
 
-def _affine_fold(program, scalars, extras, bias, channels: int, dtype: torch.dtype,
-                 device: torch.device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """(scale, shift), (channels,) or (1,) tensors of ``dtype``, such that the program's result
-    is ``conv * scale + shift`` per output channel (``conv`` without the bias: the bias is in
-    ``shift``), or None when the whole program is not such a map (``_affine_prefix``)."""
-    pre = _affine_prefix(program, scalars, extras, bias, channels, dtype, device, None)
-    if pre is None or pre[0] * INSTR_WIDTH != len(program):
-        return None
-    return pre[1], pre[2]
-
-
 def _affine_prefix(program, scalars, extras, bias, channels: int, dtype: torch.dtype,
                    device: torch.device, conv_dtype: Optional[torch.dtype]):
     """``(k, scale, shift)`` for the longest prefix of k instructions of ``program`` whose last
@@ -1000,19 +989,8 @@ def _weight_channels_last(weight: torch.Tensor) -> torch.Tensor:
     cl = torch.channels_last_3d
     if weight.is_contiguous(memory_format=cl) or not weight.is_cuda:
         return weight.contiguous(memory_format=cl)
-    key = None
-    if not (torch.is_inference_mode_enabled() and weight.is_inference()):
-        key = (_CL_WEIGHT, weight.data_ptr(), tuple(weight.shape), weight.stride(),
-               weight.dtype, weight.device, weight._version)
-        hit = _packed.get(key)
-        if hit is not None and hit[0]() is weight:
-            return hit[1]
-    wc = weight.detach().contiguous(memory_format=cl)
-    if key is not None and not torch.cuda.is_current_stream_capturing():
-        if len(_packed) >= _PACKED_MAX:
-            _packed.clear()
-        _packed[key] = (weakref.ref(weight), wc)
-    return wc
+    return _cached_copy(weight, (_CL_WEIGHT,),
+                        lambda w: w.detach().contiguous(memory_format=cl))
 
 
 def _cuda_event_ms(fn) -> float:
@@ -1057,23 +1035,30 @@ _PACKED_MAX = 256
 _packed: Dict[tuple, Tuple["weakref.ref", torch.Tensor]] = {}
 
 
-def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(C_in, C_out/g, kD, kH, kW) view of a copy whose C_out dimension is contiguous, so the
-    kernel's weight loads coalesce across output channels."""
-    if torch.is_inference_mode_enabled() and weight.is_inference():
-        key = None  # inference tensors have no version counter
-    else:
-        key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype,
-               weight.device, weight._version)
+def _cached_copy(weight: torch.Tensor, tag: tuple, make) -> torch.Tensor:
+    """``make(weight)``, kept in ``_packed`` under ``tag`` and the weight's storage pointer,
+    layout and version counter (not for inference tensors, which have no version counter, nor
+    while a CUDA graph is captured)."""
+    key = None
+    if not (torch.is_inference_mode_enabled() and weight.is_inference()):
+        key = tag + (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype,
+                     weight.device, weight._version)
         hit = _packed.get(key)
         if hit is not None and hit[0]() is weight:
             return hit[1]
-    wp = weight.detach().permute(2, 3, 4, 0, 1).contiguous().permute(3, 4, 0, 1, 2)
+    copy = make(weight)
     if key is not None and not torch.cuda.is_current_stream_capturing():
         if len(_packed) >= _PACKED_MAX:
             _packed.clear()
-        _packed[key] = (weakref.ref(weight), wp)
-    return wp
+        _packed[key] = (weakref.ref(weight), copy)
+    return copy
+
+
+def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C_in, C_out/g, kD, kH, kW) view of a copy whose C_out dimension is contiguous, so the
+    kernel's weight loads coalesce across output channels."""
+    return _cached_copy(weight, (), lambda w: w.detach().permute(2, 3, 4, 0, 1).contiguous()
+                        .permute(3, 4, 0, 1, 2))
 
 
 def _round_tf32_(t: torch.Tensor) -> torch.Tensor:
@@ -1088,25 +1073,16 @@ def _packed_weight_igemm(weight: torch.Tensor, ck: int, bn: int) -> torch.Tensor
     """(kD, kH, kW, C_out padded to bn, C_in padded to ck) contiguous copy, C_in fastest, for
     the channels-last implicit GEMM; float32 values rounded to TF32. Cached like
     ``_packed_weight``."""
-    key = None
-    if not (torch.is_inference_mode_enabled() and weight.is_inference()):
-        key = ("igemm", ck, bn, weight.data_ptr(), tuple(weight.shape), weight.stride(),
-               weight.dtype, weight.device, weight._version)
-        hit = _packed.get(key)
-        if hit is not None and hit[0]() is weight:
-            return hit[1]
-    cin, cout = weight.size(0), weight.size(1)
-    cp, cout_p = -(-cin // ck) * ck, -(-cout // bn) * bn
-    w = weight.detach().permute(2, 3, 4, 1, 0)
-    wp = torch.zeros(*w.shape[:3], cout_p, cp, dtype=weight.dtype, device=weight.device)
-    wp[..., :cout, :cin] = w
-    if wp.dtype == torch.float32:
-        _round_tf32_(wp)
-    if key is not None and not torch.cuda.is_current_stream_capturing():
-        if len(_packed) >= _PACKED_MAX:
-            _packed.clear()
-        _packed[key] = (weakref.ref(weight), wp)
-    return wp
+    def make(weight):
+        cin, cout = weight.size(0), weight.size(1)
+        cp, cout_p = -(-cin // ck) * ck, -(-cout // bn) * bn
+        w = weight.detach().permute(2, 3, 4, 1, 0)
+        wp = torch.zeros(*w.shape[:3], cout_p, cp, dtype=weight.dtype, device=weight.device)
+        wp[..., :cout, :cin] = w
+        if wp.dtype == torch.float32:
+            _round_tf32_(wp)
+        return wp
+    return _cached_copy(weight, ("igemm", ck, bn), make)
 
 
 def _run_fused(ext, plan, input, weight, bias, extras, mode):

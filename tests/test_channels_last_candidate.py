@@ -134,8 +134,9 @@ def test_affine_programs_fold_into_one_pass(name, bias, monkeypatch):
     program, scalars, extras = _FOLDABLE[name]
     args = _bn_args(program, extras, scalars, bias=bias)
     ref = ops.reference(*args)
-    assert _cuda._affine_fold(program, scalars, extras, args[2], 6, torch.float64,
-                              ref.device) is not None
+    pre = _cuda._affine_prefix(program, scalars, extras, args[2], 6, torch.float64,
+                               ref.device, None)
+    assert pre is not None and pre[0] * ops.INSTR_WIDTH == len(program)
 
     def interpreted(*a, **k):
         raise AssertionError("the folded program must not be interpreted op by op")
@@ -151,8 +152,9 @@ def test_affine_programs_fold_into_one_pass(name, bias, monkeypatch):
 def test_other_programs_are_not_folded(name):
     program, scalars, extras = _NOT_FOLDABLE[name]
     args = _bn_args(program, extras, scalars)
-    assert _cuda._affine_fold(program, scalars, extras, args[2], 6, torch.float64,
-                              torch.device("cpu")) is None
+    pre = _cuda._affine_prefix(program, scalars, extras, args[2], 6, torch.float64,
+                               torch.device("cpu"), None)
+    assert pre is None or pre[0] * ops.INSTR_WIDTH != len(program)
     ref = ops.reference(*args)
     out = _cuda._reference_channels_last(args, tuple(ref.shape), ref.stride(), ref.dtype)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12, equal_nan=True)
