@@ -829,14 +829,16 @@ def _spatial_softmax_call(input, log, weight):
     return torch.ops.ct3d.spatial_softmax(input, log, weight)
 
 
-def _rewrite_tail(gm: fx.GraphModule, y: fx.Node, tail: SpatialTail) -> None:
+def _rewrite_tail(gm: fx.GraphModule, fn, args: tuple, nodes: List[fx.Node]) -> None:
+    """Replace ``nodes`` (a tail on a site's result) by one ``call_function`` of ``fn`` with
+    ``args``; the users of ``nodes[-1]`` read its result."""
     g = gm.graph
-    last = tail.nodes[-1]
+    last = nodes[-1]
     with g.inserting_before(last):
-        node = g.call_function(_spatial_softmax_call, (y, tail.log, tail.weight))
+        node = g.call_function(fn, args)
     node.meta.update({k: v for k, v in last.meta.items() if k in ("tensor_meta", "val")})
     last.replace_all_uses_with(node)
-    for n in reversed(tail.nodes):
+    for n in reversed(nodes):
         g.erase_node(n)
 
 
@@ -939,17 +941,6 @@ def match_pool_tail(y: fx.Node, modules, config: Config) -> Optional[PoolTail]:
                 desc += f" -> {act}"
         return PoolTail(nodes, k, act, desc)
     return None
-
-
-def _rewrite_pool_tail(gm: fx.GraphModule, y: fx.Node, tail: PoolTail) -> None:
-    g = gm.graph
-    last = tail.nodes[-1]
-    with g.inserting_before(last):
-        node = g.call_function(_pool_tail.call, (y, tail.kernel, tail.act))
-    node.meta.update({k: v for k, v in last.meta.items() if k in ("tensor_meta", "val")})
-    last.replace_all_uses_with(node)
-    for n in reversed(tail.nodes):
-        g.erase_node(n)
 
 
 def _finish(gm: fx.GraphModule, model: nn.Module, sites: nn.Module) -> fx.GraphModule:
@@ -1152,9 +1143,10 @@ def _process(model: nn.Module, inputs, config: Config, prefix: str, rewrite: boo
             used.add(name)
             node = _rewrite(gm, m, e, name, full, sites)
             if tail is not None:
-                _rewrite_tail(gm, node, tail)
+                _rewrite_tail(gm, _spatial_softmax_call, (node, tail.log, tail.weight),
+                              tail.nodes)
             elif ptail is not None:
-                _rewrite_pool_tail(gm, node, ptail)
+                _rewrite_tail(gm, _pool_tail.call, (node, ptail.kernel, ptail.act), ptail.nodes)
     if not rewrite:
         return gm
     return _finish(gm, model, sites)
