@@ -431,11 +431,11 @@ int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
 }  // namespace
 
 // x: contiguous NCDHW float32/float16/bfloat16; out: contiguous (N, C, D / kd, H / kh, W / kw)
-// of x's dtype. avg_pool3d with kernel == stride == (kd, kh, kw) (each 1-8), no padding, floor
-// mode, then `act` (0: none, else ct3d::Op OP_RELU / OP_GELU / OP_SILU / OP_SIGMOID / OP_TANH;
-// act_flag 1: GELU's tanh approximation): see csrc/kernels_pool_tail.cu.
+// of x's dtype. avg_pool3d (max_pool3d when `max`) with kernel == stride == (kd, kh, kw) (each
+// 1-8), no padding, floor mode, then `act` (0: none, else ct3d::Op OP_RELU / OP_GELU / OP_SILU
+// / OP_SIGMOID / OP_TANH; act_flag 1: GELU's tanh approximation): csrc/kernels_pool_tail.cu.
 void pool_tail(const at::Tensor& x, at::Tensor& out, int64_t kd, int64_t kh, int64_t kw,
-               int64_t act, int64_t act_flag) {
+               int64_t act, int64_t act_flag, bool max) {
   const at::Device dev = x.device();
   check_cuda_on(x, dev, "input");
   check_cuda_on(out, dev, "output");
@@ -468,6 +468,7 @@ void pool_tail(const at::Tensor& x, at::Tensor& out, int64_t kd, int64_t kh, int
   p.dtype = dtype_code(x.scalar_type(), "input");
   p.act = static_cast<int32_t>(act);
   p.act_flag = static_cast<int32_t>(act_flag);
+  p.max = max ? 1 : 0;
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const cudaError_t err = ct3d::launch_pool_tail(p, stream);
@@ -489,9 +490,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "row, times a per-channel weight (see csrc/binding.cpp)", py::arg("x"), py::arg("out"),
         py::arg("weight"), py::arg("log"), py::arg("max_cluster") = 8,
         py::arg("shared_vecs") = 16);
-  m.def("pool_tail", &pool_tail, "avg_pool3d (kernel == stride, no padding) then an activation "
-        "(see csrc/binding.cpp)", py::arg("x"), py::arg("out"), py::arg("kd"), py::arg("kh"),
-        py::arg("kw"), py::arg("act"), py::arg("act_flag"));
+  m.def("pool_tail", &pool_tail, "avg_pool3d or max_pool3d (kernel == stride, no padding) then "
+        "an activation (see csrc/binding.cpp)", py::arg("x"), py::arg("out"), py::arg("kd"),
+        py::arg("kh"), py::arg("kw"), py::arg("act"), py::arg("act_flag"),
+        py::arg("max") = false);
   m.attr("MAX_INSTR") = ct3d::kMaxInstr;
   m.attr("MAX_SLOTS") = ct3d::kMaxSlots;
   m.attr("MAX_REGS") = ct3d::kMaxRegs;

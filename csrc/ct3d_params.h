@@ -219,6 +219,7 @@ struct PoolTailParams {
   int32_t dtype;             // DType: kF32, kF16 or kBF16 (input and output)
   int32_t act;               // 0 (none) or an Op: OP_RELU, OP_GELU, OP_SILU, OP_SIGMOID, OP_TANH
   int32_t act_flag;          // OP_GELU: 1 for the tanh approximation
+  int32_t max;               // 1: max_pool3d (NaN wins, as in PyTorch), 0: avg_pool3d
 };
 
 }  // namespace ct3d
