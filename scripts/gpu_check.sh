@@ -38,6 +38,9 @@
 #   host      scripts/host_time.py on the GAN generator (host ms to enqueue a forward against GPU
 #             ms per forward, eager and optimized): bf16 at batch 1 (with a profiler table,
 #             LOGDIR/host_prof.txt), 2 and 8, fp32 at batch 1; LOGDIR/host.json
+#   pool      tests/test_pool_tail.py, memcheck over its kernel tests, and the suite problems
+#             that pool their site's output (CT3D_POOL_ONLY, an --only regex) through the runner
+#             (torch.compile, no float64 reference); LOGDIR/pool.json
 #   pack      the built extension library as ext.tgz in CT3D_PACK_DIR (default LOGDIR), to
 #             carry into the next call: unpack it into a carried folder and point
 #             TORCH_EXTENSIONS_DIR there (_build imports a library it finds as is)
@@ -336,6 +339,16 @@ EOF2
   return $rc
 }
 
+step_pool() {  # the pooled tail (avg and max): its tests, memcheck over its kernel tests, the
+  # four suite problems that max-pool their site's output, through the runner; LOGDIR/pool.json
+  "$PY" -m pytest -p no:cacheprovider -q -rfE tests/test_pool_tail.py || return 1
+  compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+    --report-api-errors no "$PY" -m pytest -p no:cacheprovider -q tests/test_pool_tail.py \
+    -k "(kernel_matches and None) or propagates_nan or minus_inf" || return 2
+  "$PY" -m ct3d_fx.bench --only "${CT3D_POOL_ONLY:-^l2_(74|78|89|96)\$}" --networks none \
+    --no-fp64 --json "$LOG/pool.json"
+}
+
 step_pack() {
   local dest=${CT3D_PACK_DIR:-$LOG}/ext.tgz
   (cd "$TORCH_EXTENSIONS_DIR" && tar -czf "$dest" ./*/*.so) && ls -la "$dest"
@@ -344,7 +357,7 @@ step_pack() {
 export LOG PY
 export -f step_spatial step_install step_build step_test step_sanitize step_example step_time step_profile \
   step_bench step_igemm step_sweep step_probe step_wgmma step_suite step_results step_results_low \
-  step_pack step_host
+  step_pack step_host step_pool
 for s in $STEPS; do
   case $s in
     install) run_step install 300 ;;
