@@ -222,4 +222,23 @@ struct PoolTailParams {
   int32_t max;               // 1: max_pool3d (NaN wins, as in PyTorch), 0: avg_pool3d
 };
 
+// The epilogue pass (csrc/kernels_epilogue_pass.cu): the program of `epi` (register 0 = src +
+// bias) over an (N, C, D, H, W) tensor `src` whose spatial dimensions collapse to one stride
+// (NCDHW contiguous or channels_last_3d), written to `out` (same shape, likewise collapsible);
+// S = D * H * W. *_cfast: the channel stride is 1 (channels_last_3d), so the kernel reads or
+// writes 32 consecutive channels per warp access instead of 32 consecutive positions.
+struct EpiPassParams {
+  const void* src;
+  int64_t ss_n, ss_c, ss_s;  // element strides of src: sample, channel, spatial position
+  int32_t src_dtype, src_cfast;
+  const void* bias;  // (C,) contiguous or nullptr
+  int32_t bias_dtype;
+  void* out;
+  int64_t os_n, os_c, os_s;
+  int32_t out_dtype, out_cfast;
+  int32_t N, C, D, H, W;
+  int64_t S;
+  Epilogue epi;
+};
+
 }  // namespace ct3d
