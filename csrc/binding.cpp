@@ -496,7 +496,8 @@ bool spatial_stride(const at::Tensor& t, int64_t* s) {
          (D == 1 || t.stride(2) == sw * W * H);
 }
 
-// src: (N, C, D, H, W) float32 / float16 / bfloat16, the conv output without its bias; bias:
+// src: (N, C, D, H, W) float32 / float16 / bfloat16 (D * H * W < 2^31 - 128), the conv output
+// without its bias; bias:
 // (C,) contiguous or None; out: src's shape, src's dtype or float32; both NCDHW contiguous or
 // channels_last_3d (any strides whose spatial dimensions collapse, spatial_stride), out may be
 // src itself. The other arguments as for `launch`: the epilogue program, decoded for an output
@@ -537,8 +538,21 @@ void epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bias,
   p.H = static_cast<int32_t>(src.size(3));
   p.W = static_cast<int32_t>(src.size(4));
   p.S = src.size(2) * src.size(3) * src.size(4);
-  TORCH_CHECK(p.S < (int64_t{1} << 31) - 64, "ct3d: epilogue_pass needs D * H * W < 2^31 - 64, "
-              "got ", p.S);
+  TORCH_CHECK(p.S < (int64_t{1} << 31) - 128, "ct3d: epilogue_pass needs D * H * W < 2^31 - "
+              "128, got ", p.S);
+  // the staged kernel copies the source in 4-byte units of 4 / element_size elements along its
+  // fast dimension (stride 1): every unit must start 4-byte aligned and lie in one row
+  {
+    const int64_t esize = src.element_size();
+    const bool aligned = reinterpret_cast<uintptr_t>(src.data_ptr()) % 4 == 0;
+    if (esize == 4) {
+      p.staged = aligned ? 1 : 0;
+    } else if (esize == 2 && aligned && p.src_cfast) {
+      p.staged = (p.C % 2 == 0 && p.ss_n % 2 == 0 && p.ss_s % 2 == 0) ? 1 : 0;
+    } else if (esize == 2 && aligned && p.ss_s == 1) {
+      p.staged = (p.S % 2 == 0 && p.ss_n % 2 == 0 && p.ss_c % 2 == 0) ? 1 : 0;
+    }
+  }
   if (bias.has_value() && bias->defined()) {
     check_cuda_on(*bias, dev, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->numel() == p.C && bias->is_contiguous(),

@@ -225,8 +225,9 @@ struct PoolTailParams {
 // The epilogue pass (csrc/kernels_epilogue_pass.cu): the program of `epi` (register 0 = src +
 // bias) over an (N, C, D, H, W) tensor `src` whose spatial dimensions collapse to one stride
 // (NCDHW contiguous or channels_last_3d), written to `out` (same shape, likewise collapsible);
-// S = D * H * W. *_cfast: the channel stride is 1 (channels_last_3d), so the kernel reads or
-// writes 32 consecutive channels per warp access instead of 32 consecutive positions.
+// S = D * H * W (< 2^31 - 128). *_cfast: the channel stride is 1 (channels_last_3d), so the
+// kernel reads or writes 32 consecutive channels per warp access instead of 32 consecutive
+// positions.
 struct EpiPassParams {
   const void* src;
   int64_t ss_n, ss_c, ss_s;  // element strides of src: sample, channel, spatial position
@@ -238,6 +239,7 @@ struct EpiPassParams {
   int32_t out_dtype, out_cfast;
   int32_t N, C, D, H, W;
   int64_t S;
+  int32_t staged;  // 1: the staged kernel (src read in 4-byte units with cp.async; binding)
   Epilogue epi;
 };
 

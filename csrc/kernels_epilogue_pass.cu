@@ -5,17 +5,27 @@
 // channels_last_3d on TF32 l2_100), PyTorch still runs the bias and every op of the epilogue as
 // a pass of its own, plus a copy when the conv ran on channels_last_3d copies of an NCDHW model.
 // This kernel reads the conv output once and writes the site's result once:
-//   * a CTA owns a tile of kTC = 32 channels x kTS = 64 consecutive spatial positions
-//     (s = (d * H + h) * W + w) of one sample; it reads the tile into shared memory in the
-//     source's layout order (32 consecutive channels per warp load when the source is
-//     channels_last_3d, 32 consecutive positions when it is NCDHW), adds the bias, runs the
-//     decoded program (ct3d_epilogue.cuh run_program, the fused kernels' interpreter: same
-//     arithmetic, float32) and stores the result register in the output's layout order;
-//   * the tile pitch is kTS + 1 floats, so both orders reach shared memory without bank
-//     conflicts;
+//   * a tile is kTC = 32 channels x TSP consecutive spatial positions (s = (d * H + h) * W + w)
+//     of one sample; it is read in the source's layout order (consecutive channels when the
+//     source is channels_last_3d, consecutive positions when it is NCDHW), the bias is added,
+//     the decoded program runs on it (ct3d_epilogue.cuh run_program, the fused kernels'
+//     interpreter: same arithmetic, float32), and the result register is stored in the
+//     output's layout order;
+//   * tile registers have a pitch of TSP + 1 floats, so both orders reach shared memory without
+//     bank conflicts;
 //   * source and output have spatial dimensions that collapse to one stride (NCDHW contiguous:
-//     1, channels_last_3d: C), checked by the binding; each CTA only reads the elements it
+//     1, channels_last_3d: C), checked by the binding; each tile only reads the elements it
 //     writes, so the pass may run in place (source == output, same dtype and strides).
+// Two kernels:
+//   * the staged kernel (the usual one): persistent CTAs, one column of kTC channels each
+//     (bias and per-channel operands read once), loop over the tiles of that column; the next
+//     tile's source is copied into a second shared-memory stage with 4-byte cp.async while the
+//     current tile is converted, run and stored, so the loads stay in flight without
+//     registers (the program's interpreter needs 128 registers per thread, which leaves 16
+//     warps per multiprocessor: too few plain loads in flight to reach HBM bandwidth). Needs
+//     the source's elements in 4-byte aligned units along its fast dimension (float32; half
+//     types with an even extent there);
+//   * the plain kernel, one tile per CTA, loads through registers, for the other sources.
 // SOFTMAX and LAYER_NORM (which combine elements across channels or along W) are not run here:
 // the binding rejects them.
 #include <cuda_bf16.h>
@@ -24,6 +34,7 @@
 
 #include <cstdint>
 
+#include "ct3d_async.cuh"
 #include "ct3d_epilogue.cuh"
 #include "ct3d_host.h"
 #include "ct3d_launch.h"
@@ -33,100 +44,233 @@ namespace ct3d {
 namespace {
 
 constexpr int kPassThreads = 256;
-constexpr int kTC = 32;                                // channels per tile
-constexpr int kTS = 64;                                // spatial positions per tile
-constexpr int kLD = kTS + 1;                           // tile pitch (floats)
-constexpr int kTileFloats = kTC * kLD;                 // one tile register
-constexpr int kPer = kTC * kTS / kPassThreads;         // elements per thread (8)
-static_assert(kTC == 32 && kTS == 64, "the index math below uses shifts and masks");
+constexpr int kTC = 32;  // channels per tile
 
-template <typename TS, typename TO>
-__global__ void __launch_bounds__(kPassThreads)
-    epilogue_pass_kernel(const __grid_constant__ EpiPassParams p) {
-  extern __shared__ __align__(16) float sR[];  // n_regs tile registers
-  __shared__ float s_col[kMaxSlots * kTC];
-  __shared__ float s_bias[kTC];
-  const int tid = threadIdx.x;
-  const int64_t tiles_s = (p.S + kTS - 1) / kTS;
-  const int n = static_cast<int>(blockIdx.x / tiles_s);
-  const int64_t s0 = (static_cast<int64_t>(blockIdx.x) - n * tiles_s) * kTS;
-  const int c0 = blockIdx.y * kTC;
+template <int TSP>
+struct PassTile {
+  static_assert(TSP == 64 || TSP == 128, "spatial tile of 64 or 128 positions");
+  static constexpr int kLD = TSP + 1;                      // tile register pitch (floats)
+  static constexpr int kTileFloats = kTC * kLD;            // one tile register
+  static constexpr int kPer = kTC * TSP / kPassThreads;    // elements per thread
+  static constexpr int kShift = TSP == 64 ? 6 : 7;         // log2(TSP)
+};
+
+// Element i of a thread in the program's order (consecutive threads, consecutive positions).
+template <int TSP>
+struct PassPos {
+  const EpiPassParams* p;
+  int tid, n, c0;
+  int64_t s0;
+  __device__ __forceinline__ ElemPos operator()(int i) const {
+    using T = PassTile<TSP>;
+    const int e = tid + i * kPassThreads;
+    const int cl = e >> T::kShift, sl = e & (TSP - 1);
+    const int64_t s = s0 + sl;
+    ElemPos q;
+    q.idx = cl * T::kLD + sl;
+    q.ok = c0 + cl < p->C && s < p->S;
+    q.col = cl;
+    q.n = n;
+    q.c = c0 + cl;
+    const int si = static_cast<int>(s);  // S < 2^31 (binding)
+    const int hw = p->H * p->W;
+    q.d = si / hw;
+    q.h = (si - q.d * hw) / p->W;
+    q.w = si - q.d * hw - q.h * p->W;
+    q.yoff = n * p->os_n + static_cast<int64_t>(q.c) * p->os_c + s * p->os_s;
+    return q;
+  }
+};
+
+// The result register of the tile (n, s0, c0) -> the output, in the output's order.
+template <int TSP, typename TO>
+__device__ __forceinline__ void store_pass_tile(const EpiPassParams& p, const float* res, int tid,
+                                                int n, int64_t s0, int c0) {
+  using T = PassTile<TSP>;
+  TO* __restrict__ out = static_cast<TO*>(p.out) + n * p.os_n;
+#pragma unroll
+  for (int j = 0; j < T::kPer; ++j) {
+    const int e = tid + j * kPassThreads;
+    const int cl = p.out_cfast ? (e & (kTC - 1)) : (e >> T::kShift);
+    const int sl = p.out_cfast ? (e >> 5) : (e & (TSP - 1));
+    if (c0 + cl < p.C && s0 + sl < p.S) {
+      out[(c0 + cl) * p.os_c + (s0 + sl) * p.os_s] = elem_from_float<TO>(res[cl * T::kLD + sl]);
+    }
+  }
+}
+
+__device__ __forceinline__ void load_column(const EpiPassParams& p, float* s_bias, float* s_col,
+                                            int c0, int tid) {
   if (tid < kTC) {
     s_bias[tid] = (p.bias != nullptr && c0 + tid < p.C)
                       ? load_as_float(p.bias, c0 + tid, p.bias_dtype)
                       : 0.0f;
   }
   load_channel_slots<kTC>(p.epi, s_col, c0, p.C - c0, tid, kPassThreads);
-  __syncthreads();
+}
 
-  // ---- the conv output + bias -> register 0, in the source's order ----
+// ---- the plain kernel: one tile per CTA, loads through registers ----
+template <typename TS, typename TO>
+__global__ void __launch_bounds__(kPassThreads)
+    epilogue_pass_kernel(const __grid_constant__ EpiPassParams p) {
+  constexpr int TSP = 64;
+  using T = PassTile<TSP>;
+  extern __shared__ __align__(16) float sR[];  // n_regs tile registers
+  __shared__ float s_col[kMaxSlots * kTC];
+  __shared__ float s_bias[kTC];
+  const int tid = threadIdx.x;
+  const int64_t tiles_s = (p.S + TSP - 1) / TSP;
+  const int n = static_cast<int>(blockIdx.x / tiles_s);
+  const int64_t s0 = (static_cast<int64_t>(blockIdx.x) - n * tiles_s) * TSP;
+  const int c0 = blockIdx.y * kTC;
+  load_column(p, s_bias, s_col, c0, tid);
+  __syncthreads();
   {
     const TS* __restrict__ src = static_cast<const TS*>(p.src) + n * p.ss_n;
-    float v[kPer];
-    int idx[kPer], col[kPer];
+    float v[T::kPer];
+    int idx[T::kPer], col[T::kPer];
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) {
+    for (int j = 0; j < T::kPer; ++j) {
       const int e = tid + j * kPassThreads;
-      const int cl = p.src_cfast ? (e & (kTC - 1)) : (e >> 6);
-      const int sl = p.src_cfast ? (e >> 5) : (e & (kTS - 1));
+      const int cl = p.src_cfast ? (e & (kTC - 1)) : (e >> T::kShift);
+      const int sl = p.src_cfast ? (e >> 5) : (e & (TSP - 1));
       const bool ok = c0 + cl < p.C && s0 + sl < p.S;
-      idx[j] = cl * kLD + sl;
+      idx[j] = cl * T::kLD + sl;
       col[j] = cl;
       v[j] = ok ? elem_to_float<TS>(src[(c0 + cl) * p.ss_c + (s0 + sl) * p.ss_s]) : 0.0f;
     }
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) sR[idx[j]] = v[j] + s_bias[col[j]];
+    for (int j = 0; j < T::kPer; ++j) sR[idx[j]] = v[j] + s_bias[col[j]];
   }
   __syncthreads();
-
-  // ---- the program: element i of a thread is tile element tid + i * kPassThreads ----
-  const int HW = p.H * p.W;
-  auto pos = [&](int i) {
-    const int e = tid + i * kPassThreads;
-    const int cl = e >> 6, sl = e & (kTS - 1);
-    const int64_t s = s0 + sl;
-    ElemPos q;
-    q.idx = cl * kLD + sl;
-    q.ok = c0 + cl < p.C && s < p.S;
-    q.col = cl;
-    q.n = n;
-    q.c = c0 + cl;
-    const int si = static_cast<int>(s);  // S < 2^31 (binding)
-    q.d = si / HW;
-    q.h = (si - q.d * HW) / p.W;
-    q.w = si - q.d * HW - q.h * p.W;
-    q.yoff = n * p.os_n + static_cast<int64_t>(q.c) * p.os_c + s * p.os_s;
-    return q;
-  };
-  run_program<kPer, decltype(pos), 8, false>(p.epi, sR, kTileFloats, pos, s_col, kTC,
-                                             [] { return TileRows{}; });
+  const PassPos<TSP> pos{&p, tid, n, c0, s0};
+  run_program<T::kPer, PassPos<TSP>, 8, false>(p.epi, sR, T::kTileFloats, pos, s_col, kTC,
+                                                [] { return TileRows{}; });
   __syncthreads();
+  store_pass_tile<TSP, TO>(p, sR + p.epi.out_reg * T::kTileFloats, tid, n, s0, c0);
+}
 
-  // ---- the result register -> the output, in the output's order ----
-  {
-    const float* res = sR + p.epi.out_reg * kTileFloats;
-    TO* __restrict__ out = static_cast<TO*>(p.out) + n * p.os_n;
+// ---- the staged kernel: persistent CTAs, the next tile's source copied with cp.async ----
+// Stage layout (elements of TS): NCDHW source [cl][sl], channels_last_3d source [sl][cl], each
+// a contiguous run of the source's fast dimension, copied in 4-byte units of U elements.
+template <typename TS, typename TO>
+__global__ void __launch_bounds__(kPassThreads)
+    epilogue_pass_staged_kernel(const __grid_constant__ EpiPassParams p) {
+  constexpr int TSP = 128;
+  using T = PassTile<TSP>;
+  constexpr int U = 4 / static_cast<int>(sizeof(TS));  // elements per 4-byte unit
+  constexpr int kStage = kTC * TSP;                    // elements per stage
+  constexpr int kUnits = kStage / U;
+  extern __shared__ __align__(16) float sR[];  // n_regs tile registers, then 2 stages
+  TS* stage = reinterpret_cast<TS*>(sR + p.epi.n_regs * T::kTileFloats);
+  __shared__ float s_col[kMaxSlots * kTC];
+  __shared__ float s_bias[kTC];
+  const int tid = threadIdx.x;
+  const int c0 = blockIdx.y * kTC;
+  const int64_t tiles_s = (p.S + TSP - 1) / TSP;
+  const int64_t n_tiles = static_cast<int64_t>(p.N) * tiles_s;
+  int64_t t = blockIdx.x;
+  if (t >= n_tiles) return;  // uniform, before any barrier
+  load_column(p, s_bias, s_col, c0, tid);
+
+  const char* src_base = static_cast<const char*>(p.src);
+  auto issue = [&](int64_t tile, int buf) {
+    const int n = static_cast<int>(tile / tiles_s);
+    const int64_t s0 = (tile - static_cast<int64_t>(n) * tiles_s) * TSP;
+    const uint32_t dst0 = smem_u32(stage + buf * kStage);
+    for (int u = tid; u < kUnits; u += kPassThreads) {
+      int cl, sl, off;
+      if (p.src_cfast) {
+        cl = (u % (kTC / U)) * U;
+        sl = u / (kTC / U);
+        off = sl * kTC + cl;
+      } else {
+        sl = (u % (TSP / U)) * U;
+        cl = u / (TSP / U);
+        off = cl * TSP + sl;
+      }
+      // a unit's first element decides: the fast extent is a multiple of U (binding)
+      const bool ok = c0 + cl < p.C && s0 + sl < p.S;
+      const TS* src = reinterpret_cast<const TS*>(src_base) + n * p.ss_n +
+                      (ok ? (c0 + cl) * p.ss_c + (s0 + sl) * p.ss_s : 0);
+      cp_async_4(dst0 + off * static_cast<uint32_t>(sizeof(TS)), src, ok);
+    }
+    cp_async_commit();
+  };
+
+  issue(t, 0);
+  for (int buf = 0; t < n_tiles; t += gridDim.x, buf ^= 1) {
+    const int64_t next = t + gridDim.x;
+    if (next < n_tiles) {
+      issue(next, buf ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // this tile's stage (every thread's copies) and s_bias / s_col
+    const int n = static_cast<int>(t / tiles_s);
+    const int64_t s0 = (t - static_cast<int64_t>(n) * tiles_s) * TSP;
+    // stage -> register 0 (+ bias), in the stage's order: conflict-free on both sides
+    {
+      const TS* st = stage + buf * kStage;
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      const int e = tid + j * kPassThreads;
-      const int cl = p.out_cfast ? (e & (kTC - 1)) : (e >> 6);
-      const int sl = p.out_cfast ? (e >> 5) : (e & (kTS - 1));
-      if (c0 + cl < p.C && s0 + sl < p.S) {
-        out[(c0 + cl) * p.os_c + (s0 + sl) * p.os_s] = elem_from_float<TO>(res[cl * kLD + sl]);
+      for (int j = 0; j < T::kPer; ++j) {
+        const int e = tid + j * kPassThreads;
+        int cl, sl;
+        if (p.src_cfast) {
+          cl = e & (kTC - 1);
+          sl = e >> 5;
+        } else {
+          cl = e >> T::kShift;
+          sl = e & (TSP - 1);
+        }
+        sR[cl * T::kLD + sl] = elem_to_float<TS>(st[e]) + s_bias[cl];
       }
     }
+    __syncthreads();
+    const PassPos<TSP> pos{&p, tid, n, c0, s0};
+    run_program<T::kPer, PassPos<TSP>, 8, false, 8>(p.epi, sR, T::kTileFloats, pos, s_col,
+                                                     kTC, [] { return TileRows{}; });
+    __syncthreads();
+    store_pass_tile<TSP, TO>(p, sR + p.epi.out_reg * T::kTileFloats, tid, n, s0, c0);
+    __syncthreads();  // the next tile rewrites register 0 and the stage being read
   }
 }
 
 template <typename TS, typename TO>
 cudaError_t launch_typed(const EpiPassParams& p, cudaStream_t stream) {
-  const int64_t tiles_s = (p.S + kTS - 1) / kTS;
-  const int64_t gx = static_cast<int64_t>(p.N) * tiles_s;
   const int64_t gy = (p.C + kTC - 1) / kTC;
-  if (gx == 0 || gy == 0) return cudaSuccess;
-  if (gx > INT32_MAX || gy > 65535) return cudaErrorInvalidConfiguration;
+  if (p.N == 0 || p.S == 0 || gy == 0) return cudaSuccess;
+  if (gy > 65535) return cudaErrorInvalidConfiguration;
+  const int regs_bytes = p.epi.n_regs * static_cast<int>(sizeof(float));
+  if (p.staged) {
+    constexpr int TSP = 128;
+    auto kernel = epilogue_pass_staged_kernel<TS, TO>;
+    const int smem = regs_bytes * PassTile<TSP>::kTileFloats +
+                     2 * kTC * TSP * static_cast<int>(sizeof(TS));
+    int static_bytes = 0;
+    cudaError_t e = kernel_static_smem(kernel, &static_bytes);
+    if (e != cudaSuccess) return e;
+    if (smem + static_bytes > 48 * 1024) {
+      e = opt_in_dynamic_smem(kernel, smem);
+      if (e != cudaSuccess) return e;
+    }
+    int sms = 0, per_sm = 0;
+    if (!current_device_attribute(cudaDevAttrMultiProcessorCount, &sms)) sms = 132;
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPassThreads, smem);
+    if (e != cudaSuccess || per_sm < 1) per_sm = 1;
+    const int64_t n_tiles = static_cast<int64_t>(p.N) * ((p.S + TSP - 1) / TSP);
+    int64_t gx = (static_cast<int64_t>(sms) * per_sm + gy - 1) / gy;
+    if (gx > n_tiles) gx = n_tiles;
+    kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1), kPassThreads, smem,
+             stream>>>(p);
+    return cudaGetLastError();
+  }
+  constexpr int TSP = 64;
+  const int64_t gx = static_cast<int64_t>(p.N) * ((p.S + TSP - 1) / TSP);
+  if (gx > INT32_MAX) return cudaErrorInvalidConfiguration;
   auto kernel = epilogue_pass_kernel<TS, TO>;
-  const int smem = p.epi.n_regs * kTileFloats * static_cast<int>(sizeof(float));
+  const int smem = regs_bytes * PassTile<TSP>::kTileFloats;
   int static_bytes = 0;
   cudaError_t e = kernel_static_smem(kernel, &static_bytes);
   if (e != cudaSuccess) return e;
@@ -143,7 +287,7 @@ cudaError_t launch_typed(const EpiPassParams& p, cudaStream_t stream) {
 
 cudaError_t launch_epilogue_pass(const EpiPassParams& p, cudaStream_t stream) {
   if (p.epi.n_regs < 1 || p.epi.n_regs > kMaxRegs) return cudaErrorInvalidValue;
-  if (p.S >= (int64_t{1} << 31) - kTS) return cudaErrorInvalidValue;
+  if (p.S >= (int64_t{1} << 31) - 128) return cudaErrorInvalidValue;
   const int s = p.src_dtype, o = p.out_dtype;
   if (s == kF32 && o == kF32) return launch_typed<float, float>(p, stream);
   if (s == kBF16 && o == kBF16) return launch_typed<__nv_bfloat16, __nv_bfloat16>(p, stream);

@@ -132,7 +132,7 @@ MAX_REGS = 6  # csrc/ct3d_params.h kMaxRegs
 #: kernel then computes all of a voxel's channels in one tile (groups == 1).
 SOFTMAX_MAX_CHANNELS = 64
 _MAX_GRID_X, _MAX_GRID_Y = 2 ** 31 - 1, 65535
-_PASS_MAX_SPATIAL = 2 ** 31 - 64  # D * H * W the epilogue pass takes (csrc/binding.cpp)
+_PASS_MAX_SPATIAL = 2 ** 31 - 128  # D * H * W the epilogue pass takes (csrc/binding.cpp)
 
 
 def _collapses(shape: Sequence[int], stride: Sequence[int]) -> bool:

@@ -113,7 +113,9 @@ ABOUT = ("ct3d_fx benchmark (python -m ct3d_fx.bench). Times in ms: median of ru
          "+ output; floor_ratio = fused_op_ms / floor_ms. Errors: max |out - ref| / max |ref| "
          "against eager (max_rel_err_vs_eager) and a float64 copy of the model "
          "(max_rel_err_vs_fp64; eager_ and compile_max_rel_err_vs_fp64 are PyTorch's own). "
-         "fused: the fused chains; sites: the rewrite report; errors: {stage: message} of "
+         "fused: the fused chains; sites: the rewrite report; autotune: the implementation "
+         "the per-shape autotune chose for each fused call (fused, reference, "
+         "cudnn_channels_last, cudnn_pass); errors: {stage: message} of "
          "failed stages. Inputs uniform in [0, 1), eval mode, random BatchNorm statistics. "
          "Compare ratios measured in one run; absolute times vary between machines.")
 
@@ -831,6 +833,11 @@ def _measure(case: Case, opts, ceilings: dict, device: torch.device, log) -> dic
 
             bound = [_call_args(f, a, k) for f, a, k in fused_calls]
             from . import _cuda
+
+            # the autotune's choice per fused call (made on the first optimized call)
+            keys = {_cuda._key(*a) for f, a, k in fused_calls if not k and len(a) == 11}
+            row["autotune"] = [v for (key, _), v in _cuda.autotune_choices().items()
+                               if key in keys]
 
             # the fused kernel itself: no per-shape autotune choice of cuDNN + PyTorch ops
             tuned, _cuda.AUTOTUNE = _cuda.AUTOTUNE, False
