@@ -353,7 +353,7 @@ step_pass() {  # the epilogue pass: its tests, the autotune's, and memcheck over
     tests/test_cuda_autotune.py || return 1
   compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
     --report-api-errors no "$PY" -m pytest -p no:cacheprovider -q tests/test_epilogue_pass.py \
-    -k "(matches and bias and not nobias and (case0 or case2) and (relu or side_input or broadcast)) or in_place or float32_output"
+    -k "(matches and bias and not nobias and (case0 or case2 or case3) and (relu or side_input or broadcast)) or in_place or float32_output"
 }
 
 step_rows() {  # chosen rows through the runner: CT3D_ROWS (an --only regex; float32 with TF32,

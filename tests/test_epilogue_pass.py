@@ -58,6 +58,7 @@ CASES = [  # (input shape, C_out, kernel, stride, padding, output_padding)
     ((2, 8, 5, 6, 7), 24, 3, 2, 1, 1),    # C_out not a multiple of 32; D*H*W not of 64
     ((1, 16, 4, 4, 8), 40, 3, 1, 0, 0),
     ((3, 4, 3, 5, 9), 64, (1, 2, 3), (1, 2, 1), 0, 0),
+    ((1, 6, 3, 3, 5), 9, 3, 1, 0, 0),     # odd C and D*H*W: half types take the plain kernel
 ]
 
 
