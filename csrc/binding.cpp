@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "ct3d_launch.h"
@@ -35,6 +36,15 @@ int32_t dtype_code(at::ScalarType t, const char* what) {
   return -1;
 }
 
+// "[d0, d1, ...]" for error messages. Built here with std::to_string: printing an IntArrayRef
+// with operator<< in a TORCH_CHECK message crashed the process on the H200 machine (torch 2.11,
+// CUDA 13) instead of raising (tests/test_epilogue_pass.py, test_pass_rejects_...).
+std::string dims(at::IntArrayRef a) {
+  std::string r = "[";
+  for (size_t i = 0; i < a.size(); ++i) r += (i ? ", " : "") + std::to_string(a[i]);
+  return r + "]";
+}
+
 void check_cuda_on(const at::Tensor& t, const at::Device& dev, const char* what) {
   TORCH_CHECK(t.is_cuda(), "ct3d: ", what, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.device() == dev, "ct3d: ", what, " is on ", t.device(), ", expected ", dev,
@@ -55,7 +65,7 @@ void fill_epilogue(ct3d::Epilogue& E, const at::Device& dev, const int64_t* ys,
                   slot_strides.is_contiguous() && slot_strides.dim() == 2 &&
                   slot_strides.size(0) == n_slots && slot_strides.size(1) == 5,
               "ct3d: slot_strides must be a contiguous CPU int64 tensor of shape (", n_slots,
-              ", 5), got ", slot_strides.sizes());
+              ", 5), got ", dims(slot_strides.sizes()));
   const int64_t* ss = slot_strides.data_ptr<int64_t>();
   for (int64_t i = 0; i < n_slots; ++i) {
     const at::Tensor& t = slots[i];
@@ -80,7 +90,7 @@ void fill_epilogue(ct3d::Epilogue& E, const at::Device& dev, const int64_t* ys,
   TORCH_CHECK(prog_i.device().is_cpu() && prog_i.scalar_type() == at::kInt &&
                   prog_i.is_contiguous() && prog_i.dim() == 2 && prog_i.size(1) == 5,
               "ct3d: prog_i must be a contiguous CPU int32 tensor of shape (n, 5), got ",
-              prog_i.sizes());
+              dims(prog_i.sizes()));
   const int64_t n_instr = prog_i.size(0);
   TORCH_CHECK(n_instr <= ct3d::kMaxInstr, "ct3d: at most ", ct3d::kMaxInstr,
               " epilogue instructions, got ", n_instr);
@@ -88,7 +98,7 @@ void fill_epilogue(ct3d::Epilogue& E, const at::Device& dev, const int64_t* ys,
                   prog_f.is_contiguous() && prog_f.dim() == 2 && prog_f.size(0) == n_instr &&
                   prog_f.size(1) == 2,
               "ct3d: prog_f must be a contiguous CPU float32 tensor of shape (", n_instr,
-              ", 2), got ", prog_f.sizes());
+              ", 2), got ", dims(prog_f.sizes()));
   const int32_t* pi = prog_i.data_ptr<int32_t>();
   const float* pf = prog_f.data_ptr<float>();
   for (int64_t i = 0; i < n_instr; ++i) {
@@ -202,7 +212,7 @@ ct3d::ConvParams prepare(const at::Tensor& x, const at::Tensor& w,
                 " must match input dtype ", x.scalar_type());
     TORCH_CHECK(bias->dim() == 1 && bias->numel() == y.size(1) && bias->is_contiguous(),
                 "ct3d: bias must be contiguous 1-D with ", y.size(1), " elements, got shape ",
-                bias->sizes());
+                dims(bias->sizes()));
     p.bias = bias->data_ptr();
   }
   p.y = y.data_ptr();
@@ -301,7 +311,7 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
                   wpk.size(0) == p.kD && wpk.size(1) == p.kH && wpk.size(2) == p.kW &&
                   wpk.size(3) == g.CoutP && wpk.size(4) == g.Cp,
               "ct3d: packed weight must be contiguous (", p.kD, ", ", p.kH, ", ", p.kW, ", ",
-              g.CoutP, ", ", g.Cp, ") of the input's dtype, got ", wpk.sizes(), " ",
+              g.CoutP, ", ", g.Cp, ") of the input's dtype, got ", dims(wpk.sizes()), " ",
               wpk.scalar_type());
   const int64_t xp_elems = static_cast<int64_t>(p.N) * g.Dp * g.Hp * g.Wp * g.Cp;
   TORCH_CHECK(xp_elems * esize < INT32_MAX && wpk.numel() * esize < INT32_MAX,
@@ -371,7 +381,7 @@ int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
   TORCH_CHECK(x.dim() >= 2 && x.is_contiguous() && out.is_contiguous() &&
                   out.sizes() == x.sizes(),
               "ct3d: spatial_softmax needs contiguous input and output of the same shape, got ",
-              x.sizes(), " and ", out.sizes());
+              dims(x.sizes()), " and ", dims(out.sizes()));
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   ct3d::SpatialSoftmaxParams p{};
@@ -453,13 +463,13 @@ void pool_tail(const at::Tensor& x, at::Tensor& out, int64_t kd, int64_t kh, int
               "ct3d: pool_tail kernel must be in [1, 8] per dimension, got (", kd, ", ", kh,
               ", ", kw, ")");
   TORCH_CHECK(x.dim() == 5 && x.is_contiguous(), "ct3d: pool_tail needs a contiguous NCDHW "
-              "input, got ", x.sizes(), " with strides ", x.strides());
+              "input, got ", dims(x.sizes()), " with strides ", dims(x.strides()));
   const std::vector<int64_t> want = {x.size(0), x.size(1), x.size(2) / kd, x.size(3) / kh,
                                      x.size(4) / kw};
   TORCH_CHECK(out.is_contiguous() && out.sizes() == at::IntArrayRef(want) &&
                   out.scalar_type() == x.scalar_type(),
-              "ct3d: pool_tail output must be contiguous ", at::IntArrayRef(want), " ",
-              x.scalar_type(), ", got ", out.sizes(), " ", out.scalar_type());
+              "ct3d: pool_tail output must be contiguous ", dims(at::IntArrayRef(want)), " ",
+              x.scalar_type(), ", got ", dims(out.sizes()), " ", out.scalar_type());
   TORCH_CHECK(x.size(2) <= INT32_MAX && x.size(3) <= INT32_MAX && x.size(4) <= INT32_MAX,
               "ct3d: pool_tail spatial sizes must fit in 32 bits");
   ct3d::PoolTailParams p{};
@@ -511,8 +521,11 @@ void epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bias,
   check_cuda_on(src, dev, "epilogue_pass source");
   check_cuda_on(out, dev, "epilogue_pass output");
   TORCH_CHECK(src.dim() == 5 && out.sizes() == src.sizes(), "ct3d: epilogue_pass needs a 5-D "
-              "source and an output of its shape, got ", src.sizes(), " and ", out.sizes());
-  for (int64_t v : src.sizes()) TORCH_CHECK(v <= INT32_MAX, "ct3d: epilogue_pass dimension too large");
+              "source and an output of its shape, got ", dims(src.sizes()), " and ",
+              dims(out.sizes()));
+  for (int64_t v : src.sizes()) {
+    TORCH_CHECK(v <= INT32_MAX, "ct3d: epilogue_pass dimension too large");
+  }
   ct3d::EpiPassParams p;
   std::memset(&p, 0, sizeof(p));
   p.src_dtype = dtype_code(src.scalar_type(), "epilogue_pass source");
@@ -523,7 +536,7 @@ void epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bias,
               "its dtype or float32, got ", src.scalar_type(), " -> ", out.scalar_type());
   TORCH_CHECK(spatial_stride(src, &p.ss_s) && spatial_stride(out, &p.os_s),
               "ct3d: epilogue_pass needs NCDHW-contiguous or channels_last_3d tensors, got "
-              "strides ", src.strides(), " and ", out.strides());
+              "strides ", dims(src.strides()), " and ", dims(out.strides()));
   p.src = src.data_ptr();
   p.ss_n = src.stride(0);
   p.ss_c = src.stride(1);
@@ -557,13 +570,30 @@ void epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bias,
     check_cuda_on(*bias, dev, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->numel() == p.C && bias->is_contiguous(),
                 "ct3d: bias must be contiguous 1-D with ", p.C, " elements, got shape ",
-                bias->sizes());
+                dims(bias->sizes()));
     p.bias = bias->data_ptr();
     p.bias_dtype = dtype_code(bias->scalar_type(), "bias");
   }
   const int64_t ys[5] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3),
                          out.stride(4)};
   fill_epilogue(p.epi, dev, ys, slots, slot_strides, prog_i, prog_f, regs, 1, 0);
+  // the staged kernel also stages the first full-size slot laid out like the output (like_y)
+  // with the source's dtype, where it too splits into 4-byte units (as the source above)
+  p.side_slot = -1;
+  for (int i = 0; p.staged && i < p.epi.n_slots; ++i) {
+    const ct3d::Slot& sl = p.epi.slot[i];
+    const bool fits =
+        sl.like_y == 1 && sl.dtype == p.src_dtype &&
+        reinterpret_cast<uintptr_t>(sl.ptr) % 4 == 0 &&
+        (src.element_size() == 4 ||
+         (p.out_cfast ? (p.C % 2 == 0 && p.os_n % 2 == 0 && p.os_s % 2 == 0)
+                      : (p.os_s == 1 && p.S % 2 == 0 && p.os_n % 2 == 0 && p.os_c % 2 == 0)));
+    if (fits) {
+      p.epi.slot[i].like_y = 2;
+      p.side_slot = i;
+      break;
+    }
+  }
   TORCH_CHECK(!ct3d::epilogue_spans_w(p.epi) && !ct3d::epilogue_spans_channels(p.epi),
               "ct3d: epilogue_pass does not run SOFTMAX or LAYER_NORM");
   if (out.numel() == 0) return;

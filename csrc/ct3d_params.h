@@ -106,7 +106,7 @@ struct Slot {
   const void* ptr;
   int64_t s[5];
   int32_t dtype;
-  int32_t like_y;
+  int32_t like_y;  // 2: as 1, and the epilogue pass holds it in shared memory (side_slot)
 };
 
 struct Epilogue {
@@ -240,6 +240,9 @@ struct EpiPassParams {
   int32_t N, C, D, H, W;
   int64_t S;
   int32_t staged;  // 1: the staged kernel (src read in 4-byte units with cp.async; binding)
+  // The staged kernel also stages epilogue slot `side_slot` (>= 0; its Slot.like_y is 2): a
+  // full-size tensor with out's strides and src's dtype, read like src in 4-byte units.
+  int32_t side_slot;
   Epilogue epi;
 };
 

@@ -150,37 +150,52 @@ __global__ void __launch_bounds__(kPassThreads)
   store_pass_tile<TSP, TO>(p, sR + p.epi.out_reg * T::kTileFloats, tid, n, s0, c0);
 }
 
-// ---- the staged kernel: persistent CTAs, the next tile's source copied with cp.async ----
-// Stage layout (elements of TS): NCDHW source [cl][sl], channels_last_3d source [sl][cl], each
-// a contiguous run of the source's fast dimension, copied in 4-byte units of U elements.
-template <typename TS, typename TO>
+// ---- the staged kernel: persistent CTAs, a ring of K stages filled with cp.async ----
+// Stage layout (elements of TS): NCDHW data [cl][sl], channels_last_3d data [sl][cl], each a
+// contiguous run of the tensor's fast dimension, copied in 4-byte units of U elements. A stage
+// holds the tile of the source and, where p.side_slot >= 0, the tile of that slot (laid out
+// like the output). K - 1 tiles are in flight while one is run: ~48-64 KB per CTA, about what
+// HBM bandwidth x latency needs per multiprocessor (one tile, 8-16 KB, reached ~1.1 TB/s).
+template <typename TS>
+struct StagedPos : PassPos<128> {
+  const TS* side;  // this tile's side stage, or nullptr
+  int side_cfast;
+  __device__ __forceinline__ float staged(int i) const {
+    const int e = tid + i * kPassThreads;
+    const int cl = e >> 7, sl = e & 127;
+    return elem_to_float<TS>(side[side_cfast ? sl * kTC + cl : cl * 128 + sl]);
+  }
+};
+
+template <typename TS, typename TO, int K>
 __global__ void __launch_bounds__(kPassThreads)
     epilogue_pass_staged_kernel(const __grid_constant__ EpiPassParams p) {
   constexpr int TSP = 128;
   using T = PassTile<TSP>;
   constexpr int U = 4 / static_cast<int>(sizeof(TS));  // elements per 4-byte unit
-  constexpr int kStage = kTC * TSP;                    // elements per stage
-  constexpr int kUnits = kStage / U;
-  extern __shared__ __align__(16) float sR[];  // n_regs tile registers, then 2 stages
-  TS* stage = reinterpret_cast<TS*>(sR + p.epi.n_regs * T::kTileFloats);
+  constexpr int kTileElems = kTC * TSP;
+  constexpr int kUnits = kTileElems / U;
+  extern __shared__ __align__(16) float sR[];  // n_regs tile registers, then K stages
+  const bool side = p.side_slot >= 0;
+  const int stage_elems = kTileElems * (side ? 2 : 1);
+  TS* stages = reinterpret_cast<TS*>(sR + p.epi.n_regs * T::kTileFloats);
   __shared__ float s_col[kMaxSlots * kTC];
   __shared__ float s_bias[kTC];
   const int tid = threadIdx.x;
   const int c0 = blockIdx.y * kTC;
   const int64_t tiles_s = (p.S + TSP - 1) / TSP;
   const int64_t n_tiles = static_cast<int64_t>(p.N) * tiles_s;
+  const int64_t G = gridDim.x;
   int64_t t = blockIdx.x;
   if (t >= n_tiles) return;  // uniform, before any barrier
   load_column(p, s_bias, s_col, c0, tid);
 
-  const char* src_base = static_cast<const char*>(p.src);
-  auto issue = [&](int64_t tile, int buf) {
-    const int n = static_cast<int>(tile / tiles_s);
-    const int64_t s0 = (tile - static_cast<int64_t>(n) * tiles_s) * TSP;
-    const uint32_t dst0 = smem_u32(stage + buf * kStage);
+  // copies of one tensor's tile into a stage: base (sample n's start), element strides, order
+  auto copy_tile = [&](const TS* base, int64_t sc, int64_t ss, bool cfast, int64_t s0,
+                       uint32_t dst0) {
     for (int u = tid; u < kUnits; u += kPassThreads) {
       int cl, sl, off;
-      if (p.src_cfast) {
+      if (cfast) {
         cl = (u % (kTC / U)) * U;
         sl = u / (kTC / U);
         off = sl * kTC + cl;
@@ -191,50 +206,96 @@ __global__ void __launch_bounds__(kPassThreads)
       }
       // a unit's first element decides: the fast extent is a multiple of U (binding)
       const bool ok = c0 + cl < p.C && s0 + sl < p.S;
-      const TS* src = reinterpret_cast<const TS*>(src_base) + n * p.ss_n +
-                      (ok ? (c0 + cl) * p.ss_c + (s0 + sl) * p.ss_s : 0);
+      const TS* src = base + (ok ? (c0 + cl) * sc + (s0 + sl) * ss : 0);
       cp_async_4(dst0 + off * static_cast<uint32_t>(sizeof(TS)), src, ok);
     }
-    cp_async_commit();
   };
-
-  issue(t, 0);
-  for (int buf = 0; t < n_tiles; t += gridDim.x, buf ^= 1) {
-    const int64_t next = t + gridDim.x;
-    if (next < n_tiles) {
-      issue(next, buf ^ 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // this tile's stage (every thread's copies) and s_bias / s_col
-    const int n = static_cast<int>(t / tiles_s);
-    const int64_t s0 = (t - static_cast<int64_t>(n) * tiles_s) * TSP;
-    // stage -> register 0 (+ bias), in the stage's order: conflict-free on both sides
-    {
-      const TS* st = stage + buf * kStage;
-#pragma unroll
-      for (int j = 0; j < T::kPer; ++j) {
-        const int e = tid + j * kPassThreads;
-        int cl, sl;
-        if (p.src_cfast) {
-          cl = e & (kTC - 1);
-          sl = e >> 5;
-        } else {
-          cl = e >> T::kShift;
-          sl = e & (TSP - 1);
-        }
-        sR[cl * T::kLD + sl] = elem_to_float<TS>(st[e]) + s_bias[cl];
+  auto issue = [&](int64_t tile, int slot) {
+    if (tile < n_tiles) {
+      const int n = static_cast<int>(tile / tiles_s);
+      const int64_t s0 = (tile - static_cast<int64_t>(n) * tiles_s) * TSP;
+      TS* st = stages + slot * stage_elems;
+      copy_tile(static_cast<const TS*>(p.src) + n * p.ss_n, p.ss_c, p.ss_s, p.src_cfast != 0,
+                s0, smem_u32(st));
+      if (side) {
+        copy_tile(static_cast<const TS*>(p.epi.slot[p.side_slot].ptr) + n * p.os_n, p.os_c,
+                  p.os_s, p.out_cfast != 0, s0, smem_u32(st + kTileElems));
       }
     }
+    cp_async_commit();  // an empty group past the end keeps the group count uniform
+  };
+
+#pragma unroll
+  for (int k = 0; k < K - 1; ++k) issue(t + k * G, k);
+  for (int it = 0; t < n_tiles; t += G, ++it) {
+    issue(t + (K - 1) * G, (it + K - 1) % K);
+    cp_async_wait<K - 1>();  // the oldest group, this tile's, has landed
+    __syncthreads();         // every thread's copies of it, and s_bias / s_col
+    const int n = static_cast<int>(t / tiles_s);
+    const int64_t s0 = (t - static_cast<int64_t>(n) * tiles_s) * TSP;
+    const TS* st = stages + (it % K) * stage_elems;
+    // stage -> register 0 (+ bias), in the stage's order: conflict-free on both sides
+#pragma unroll
+    for (int j = 0; j < T::kPer; ++j) {
+      const int e = tid + j * kPassThreads;
+      int cl, sl;
+      if (p.src_cfast) {
+        cl = e & (kTC - 1);
+        sl = e >> 5;
+      } else {
+        cl = e >> T::kShift;
+        sl = e & (TSP - 1);
+      }
+      sR[cl * T::kLD + sl] = elem_to_float<TS>(st[e]) + s_bias[cl];
+    }
     __syncthreads();
-    const PassPos<TSP> pos{&p, tid, n, c0, s0};
-    run_program<T::kPer, PassPos<TSP>, 8, false, 8>(p.epi, sR, T::kTileFloats, pos, s_col,
-                                                     kTC, [] { return TileRows{}; });
+    StagedPos<TS> pos;
+    pos.p = &p;
+    pos.tid = tid;
+    pos.n = n;
+    pos.c0 = c0;
+    pos.s0 = s0;
+    pos.side = st + kTileElems;
+    pos.side_cfast = p.out_cfast;
+    run_program<T::kPer, StagedPos<TS>, 8, false, 8>(p.epi, sR, T::kTileFloats, pos, s_col,
+                                                      kTC, [] { return TileRows{}; });
     __syncthreads();
     store_pass_tile<TSP, TO>(p, sR + p.epi.out_reg * T::kTileFloats, tid, n, s0, c0);
-    __syncthreads();  // the next tile rewrites register 0 and the stage being read
+    __syncthreads();  // the next iteration refills this stage and rewrites register 0
   }
+  cp_async_wait<0>();  // (only empty groups can be left)
+}
+
+// Stages in the ring: K - 1 in flight of stage_bytes each, aiming at 48-64 KB.
+inline int pass_stages(int stage_bytes) {
+  return stage_bytes >= 24 * 1024 ? 3 : stage_bytes >= 12 * 1024 ? 4 : 8;
+}
+
+template <typename TS, typename TO, int K>
+cudaError_t launch_staged(const EpiPassParams& p, cudaStream_t stream, int64_t gy) {
+  constexpr int TSP = 128;
+  auto kernel = epilogue_pass_staged_kernel<TS, TO, K>;
+  const int stage_bytes = kTC * TSP * static_cast<int>(sizeof(TS)) * (p.side_slot >= 0 ? 2 : 1);
+  const int smem = p.epi.n_regs * PassTile<TSP>::kTileFloats * static_cast<int>(sizeof(float)) +
+                   K * stage_bytes;
+  int static_bytes = 0;
+  cudaError_t e = kernel_static_smem(kernel, &static_bytes);
+  if (e != cudaSuccess) return e;
+  if (smem + static_bytes > max_smem_optin()) return cudaErrorNotSupported;
+  if (smem + static_bytes > 48 * 1024) {
+    e = opt_in_dynamic_smem(kernel, smem);
+    if (e != cudaSuccess) return e;
+  }
+  int sms = 0, per_sm = 0;
+  if (!current_device_attribute(cudaDevAttrMultiProcessorCount, &sms)) sms = 132;
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPassThreads, smem);
+  if (e != cudaSuccess || per_sm < 1) per_sm = 1;
+  const int64_t n_tiles = static_cast<int64_t>(p.N) * ((p.S + TSP - 1) / TSP);
+  int64_t gx = (static_cast<int64_t>(sms) * per_sm + gy - 1) / gy;
+  if (gx > n_tiles) gx = n_tiles;
+  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1), kPassThreads, smem,
+           stream>>>(p);
+  return cudaGetLastError();
 }
 
 template <typename TS, typename TO>
@@ -244,27 +305,15 @@ cudaError_t launch_typed(const EpiPassParams& p, cudaStream_t stream) {
   if (gy > 65535) return cudaErrorInvalidConfiguration;
   const int regs_bytes = p.epi.n_regs * static_cast<int>(sizeof(float));
   if (p.staged) {
-    constexpr int TSP = 128;
-    auto kernel = epilogue_pass_staged_kernel<TS, TO>;
-    const int smem = regs_bytes * PassTile<TSP>::kTileFloats +
-                     2 * kTC * TSP * static_cast<int>(sizeof(TS));
-    int static_bytes = 0;
-    cudaError_t e = kernel_static_smem(kernel, &static_bytes);
-    if (e != cudaSuccess) return e;
-    if (smem + static_bytes > 48 * 1024) {
-      e = opt_in_dynamic_smem(kernel, smem);
-      if (e != cudaSuccess) return e;
+    const int stage_bytes =
+        kTC * 128 * static_cast<int>(sizeof(TS)) * (p.side_slot >= 0 ? 2 : 1);
+    cudaError_t e;
+    switch (pass_stages(stage_bytes)) {
+      case 3: e = launch_staged<TS, TO, 3>(p, stream, gy); break;
+      case 4: e = launch_staged<TS, TO, 4>(p, stream, gy); break;
+      default: e = launch_staged<TS, TO, 8>(p, stream, gy); break;
     }
-    int sms = 0, per_sm = 0;
-    if (!current_device_attribute(cudaDevAttrMultiProcessorCount, &sms)) sms = 132;
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPassThreads, smem);
-    if (e != cudaSuccess || per_sm < 1) per_sm = 1;
-    const int64_t n_tiles = static_cast<int64_t>(p.N) * ((p.S + TSP - 1) / TSP);
-    int64_t gx = (static_cast<int64_t>(sms) * per_sm + gy - 1) / gy;
-    if (gx > n_tiles) gx = n_tiles;
-    kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1), kPassThreads, smem,
-             stream>>>(p);
-    return cudaGetLastError();
+    if (e != cudaErrorNotSupported) return e;  // else the ring does not fit: the plain kernel
   }
   constexpr int TSP = 64;
   const int64_t gx = static_cast<int64_t>(p.N) * ((p.S + TSP - 1) / TSP);
