@@ -815,17 +815,21 @@ AUTOTUNE = os.environ.get("CT3D_FX_AUTOTUNE", "1") != "0"
 # ``_cuda.CUDNN_CHANNELS_LAST = False``.
 CUDNN_CHANNELS_LAST = os.environ.get("CT3D_FX_CUDNN_CHANNELS_LAST", "1") != "0"
 # The epilogue pass (csrc/kernels_epilogue_pass.cu): the bias and the whole program in one pass
-# over a conv output cuDNN computed. Used by the channels-last candidate (reads cuDNN's
-# channels_last_3d output, writes the reference's layout) and by a fourth candidate,
-# "cudnn_pass": cuDNN's conv on the input as given (the reference's conv), then the pass in
-# place. Off with CT3D_FX_EPILOGUE_PASS=0 or ``_cuda.EPILOGUE_PASS = False``.
+# over a conv output cuDNN computed. With it, the autotune times "cudnn_channels_last_pass": the
+# channels-last candidate with the pass reading cuDNN's channels_last_3d output and writing the
+# reference's layout. Off with CT3D_FX_EPILOGUE_PASS=0 or ``_cuda.EPILOGUE_PASS = False``.
+# "cudnn_pass" (the reference's conv on the input as given, then the pass in place) is timed only
+# with CUDNN_PASS on (CT3D_FX_CUDNN_PASS=1): in the v20 run (docs/performance.md) it won the
+# single-call timing on GAN layers and the generator got slower as a whole (bf16 batch 2: 1.09x
+# -> 0.93x eager), and its in-place NCDHW pass runs at 1.1-1.5 TB/s (v20 notes).
 EPILOGUE_PASS = os.environ.get("CT3D_FX_EPILOGUE_PASS", "1") != "0"
+CUDNN_PASS = os.environ.get("CT3D_FX_CUDNN_PASS", "0") == "1"
 _choices: Dict[tuple, str] = {}
 
 
 def autotune_choices() -> Dict[tuple, str]:
     """The implementation chosen per call signature so far: "fused", "reference",
-    "cudnn_channels_last" or "cudnn_pass"."""
+    "cudnn_channels_last", "cudnn_channels_last_pass" or "cudnn_pass"."""
     return dict(_choices)
 
 
@@ -1240,16 +1244,22 @@ def run(args: tuple) -> torch.Tensor:
             # in order of preference on a tie
             cands = [("fused", lambda: _run_fused(ext, plan, input, weight, bias, extras, mode)),
                      ("reference", lambda: reference(*args))]
+            passes = _pass_applies(plan, input)
             if _channels_last_applies(input):
                 cands.append(("cudnn_channels_last", lambda: _reference_channels_last(
-                    args, plan.shape, plan.stride, plan.dtype, plan)))
-            if _pass_applies(plan, input):
+                    args, plan.shape, plan.stride, plan.dtype)))
+                if passes:
+                    cands.append(("cudnn_channels_last_pass", lambda: _reference_channels_last(
+                        args, plan.shape, plan.stride, plan.dtype, plan)))
+            if passes and CUDNN_PASS:
                 cands.append(("cudnn_pass", lambda: _cudnn_pass(ext, plan, args)))
             choice = _pick_fastest(cands)
             _choices[ck] = choice
         if choice == "reference":
             return reference(*args)
         if choice == "cudnn_channels_last":
+            return _reference_channels_last(args, plan.shape, plan.stride, plan.dtype)
+        if choice == "cudnn_channels_last_pass":
             return _reference_channels_last(args, plan.shape, plan.stride, plan.dtype, plan)
         if choice == "cudnn_pass":
             return _cudnn_pass(ext, plan, args)

@@ -115,7 +115,8 @@ ABOUT = ("ct3d_fx benchmark (python -m ct3d_fx.bench). Times in ms: median of ru
          "(max_rel_err_vs_fp64; eager_ and compile_max_rel_err_vs_fp64 are PyTorch's own). "
          "fused: the fused chains; sites: the rewrite report; autotune: the implementation "
          "the per-shape autotune chose for each fused call (fused, reference, "
-         "cudnn_channels_last, cudnn_pass); errors: {stage: message} of "
+         "cudnn_channels_last, cudnn_channels_last_pass, cudnn_pass); errors: "
+         "{stage: message} of "
          "failed stages. Inputs uniform in [0, 1), eval mode, random BatchNorm statistics. "
          "Compare ratios measured in one run; absolute times vary between machines.")
 

@@ -88,13 +88,13 @@ def per_site(opt, *inputs) -> list:
                 _cuda.ALGO = algo
             row["reference_ms"] = bench(lambda: _cuda.reference(*args))
             if _cuda._channels_last_applies(inp):
-                # with the epilogue pass where it applies (the autotune's candidate), and with
-                # the program in PyTorch ops
+                # with the program in PyTorch ops, and with the epilogue pass where it applies
                 row["cudnn_channels_last_ms"] = bench(lambda: _cuda._reference_channels_last(
-                    args, plan.shape, plan.stride, plan.dtype, plan))
-                row["cudnn_channels_last_torch_ops_ms"] = bench(
-                    lambda: _cuda._reference_channels_last(args, plan.shape, plan.stride,
-                                                           plan.dtype))
+                    args, plan.shape, plan.stride, plan.dtype))
+                if _cuda._pass_applies(plan, inp):
+                    row["cudnn_channels_last_pass_ms"] = bench(
+                        lambda: _cuda._reference_channels_last(args, plan.shape, plan.stride,
+                                                               plan.dtype, plan))
             if plan.fallback is None and _cuda._pass_applies(plan, inp):
                 ext = _cuda._build.load()
                 row["cudnn_pass_ms"] = bench(lambda: _cuda._cudnn_pass(ext, plan, args))

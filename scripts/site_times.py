@@ -6,7 +6,7 @@ For every suite problem whose id matches REGEX: the model (benchmarks/suite.json
 the GPU in the dtype; float32 with PyTorch's TF32 defaults), ``ct3d_fx.optimize``, one forward
 (the autotune's choice), then per fused site ``host_time.per_site``: GPU ms (triton's do_bench,
 median) of the fused kernel and each of its kernels forced, the reference (cuDNN + PyTorch ops),
-the cuDNN channels_last_3d candidate with the epilogue pass and with PyTorch ops, the
+the cuDNN channels_last_3d candidate with PyTorch ops and with the epilogue pass, the
 "cudnn_pass" candidate, the conv and the pass alone, and the autotune's choice. Needs CUDA.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The epilogue pass (csrc/kernels_epilogue_pass.cu; ct3d_fx/_cuda.py ``_run_pass``): a site's
 bias and program in one pass over a conv output cuDNN computed, and the two autotune candidates
-that use it ("cudnn_channels_last" reads cuDNN's channels_last_3d output, "cudnn_pass" runs in
-place on the reference's conv).
+that use it ("cudnn_channels_last_pass" reads cuDNN's channels_last_3d output, "cudnn_pass", off
+by default, runs in place on the reference's conv).
 
 Each kernel test draws fresh random inputs, poisons the output with NaN, runs the pass and
 compares it with the program run in float64 on the same conv output (so only the pass's float32
@@ -180,13 +180,15 @@ def autotune(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("winner", ["cudnn_pass", "cudnn_channels_last"])
+@pytest.mark.parametrize("winner", ["cudnn_pass", "cudnn_channels_last_pass",
+                                    "cudnn_channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_autotune_keeps_a_pass_candidate_when_it_wins(autotune, monkeypatch, winner, dtype):
     """Timings rigged so that ``winner`` is fastest: the op keeps it and gives the reference's
     layout and dtype, within TF32 / bf16 error of float64; later calls reuse the choice."""
     monkeypatch.setattr(cu, "CUDNN_CHANNELS_LAST", True)
     monkeypatch.setattr(cu, "EPILOGUE_PASS", True)
+    monkeypatch.setattr(cu, "CUDNN_PASS", True)
     timed = []
     pick = cu._pick_fastest
 
@@ -209,7 +211,8 @@ def test_autotune_keeps_a_pass_candidate_when_it_wins(autotune, monkeypatch, win
     program = _row(O.LOAD_TENSOR, 0) + _row(O.ADD, 0, 1) + _row(O.HARDSWISH, 2) + _row(O.MUL, 2, 3)
     args = (x, w, b, [2] * 3, [1] * 3, [0] * 3, [1] * 3, 1, program, [], [side])
     out = OP(*args)
-    assert timed == [["fused", "reference", "cudnn_channels_last", "cudnn_pass"]]
+    assert timed == [["fused", "reference", "cudnn_channels_last", "cudnn_channels_last_pass",
+                      "cudnn_pass"]]
     assert list(cu.autotune_choices().values()) == [winner]
     eager = ops.reference(*args)
     assert out.shape == eager.shape and out.stride() == eager.stride()
@@ -223,8 +226,13 @@ def test_autotune_keeps_a_pass_candidate_when_it_wins(autotune, monkeypatch, win
 
 
 @pytest.mark.cuda
-def test_pass_candidate_off(autotune, monkeypatch):
-    monkeypatch.setattr(cu, "EPILOGUE_PASS", False)
+@pytest.mark.parametrize("pass_on,cudnn_pass", [(False, True), (True, False)])
+def test_pass_candidates_off(autotune, monkeypatch, pass_on, cudnn_pass):
+    """EPILOGUE_PASS off: neither pass candidate; CUDNN_PASS off (the default): no
+    "cudnn_pass", the channels-last candidate in both forms."""
+    monkeypatch.setattr(cu, "EPILOGUE_PASS", pass_on)
+    monkeypatch.setattr(cu, "CUDNN_PASS", cudnn_pass)
+    monkeypatch.setattr(cu, "CUDNN_CHANNELS_LAST", True)
     seen = []
     pick = cu._pick_fastest
     monkeypatch.setattr(cu, "_pick_fastest",
@@ -233,7 +241,8 @@ def test_pass_candidate_off(autotune, monkeypatch):
     x = randn(1, 8, 4, 4, 4, seed=31).float().cuda()
     w = randn(8, 16, 3, 3, 3, seed=32).float().cuda() * 0.1
     OP(x, w, None, [1] * 3, [0] * 3, [0] * 3, [1] * 3, 1, _row(O.RELU, 0), [], [])
-    assert seen and "cudnn_pass" not in seen[0]
+    want = ["fused", "reference", "cudnn_channels_last"]
+    assert seen == [want + (["cudnn_channels_last_pass"] if pass_on else [])]
 
 
 @pytest.mark.parametrize("shape,stride,want", [
