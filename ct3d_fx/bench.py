@@ -660,6 +660,18 @@ def measure_ceilings(device: torch.device, dtype_mode: str = "fp32", *,
     return out
 
 
+def _then(text: str) -> str:
+    head = text.split(":")[0]
+    return "+ spatial_softmax" if "softmax" in head else f"+ {head}"
+
+
+def _fused_chains(sites: Sequence[dict]) -> List[List[str]]:
+    """The fused sites' chains, each with the kernel that runs after it when there is one (the
+    report's ``then``) as "+ spatial_softmax" or "+ avg_pool3d(2) -> gelu"."""
+    return [list(s.get("chain", [])) + ([_then(s["then"])] if s.get("then") else [])
+            for s in sites if s.get("status") == "fused"]
+
+
 class _CaptureFused(TorchDispatchMode):
     """Records every call of ``ct3d::conv_transpose3d_epilogue`` (op, args, kwargs)."""
 
@@ -758,9 +770,7 @@ def _measure(case: Case, opts, ceilings: dict, device: torch.device, log) -> dic
                 row["note"] = "optimized per submodule, in place (the model did not trace whole)"
             sites = opt.ct3d_report.to_dict()["sites"]
             row["sites"] = sites
-            row["fused"] = [list(s.get("chain", [])) + (["+ spatial_softmax"] if s.get("then")
-                                                        else [])
-                            for s in sites if s.get("status") == "fused"]
+            row["fused"] = _fused_chains(sites)
             row["implementations"] = sorted({str(s.get("implementation")) for s in sites
                                              if s.get("status") == "fused"})
             with _CaptureFused() as cap:
