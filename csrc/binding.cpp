@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "ct3d_launch.h"
@@ -35,10 +36,106 @@ int32_t dtype_code(at::ScalarType t, const char* what) {
   return -1;
 }
 
+// "[d0, d1, ...]" for error messages. Built here with std::to_string: printing an IntArrayRef
+// with operator<< in a TORCH_CHECK message crashed the process on the H200 machine (torch 2.11,
+// CUDA 13) instead of raising (tests/test_epilogue_pass.py, test_pass_rejects_...).
+std::string dims(at::IntArrayRef a) {
+  std::string r = "[";
+  for (size_t i = 0; i < a.size(); ++i) r += (i ? ", " : "") + std::to_string(a[i]);
+  return r + "]";
+}
+
 void check_cuda_on(const at::Tensor& t, const at::Device& dev, const char* what) {
   TORCH_CHECK(t.is_cuda(), "ct3d: ", what, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.device() == dev, "ct3d: ", what, " is on ", t.device(), ", expected ", dev,
               " (the input's device)");
+}
+
+// Fills E from the decoded program (the arguments of `prepare` below); ys: the output's 5
+// strides (a slot with the same strides is read at the output element's offset: Slot.like_y);
+// groups and cout_g: the conv's (SOFTMAX needs one group of at most kMaxSoftmaxChannels).
+void fill_epilogue(ct3d::Epilogue& E, const at::Device& dev, const int64_t* ys,
+                   const std::vector<at::Tensor>& slots, const at::Tensor& slot_strides,
+                   const at::Tensor& prog_i, const at::Tensor& prog_f,
+                   const std::vector<int64_t>& regs, int64_t groups, int64_t cout_g) {
+  const int64_t n_slots = static_cast<int64_t>(slots.size());
+  TORCH_CHECK(n_slots <= ct3d::kMaxSlots, "ct3d: at most ", ct3d::kMaxSlots,
+              " epilogue tensors, got ", n_slots);
+  TORCH_CHECK(slot_strides.device().is_cpu() && slot_strides.scalar_type() == at::kLong &&
+                  slot_strides.is_contiguous() && slot_strides.dim() == 2 &&
+                  slot_strides.size(0) == n_slots && slot_strides.size(1) == 5,
+              "ct3d: slot_strides must be a contiguous CPU int64 tensor of shape (", n_slots,
+              ", 5), got ", dims(slot_strides.sizes()));
+  const int64_t* ss = slot_strides.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n_slots; ++i) {
+    const at::Tensor& t = slots[i];
+    check_cuda_on(t, dev, "epilogue tensor");
+    E.slot[i].ptr = t.data_ptr();
+    bool like_y = true;
+    for (int j = 0; j < 5; ++j) {
+      E.slot[i].s[j] = ss[i * 5 + j];
+      like_y = like_y && ss[i * 5 + j] == ys[j];
+    }
+    E.slot[i].like_y = like_y ? 1 : 0;
+    E.slot[i].dtype = dtype_code(t.scalar_type(), "epilogue tensor");
+  }
+  E.n_slots = static_cast<int32_t>(n_slots);
+  TORCH_CHECK(regs.size() == 2, "ct3d: regs must hold 2 ints (count, result register), got ",
+              regs.size());
+  const int64_t n_regs = regs[0];
+  TORCH_CHECK(n_regs >= 1 && n_regs <= ct3d::kMaxRegs, "ct3d: the program must use 1 to ",
+              ct3d::kMaxRegs, " registers, got ", n_regs);
+  TORCH_CHECK(regs[1] >= 0 && regs[1] < n_regs, "ct3d: result register must be in [0, ", n_regs,
+              "), got ", regs[1]);
+  TORCH_CHECK(prog_i.device().is_cpu() && prog_i.scalar_type() == at::kInt &&
+                  prog_i.is_contiguous() && prog_i.dim() == 2 && prog_i.size(1) == 5,
+              "ct3d: prog_i must be a contiguous CPU int32 tensor of shape (n, 5), got ",
+              dims(prog_i.sizes()));
+  const int64_t n_instr = prog_i.size(0);
+  TORCH_CHECK(n_instr <= ct3d::kMaxInstr, "ct3d: at most ", ct3d::kMaxInstr,
+              " epilogue instructions, got ", n_instr);
+  TORCH_CHECK(prog_f.device().is_cpu() && prog_f.scalar_type() == at::kFloat &&
+                  prog_f.is_contiguous() && prog_f.dim() == 2 && prog_f.size(0) == n_instr &&
+                  prog_f.size(1) == 2,
+              "ct3d: prog_f must be a contiguous CPU float32 tensor of shape (", n_instr,
+              ", 2), got ", dims(prog_f.sizes()));
+  const int32_t* pi = prog_i.data_ptr<int32_t>();
+  const float* pf = prog_f.data_ptr<float>();
+  for (int64_t i = 0; i < n_instr; ++i) {
+    ct3d::Instr& I = E.ins[i];
+    I.op = pi[5 * i];
+    I.a = pi[5 * i + 1];
+    I.b = pi[5 * i + 2];
+    I.c = pi[5 * i + 3];
+    I.d = pi[5 * i + 4];
+    I.f0 = pf[2 * i];
+    I.f1 = pf[2 * i + 1];
+    const bool binary = I.op == ct3d::OP_ADD || I.op == ct3d::OP_SUB || I.op == ct3d::OP_MUL ||
+                        I.op == ct3d::OP_DIV;
+    const bool loads = I.op == ct3d::OP_LOAD_SCALAR || I.op == ct3d::OP_LOAD_TENSOR;
+    TORCH_CHECK(I.d >= 0 && I.d < n_regs, "ct3d: epilogue instruction ", i,
+                ": destination register must be in [0, ", n_regs, "), got ", I.d);
+    TORCH_CHECK(loads || (I.a >= (binary ? -1 : 0) && I.a < n_regs), "ct3d: epilogue "
+                "instruction ", i, ": source register out of range: ", I.a);
+    TORCH_CHECK(!binary || (I.b >= -1 && I.b < n_regs), "ct3d: epilogue instruction ", i,
+                ": second source register out of range: ", I.b);
+    const int need = I.op == ct3d::OP_BATCH_NORM ? (I.b ? 4 : 2)
+                     : (I.op == ct3d::OP_LOAD_TENSOR || I.op == ct3d::OP_PRELU) ? 1 : 0;
+    TORCH_CHECK(need == 0 || (I.c >= 0 && I.c + need <= n_slots), "ct3d: epilogue instruction ",
+                i, ": slot ", I.c, " out of range for ", n_slots, " epilogue tensors");
+    TORCH_CHECK(I.op != ct3d::OP_LAYER_NORM ||
+                    (I.b >= -1 && I.b < n_slots && I.c >= -1 && I.c < n_slots),
+                "ct3d: epilogue instruction ", i, ": LAYER_NORM weight slot ", I.c,
+                " or bias slot ", I.b, " out of range for ", n_slots, " epilogue tensors");
+    TORCH_CHECK(I.op != ct3d::OP_SOFTMAX ||
+                    (groups == 1 && cout_g <= ct3d::kMaxSoftmaxChannels),
+                "ct3d: epilogue instruction ", i, ": SOFTMAX over the channels needs groups == 1 "
+                "and at most ", ct3d::kMaxSoftmaxChannels, " output channels, got groups=",
+                groups, " and C_out=", cout_g * groups);
+  }
+  E.n_regs = static_cast<int32_t>(n_regs);
+  E.out_reg = static_cast<int32_t>(regs[1]);
+  E.n_instr = static_cast<int32_t>(n_instr);
 }
 
 // x: (N, C_in, D, H, W); w: (C_in, C_out/groups, kD, kH, kW), any strides; bias: (C_out,)
@@ -115,7 +212,7 @@ ct3d::ConvParams prepare(const at::Tensor& x, const at::Tensor& w,
                 " must match input dtype ", x.scalar_type());
     TORCH_CHECK(bias->dim() == 1 && bias->numel() == y.size(1) && bias->is_contiguous(),
                 "ct3d: bias must be contiguous 1-D with ", y.size(1), " elements, got shape ",
-                bias->sizes());
+                dims(bias->sizes()));
     p.bias = bias->data_ptr();
   }
   p.y = y.data_ptr();
@@ -136,84 +233,7 @@ ct3d::ConvParams prepare(const at::Tensor& x, const at::Tensor& w,
   p.algo = static_cast<int32_t>(algo);
 
   // ---- epilogue ----
-  const int64_t n_slots = static_cast<int64_t>(slots.size());
-  TORCH_CHECK(n_slots <= ct3d::kMaxSlots, "ct3d: at most ", ct3d::kMaxSlots,
-              " epilogue tensors, got ", n_slots);
-  TORCH_CHECK(slot_strides.device().is_cpu() && slot_strides.scalar_type() == at::kLong &&
-                  slot_strides.is_contiguous() && slot_strides.dim() == 2 &&
-                  slot_strides.size(0) == n_slots && slot_strides.size(1) == 5,
-              "ct3d: slot_strides must be a contiguous CPU int64 tensor of shape (", n_slots,
-              ", 5), got ", slot_strides.sizes());
-  const int64_t* ss = slot_strides.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n_slots; ++i) {
-    const at::Tensor& t = slots[i];
-    check_cuda_on(t, dev, "epilogue tensor");
-    p.epi.slot[i].ptr = t.data_ptr();
-    bool like_y = true;
-    for (int j = 0; j < 5; ++j) {
-      p.epi.slot[i].s[j] = ss[i * 5 + j];
-      like_y = like_y && ss[i * 5 + j] == p.ys[j];
-    }
-    p.epi.slot[i].like_y = like_y ? 1 : 0;
-    p.epi.slot[i].dtype = dtype_code(t.scalar_type(), "epilogue tensor");
-  }
-  p.epi.n_slots = static_cast<int32_t>(n_slots);
-  TORCH_CHECK(regs.size() == 2, "ct3d: regs must hold 2 ints (count, result register), got ",
-              regs.size());
-  const int64_t n_regs = regs[0];
-  TORCH_CHECK(n_regs >= 1 && n_regs <= ct3d::kMaxRegs, "ct3d: the program must use 1 to ",
-              ct3d::kMaxRegs, " registers, got ", n_regs);
-  TORCH_CHECK(regs[1] >= 0 && regs[1] < n_regs, "ct3d: result register must be in [0, ", n_regs,
-              "), got ", regs[1]);
-  TORCH_CHECK(prog_i.device().is_cpu() && prog_i.scalar_type() == at::kInt &&
-                  prog_i.is_contiguous() && prog_i.dim() == 2 && prog_i.size(1) == 5,
-              "ct3d: prog_i must be a contiguous CPU int32 tensor of shape (n, 5), got ",
-              prog_i.sizes());
-  const int64_t n_instr = prog_i.size(0);
-  TORCH_CHECK(n_instr <= ct3d::kMaxInstr, "ct3d: at most ", ct3d::kMaxInstr,
-              " epilogue instructions, got ", n_instr);
-  TORCH_CHECK(prog_f.device().is_cpu() && prog_f.scalar_type() == at::kFloat &&
-                  prog_f.is_contiguous() && prog_f.dim() == 2 && prog_f.size(0) == n_instr &&
-                  prog_f.size(1) == 2,
-              "ct3d: prog_f must be a contiguous CPU float32 tensor of shape (", n_instr,
-              ", 2), got ", prog_f.sizes());
-  const int32_t* pi = prog_i.data_ptr<int32_t>();
-  const float* pf = prog_f.data_ptr<float>();
-  for (int64_t i = 0; i < n_instr; ++i) {
-    ct3d::Instr& I = p.epi.ins[i];
-    I.op = pi[5 * i];
-    I.a = pi[5 * i + 1];
-    I.b = pi[5 * i + 2];
-    I.c = pi[5 * i + 3];
-    I.d = pi[5 * i + 4];
-    I.f0 = pf[2 * i];
-    I.f1 = pf[2 * i + 1];
-    const bool binary = I.op == ct3d::OP_ADD || I.op == ct3d::OP_SUB || I.op == ct3d::OP_MUL ||
-                        I.op == ct3d::OP_DIV;
-    const bool loads = I.op == ct3d::OP_LOAD_SCALAR || I.op == ct3d::OP_LOAD_TENSOR;
-    TORCH_CHECK(I.d >= 0 && I.d < n_regs, "ct3d: epilogue instruction ", i,
-                ": destination register must be in [0, ", n_regs, "), got ", I.d);
-    TORCH_CHECK(loads || (I.a >= (binary ? -1 : 0) && I.a < n_regs), "ct3d: epilogue "
-                "instruction ", i, ": source register out of range: ", I.a);
-    TORCH_CHECK(!binary || (I.b >= -1 && I.b < n_regs), "ct3d: epilogue instruction ", i,
-                ": second source register out of range: ", I.b);
-    const int need = I.op == ct3d::OP_BATCH_NORM ? (I.b ? 4 : 2)
-                     : (I.op == ct3d::OP_LOAD_TENSOR || I.op == ct3d::OP_PRELU) ? 1 : 0;
-    TORCH_CHECK(need == 0 || (I.c >= 0 && I.c + need <= n_slots), "ct3d: epilogue instruction ",
-                i, ": slot ", I.c, " out of range for ", n_slots, " epilogue tensors");
-    TORCH_CHECK(I.op != ct3d::OP_LAYER_NORM ||
-                    (I.b >= -1 && I.b < n_slots && I.c >= -1 && I.c < n_slots),
-                "ct3d: epilogue instruction ", i, ": LAYER_NORM weight slot ", I.c,
-                " or bias slot ", I.b, " out of range for ", n_slots, " epilogue tensors");
-    TORCH_CHECK(I.op != ct3d::OP_SOFTMAX ||
-                    (p.groups == 1 && p.cout_g <= ct3d::kMaxSoftmaxChannels),
-                "ct3d: epilogue instruction ", i, ": SOFTMAX over the channels needs groups == 1 "
-                "and at most ", ct3d::kMaxSoftmaxChannels, " output channels, got groups=",
-                p.groups, " and C_out=", p.cout_g * p.groups);
-  }
-  p.epi.n_regs = static_cast<int32_t>(n_regs);
-  p.epi.out_reg = static_cast<int32_t>(regs[1]);
-  p.epi.n_instr = static_cast<int32_t>(n_instr);
+  fill_epilogue(p.epi, dev, p.ys, slots, slot_strides, prog_i, prog_f, regs, p.groups, p.cout_g);
   return p;
 }
 
@@ -291,7 +311,7 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
                   wpk.size(0) == p.kD && wpk.size(1) == p.kH && wpk.size(2) == p.kW &&
                   wpk.size(3) == g.CoutP && wpk.size(4) == g.Cp,
               "ct3d: packed weight must be contiguous (", p.kD, ", ", p.kH, ", ", p.kW, ", ",
-              g.CoutP, ", ", g.Cp, ") of the input's dtype, got ", wpk.sizes(), " ",
+              g.CoutP, ", ", g.Cp, ") of the input's dtype, got ", dims(wpk.sizes()), " ",
               wpk.scalar_type());
   const int64_t xp_elems = static_cast<int64_t>(p.N) * g.Dp * g.Hp * g.Wp * g.Cp;
   TORCH_CHECK(xp_elems * esize < INT32_MAX && wpk.numel() * esize < INT32_MAX,
@@ -361,7 +381,7 @@ int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
   TORCH_CHECK(x.dim() >= 2 && x.is_contiguous() && out.is_contiguous() &&
                   out.sizes() == x.sizes(),
               "ct3d: spatial_softmax needs contiguous input and output of the same shape, got ",
-              x.sizes(), " and ", out.sizes());
+              dims(x.sizes()), " and ", dims(out.sizes()));
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   ct3d::SpatialSoftmaxParams p{};
@@ -431,11 +451,11 @@ int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
 }  // namespace
 
 // x: contiguous NCDHW float32/float16/bfloat16; out: contiguous (N, C, D / kd, H / kh, W / kw)
-// of x's dtype. avg_pool3d with kernel == stride == (kd, kh, kw) (each 1-8), no padding, floor
-// mode, then `act` (0: none, else ct3d::Op OP_RELU / OP_GELU / OP_SILU / OP_SIGMOID / OP_TANH;
-// act_flag 1: GELU's tanh approximation): see csrc/kernels_pool_tail.cu.
+// of x's dtype. avg_pool3d (max_pool3d when `max`) with kernel == stride == (kd, kh, kw) (each
+// 1-8), no padding, floor mode, then `act` (0: none, else ct3d::Op OP_RELU / OP_GELU / OP_SILU
+// / OP_SIGMOID / OP_TANH; act_flag 1: GELU's tanh approximation): csrc/kernels_pool_tail.cu.
 void pool_tail(const at::Tensor& x, at::Tensor& out, int64_t kd, int64_t kh, int64_t kw,
-               int64_t act, int64_t act_flag) {
+               int64_t act, int64_t act_flag, bool max) {
   const at::Device dev = x.device();
   check_cuda_on(x, dev, "input");
   check_cuda_on(out, dev, "output");
@@ -443,13 +463,13 @@ void pool_tail(const at::Tensor& x, at::Tensor& out, int64_t kd, int64_t kh, int
               "ct3d: pool_tail kernel must be in [1, 8] per dimension, got (", kd, ", ", kh,
               ", ", kw, ")");
   TORCH_CHECK(x.dim() == 5 && x.is_contiguous(), "ct3d: pool_tail needs a contiguous NCDHW "
-              "input, got ", x.sizes(), " with strides ", x.strides());
+              "input, got ", dims(x.sizes()), " with strides ", dims(x.strides()));
   const std::vector<int64_t> want = {x.size(0), x.size(1), x.size(2) / kd, x.size(3) / kh,
                                      x.size(4) / kw};
   TORCH_CHECK(out.is_contiguous() && out.sizes() == at::IntArrayRef(want) &&
                   out.scalar_type() == x.scalar_type(),
-              "ct3d: pool_tail output must be contiguous ", at::IntArrayRef(want), " ",
-              x.scalar_type(), ", got ", out.sizes(), " ", out.scalar_type());
+              "ct3d: pool_tail output must be contiguous ", dims(at::IntArrayRef(want)), " ",
+              x.scalar_type(), ", got ", dims(out.sizes()), " ", out.scalar_type());
   TORCH_CHECK(x.size(2) <= INT32_MAX && x.size(3) <= INT32_MAX && x.size(4) <= INT32_MAX,
               "ct3d: pool_tail spatial sizes must fit in 32 bits");
   ct3d::PoolTailParams p{};
@@ -468,10 +488,119 @@ void pool_tail(const at::Tensor& x, at::Tensor& out, int64_t kd, int64_t kh, int
   p.dtype = dtype_code(x.scalar_type(), "input");
   p.act = static_cast<int32_t>(act);
   p.act_flag = static_cast<int32_t>(act_flag);
+  p.max = max ? 1 : 0;
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const cudaError_t err = ct3d::launch_pool_tail(p, stream);
   TORCH_CHECK(err == cudaSuccess, "ct3d: pool_tail launch failed: ", cudaGetErrorString(err));
+}
+
+// The spatial dimensions of `t` (N, C, D, H, W) as one stride: *s such that element (n, c, d,
+// h, w) is at n * stride(0) + c * stride(1) + ((d * H + h) * W + w) * *s (NCDHW contiguous: 1,
+// channels_last_3d: C). False when they do not collapse.
+bool spatial_stride(const at::Tensor& t, int64_t* s) {
+  const int64_t D = t.size(2), H = t.size(3), W = t.size(4);
+  const int64_t sw = W > 1 ? t.stride(4) : (H > 1 ? t.stride(3) * H : t.stride(2) * D * H);
+  *s = sw;
+  return (W == 1 || t.stride(4) == sw) && (H == 1 || t.stride(3) == sw * W) &&
+         (D == 1 || t.stride(2) == sw * W * H);
+}
+
+// src: (N, C, D, H, W) float32 / float16 / bfloat16 (D * H * W < 2^31 - 128), the conv output
+// without its bias; bias:
+// (C,) contiguous or None; out: src's shape, src's dtype or float32; both NCDHW contiguous or
+// channels_last_3d (any strides whose spatial dimensions collapse, spatial_stride), out may be
+// src itself. The other arguments as for `launch`: the epilogue program, decoded for an output
+// with out's strides; SOFTMAX and LAYER_NORM are not taken. Runs bias + program in one pass:
+// csrc/kernels_epilogue_pass.cu.
+void epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bias, at::Tensor& out,
+                   const std::vector<at::Tensor>& slots, const at::Tensor& slot_strides,
+                   const at::Tensor& prog_i, const at::Tensor& prog_f,
+                   const std::vector<int64_t>& regs) {
+  const at::Device dev = src.device();
+  check_cuda_on(src, dev, "epilogue_pass source");
+  check_cuda_on(out, dev, "epilogue_pass output");
+  TORCH_CHECK(src.dim() == 5 && out.sizes() == src.sizes(), "ct3d: epilogue_pass needs a 5-D "
+              "source and an output of its shape, got ", dims(src.sizes()), " and ",
+              dims(out.sizes()));
+  for (int64_t v : src.sizes()) {
+    TORCH_CHECK(v <= INT32_MAX, "ct3d: epilogue_pass dimension too large");
+  }
+  ct3d::EpiPassParams p;
+  std::memset(&p, 0, sizeof(p));
+  p.src_dtype = dtype_code(src.scalar_type(), "epilogue_pass source");
+  p.out_dtype = dtype_code(out.scalar_type(), "epilogue_pass output");
+  TORCH_CHECK(p.src_dtype != ct3d::kF64 &&
+                  (p.out_dtype == p.src_dtype || p.out_dtype == ct3d::kF32),
+              "ct3d: epilogue_pass takes a float32, float16 or bfloat16 source and an output of "
+              "its dtype or float32, got ", src.scalar_type(), " -> ", out.scalar_type());
+  TORCH_CHECK(spatial_stride(src, &p.ss_s) && spatial_stride(out, &p.os_s),
+              "ct3d: epilogue_pass needs NCDHW-contiguous or channels_last_3d tensors, got "
+              "strides ", dims(src.strides()), " and ", dims(out.strides()));
+  p.src = src.data_ptr();
+  p.ss_n = src.stride(0);
+  p.ss_c = src.stride(1);
+  p.src_cfast = p.ss_c == 1 && src.size(1) > 1;
+  p.out = out.data_ptr();
+  p.os_n = out.stride(0);
+  p.os_c = out.stride(1);
+  p.out_cfast = p.os_c == 1 && out.size(1) > 1;
+  p.N = static_cast<int32_t>(src.size(0));
+  p.C = static_cast<int32_t>(src.size(1));
+  p.D = static_cast<int32_t>(src.size(2));
+  p.H = static_cast<int32_t>(src.size(3));
+  p.W = static_cast<int32_t>(src.size(4));
+  p.S = src.size(2) * src.size(3) * src.size(4);
+  TORCH_CHECK(p.S < (int64_t{1} << 31) - 128, "ct3d: epilogue_pass needs D * H * W < 2^31 - "
+              "128, got ", p.S);
+  // the staged kernel copies the source in 4-byte units of 4 / element_size elements along its
+  // fast dimension (stride 1): every unit must start 4-byte aligned and lie in one row
+  {
+    const int64_t esize = src.element_size();
+    const bool aligned = reinterpret_cast<uintptr_t>(src.data_ptr()) % 4 == 0;
+    if (esize == 4) {
+      p.staged = aligned ? 1 : 0;
+    } else if (esize == 2 && aligned && p.src_cfast) {
+      p.staged = (p.C % 2 == 0 && p.ss_n % 2 == 0 && p.ss_s % 2 == 0) ? 1 : 0;
+    } else if (esize == 2 && aligned && p.ss_s == 1) {
+      p.staged = (p.S % 2 == 0 && p.ss_n % 2 == 0 && p.ss_c % 2 == 0) ? 1 : 0;
+    }
+  }
+  if (bias.has_value() && bias->defined()) {
+    check_cuda_on(*bias, dev, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == p.C && bias->is_contiguous(),
+                "ct3d: bias must be contiguous 1-D with ", p.C, " elements, got shape ",
+                dims(bias->sizes()));
+    p.bias = bias->data_ptr();
+    p.bias_dtype = dtype_code(bias->scalar_type(), "bias");
+  }
+  const int64_t ys[5] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+                         out.stride(4)};
+  fill_epilogue(p.epi, dev, ys, slots, slot_strides, prog_i, prog_f, regs, 1, 0);
+  // the staged kernel also stages the first full-size slot laid out like the output (like_y)
+  // with the source's dtype, where it too splits into 4-byte units (as the source above)
+  p.side_slot = -1;
+  for (int i = 0; p.staged && i < p.epi.n_slots; ++i) {
+    const ct3d::Slot& sl = p.epi.slot[i];
+    const bool fits =
+        sl.like_y == 1 && sl.dtype == p.src_dtype &&
+        reinterpret_cast<uintptr_t>(sl.ptr) % 4 == 0 &&
+        (src.element_size() == 4 ||
+         (p.out_cfast ? (p.C % 2 == 0 && p.os_n % 2 == 0 && p.os_s % 2 == 0)
+                      : (p.os_s == 1 && p.S % 2 == 0 && p.os_n % 2 == 0 && p.os_c % 2 == 0)));
+    if (fits) {
+      p.epi.slot[i].like_y = 2;
+      p.side_slot = i;
+      break;
+    }
+  }
+  TORCH_CHECK(!ct3d::epilogue_spans_w(p.epi) && !ct3d::epilogue_spans_channels(p.epi),
+              "ct3d: epilogue_pass does not run SOFTMAX or LAYER_NORM");
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(dev);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const cudaError_t err = ct3d::launch_epilogue_pass(p, stream);
+  TORCH_CHECK(err == cudaSuccess, "ct3d: epilogue_pass launch failed: ", cudaGetErrorString(err));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -489,9 +618,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "row, times a per-channel weight (see csrc/binding.cpp)", py::arg("x"), py::arg("out"),
         py::arg("weight"), py::arg("log"), py::arg("max_cluster") = 8,
         py::arg("shared_vecs") = 16);
-  m.def("pool_tail", &pool_tail, "avg_pool3d (kernel == stride, no padding) then an activation "
-        "(see csrc/binding.cpp)", py::arg("x"), py::arg("out"), py::arg("kd"), py::arg("kh"),
-        py::arg("kw"), py::arg("act"), py::arg("act_flag"));
+  m.def("pool_tail", &pool_tail, "avg_pool3d or max_pool3d (kernel == stride, no padding) then "
+        "an activation (see csrc/binding.cpp)", py::arg("x"), py::arg("out"), py::arg("kd"),
+        py::arg("kh"), py::arg("kw"), py::arg("act"), py::arg("act_flag"),
+        py::arg("max") = false);
+  m.def("epilogue_pass", &epilogue_pass, "A site's bias and epilogue program in one pass over a "
+        "conv output computed elsewhere (see csrc/binding.cpp)", py::arg("src"), py::arg("bias"),
+        py::arg("out"), py::arg("slots"), py::arg("slot_strides"), py::arg("prog_i"),
+        py::arg("prog_f"), py::arg("regs"));
   m.attr("MAX_INSTR") = ct3d::kMaxInstr;
   m.attr("MAX_SLOTS") = ct3d::kMaxSlots;
   m.attr("MAX_REGS") = ct3d::kMaxRegs;

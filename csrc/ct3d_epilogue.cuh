@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include <type_traits>
+#include <utility>
 
 #include "ct3d_params.h"
 
@@ -164,9 +165,23 @@ __device__ __forceinline__ T elem_from_float(float v) {
   }
 }
 
+// A Pos with a `staged(i)` method (the epilogue pass) holds the values of the slot marked
+// like_y == 2 in shared memory: element i of the thread is pos.staged(i).
+template <class P, class = void>
+struct PosStages : std::false_type {};
+template <class P>
+struct PosStages<P, decltype(void(std::declval<const P&>().staged(0)))> : std::true_type {};
+
 template <int PER, int BATCH, class Pos>
 __device__ __forceinline__ void load_tensor_batched(const Slot& s, float* D, Pos pos) {
   constexpr int kBatch = PER % BATCH == 0 ? BATCH : PER % 8 == 0 ? 8 : PER % 4 == 0 ? 4 : 1;
+  if constexpr (PosStages<Pos>::value) {
+    if (s.like_y == 2) {
+#pragma unroll 4
+      for (int i = 0; i < PER; ++i) D[pos(i).idx] = pos.staged(i);
+      return;
+    }
+  }
   auto run = [&](const auto* ptr) {
     using T = typename std::remove_const<typename std::remove_pointer<decltype(ptr)>::type>::type;
 #pragma unroll 1
@@ -369,13 +384,17 @@ __device__ __forceinline__ void layernorm_lines(const float* A, float* D, const 
 // 128-register cap the code spilled; launch_conv sends such programs to the GEMM), and an
 // unexpected one there poisons the result. `rows()` returns the tile's TileRows; only SOFTMAX
 // and LAYER_NORM call it, so the kernels keep none of its values live through the program.
-template <int PER, class Pos, int LOAD_BATCH = 16, bool ROWS = true, class Rows>
+// MAP_MAX caps the elementwise batch (fewer registers live at once; the epilogue pass uses 4).
+template <int PER, class Pos, int LOAD_BATCH = 16, bool ROWS = true, int MAP_MAX = 16,
+          class Rows>
 __device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int tile, Pos pos,
                                             const float* colv, int cols, Rows rows) {
-  constexpr int kMapBatch = (LOAD_BATCH >= 16 && PER % 16 == 0) ? 16
-                            : PER % 8 == 0                       ? 8
-                            : PER % 4 == 0                       ? 4
-                                                                 : 1;
+  constexpr int kMapNatural = (LOAD_BATCH >= 16 && PER % 16 == 0) ? 16
+                              : PER % 8 == 0                       ? 8
+                              : PER % 4 == 0                       ? 4
+                                                                   : 1;
+  constexpr int kMapBatch = kMapNatural < MAP_MAX ? kMapNatural : MAP_MAX;
+  static_assert(PER % kMapBatch == 0, "MAP_MAX must divide the elements per thread");
   const int count = E.n_instr;
   for (int k = 0; k < count; ++k) {
     const Instr I = E.ins[k];

@@ -100,4 +100,9 @@ int64_t spatial_softmax_onchip_elems(int in_dtype, int vecs);
 // unsupported dtype or activation, or a pooling kernel outside [1, 8] per dimension.
 cudaError_t launch_pool_tail(const PoolTailParams& p, cudaStream_t stream);
 
+// The epilogue pass (csrc/kernels_epilogue_pass.cu) on `stream`: cudaErrorInvalidValue for an
+// unsupported (src, out) dtype pair (f32 -> f32, f16 / bf16 -> same or f32), a register count
+// outside [1, kMaxRegs] or S >= 2^31 - 128.
+cudaError_t launch_epilogue_pass(const EpiPassParams& p, cudaStream_t stream);
+
 }  // namespace ct3d

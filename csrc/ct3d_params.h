@@ -106,7 +106,7 @@ struct Slot {
   const void* ptr;
   int64_t s[5];
   int32_t dtype;
-  int32_t like_y;
+  int32_t like_y;  // 2: as 1, and the epilogue pass holds it in shared memory (side_slot)
 };
 
 struct Epilogue {
@@ -219,6 +219,31 @@ struct PoolTailParams {
   int32_t dtype;             // DType: kF32, kF16 or kBF16 (input and output)
   int32_t act;               // 0 (none) or an Op: OP_RELU, OP_GELU, OP_SILU, OP_SIGMOID, OP_TANH
   int32_t act_flag;          // OP_GELU: 1 for the tanh approximation
+  int32_t max;               // 1: max_pool3d (NaN wins, as in PyTorch), 0: avg_pool3d
+};
+
+// The epilogue pass (csrc/kernels_epilogue_pass.cu): the program of `epi` (register 0 = src +
+// bias) over an (N, C, D, H, W) tensor `src` whose spatial dimensions collapse to one stride
+// (NCDHW contiguous or channels_last_3d), written to `out` (same shape, likewise collapsible);
+// S = D * H * W (< 2^31 - 128). *_cfast: the channel stride is 1 (channels_last_3d), so the
+// kernel reads or writes 32 consecutive channels per warp access instead of 32 consecutive
+// positions.
+struct EpiPassParams {
+  const void* src;
+  int64_t ss_n, ss_c, ss_s;  // element strides of src: sample, channel, spatial position
+  int32_t src_dtype, src_cfast;
+  const void* bias;  // (C,) contiguous or nullptr
+  int32_t bias_dtype;
+  void* out;
+  int64_t os_n, os_c, os_s;
+  int32_t out_dtype, out_cfast;
+  int32_t N, C, D, H, W;
+  int64_t S;
+  int32_t staged;  // 1: the staged kernel (src read in 4-byte units with cp.async; binding)
+  // The staged kernel also stages epilogue slot `side_slot` (>= 0; its Slot.like_y is 2): a
+  // full-size tensor with out's strides and src's dtype, read like src in 4-byte units.
+  int32_t side_slot;
+  Epilogue epi;
 };
 
 }  // namespace ct3d

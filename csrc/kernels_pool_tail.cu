@@ -1,5 +1,5 @@
-// The pooled tail: avg_pool3d (kernel == stride, no padding, floor mode) of a fused site's
-// NCDHW output, then one elementwise activation, in one pass.
+// The pooled tail: avg_pool3d or max_pool3d (kernel == stride, no padding, floor mode) of a
+// fused site's NCDHW output, then one elementwise activation, in one pass.
 //
 // After a fused site whose result feeds nn.AvgPool3d / F.avg_pool3d (and an activation), PyTorch
 // runs the pool as its own kernel (on the H200, 0.67 ms for l2_3's 1.07 GB float32 output: 1.8
@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "ct3d_epilogue.cuh"
 #include "ct3d_launch.h"
@@ -54,7 +55,18 @@ __device__ __forceinline__ float pool_act(float x, int act, int flag) {
 // much as the memory traffic on l2_3's 33.5M outputs). K2: the window is 2 x 2 x 2 (the
 // common case), known at compile time so that a thread's 8 loads are all in flight at once;
 // otherwise each row's kw (<= 8) loads are issued together, the rows one after another.
-template <typename T, typename I, bool K2>
+// The window's reduction: a sum (average pool) or PyTorch's max_pool3d rule (a value replaces
+// the maximum when it is larger or NaN, so a NaN anywhere in the window wins).
+template <bool MAX>
+__device__ __forceinline__ float pool_step(float acc, float v) {
+  if constexpr (MAX) {
+    return (v > acc || v != v) ? v : acc;
+  } else {
+    return acc + v;
+  }
+}
+
+template <typename T, typename I, bool K2, bool MAX>
 __global__ void __launch_bounds__(kPoolThreads)
     pool_tail_kernel(const T* __restrict__ x, T* __restrict__ out, const PoolTailParams p) {
   const I total = static_cast<I>(p.nc * p.Do * p.Ho * p.Wo);
@@ -72,7 +84,7 @@ __global__ void __launch_bounds__(kPoolThreads)
     const int64_t nc = static_cast<int64_t>(r);
     const T* src = x + ((nc * p.D + static_cast<int64_t>(od) * kd) * p.H +
                         static_cast<int64_t>(oh) * kh) * p.W + static_cast<int64_t>(ow) * kw;
-    float sum = 0.0f;
+    float sum = MAX ? -INFINITY : 0.0f;
     if constexpr (K2) {
       float v[8];
 #pragma unroll
@@ -81,7 +93,7 @@ __global__ void __launch_bounds__(kPoolThreads)
                                                 * p.W + (j & 1)));
       }
 #pragma unroll
-      for (int j = 0; j < 8; ++j) sum += v[j];  // d, then h, then w: PyTorch's order
+      for (int j = 0; j < 8; ++j) sum = pool_step<MAX>(sum, v[j]);  // d, h, w: PyTorch's order
     } else {
       for (int a = 0; a < kd; ++a) {
         for (int b = 0; b < kh; ++b) {
@@ -93,13 +105,14 @@ __global__ void __launch_bounds__(kPoolThreads)
           }
 #pragma unroll
           for (int c = 0; c < kMaxPoolK; ++c) {
-            if (c < kw) sum += v[c];
+            if (c < kw) sum = pool_step<MAX>(sum, v[c]);
           }
         }
       }
     }
-    // the pooled value as PyTorch materializes it (rounded to T), then the activation
-    const float pooled = elem_to_float<T>(elem_from_float<T>(sum / count));
+    // the pooled value as PyTorch materializes it (rounded to T; a maximum is a T already),
+    // then the activation
+    const float pooled = MAX ? sum : elem_to_float<T>(elem_from_float<T>(sum / count));
     out[i] = elem_from_float<T>(pool_act(pooled, p.act, p.act_flag));
   }
 }
@@ -117,11 +130,17 @@ cudaError_t launch_typed(const PoolTailParams& p, cudaStream_t stream) {
     kernel<<<grid, kPoolThreads, 0, stream>>>(static_cast<const T*>(p.x),
                                                static_cast<T*>(p.out), p);
   };
-  if (narrow) {
-    k2 ? go(pool_tail_kernel<T, uint32_t, true>) : go(pool_tail_kernel<T, uint32_t, false>);
-  } else {
-    k2 ? go(pool_tail_kernel<T, int64_t, true>) : go(pool_tail_kernel<T, int64_t, false>);
-  }
+  auto pick = [&](auto max_tag) {
+    constexpr bool kMax = decltype(max_tag)::value;
+    if (narrow) {
+      k2 ? go(pool_tail_kernel<T, uint32_t, true, kMax>)
+         : go(pool_tail_kernel<T, uint32_t, false, kMax>);
+    } else {
+      k2 ? go(pool_tail_kernel<T, int64_t, true, kMax>)
+         : go(pool_tail_kernel<T, int64_t, false, kMax>);
+    }
+  };
+  p.max ? pick(std::true_type{}) : pick(std::false_type{});
   return cudaGetLastError();
 }
 

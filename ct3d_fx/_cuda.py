@@ -132,6 +132,17 @@ MAX_REGS = 6  # csrc/ct3d_params.h kMaxRegs
 #: kernel then computes all of a voxel's channels in one tile (groups == 1).
 SOFTMAX_MAX_CHANNELS = 64
 _MAX_GRID_X, _MAX_GRID_Y = 2 ** 31 - 1, 65535
+_PASS_MAX_SPATIAL = 2 ** 31 - 128  # D * H * W the epilogue pass takes (csrc/binding.cpp)
+
+
+def _collapses(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether a 5-D tensor's spatial dimensions collapse to one stride (NCDHW contiguous,
+    channels_last_3d): the layouts the epilogue pass reads and writes (binding.cpp
+    ``spatial_stride``)."""
+    D, H, W = shape[2:]
+    sw = stride[4] if W > 1 else (stride[3] * H if H > 1 else stride[2] * D * H)
+    return ((W == 1 or stride[4] == sw) and (H == 1 or stride[3] == sw * W)
+            and (D == 1 or stride[2] == sw * W * H))
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SLOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MODE_FFMA, _MODE_TENSOR_CORE = 0, 1
@@ -148,12 +159,13 @@ class _Plan:
 
     __slots__ = ("fallback", "shape", "stride", "dtype", "slot_extras", "slot_strides",
                  "prog_i", "prog_f", "patches", "regs", "conv", "igemm_ok", "igemm_auto",
-                 "igemm_tiles", "wline", "ln_split", "checked")
+                 "igemm_tiles", "wline", "ln_split", "checked", "passable")
 
     def __init__(self, fallback: Optional[str] = None):
         self.fallback = fallback
         self.checked = False  # ops.check_args passed on this call signature (run())
         self.wline = False  # a LAYER_NORM over W: the W-line tiles only (tensor cores)
+        self.passable = False  # the epilogue pass can run the program (_pass_applies)
         # (prefix, suffix) programs (_layernorm_split) where the LayerNorm is what keeps the
         # call off the kernel: the kernel runs the prefix, PyTorch the suffix
         self.ln_split: Optional[Tuple[List[int], List[int]]] = None
@@ -276,6 +288,10 @@ def _make_plan(input, weight, bias, stride, padding, output_padding, dilation, g
     streams = bool(plan.slot_strides[:, [0, 2, 3, 4]].any())  # a slot beyond per-channel
     plan.igemm_ok, plan.igemm_auto, plan.igemm_tiles = _igemm_rule(input, weight, conv_shape,
                                                                    st, pa, di, groups, streams)
+    plan.passable = (not spans and not any(program[i] == Opcode.LAYER_NORM
+                                           for i in range(0, len(program), INSTR_WIDTH))
+                     and _collapses(shape, strides)
+                     and math.prod(shape[2:]) < _PASS_MAX_SPATIAL)
     if spans and plan.igemm_ok and plan.igemm_tiles[1] < channels:
         # a configuration forced by IGEMM_CONFIG whose tile holds fewer channels: the softmax
         # needs them all, which launch_conv's kernels provide
@@ -798,12 +814,22 @@ AUTOTUNE = os.environ.get("CT3D_FX_AUTOTUNE", "1") != "0"
 # spread, bf16 unchanged. Off with CT3D_FX_CUDNN_CHANNELS_LAST=0 or
 # ``_cuda.CUDNN_CHANNELS_LAST = False``.
 CUDNN_CHANNELS_LAST = os.environ.get("CT3D_FX_CUDNN_CHANNELS_LAST", "1") != "0"
+# The epilogue pass (csrc/kernels_epilogue_pass.cu): the bias and the whole program in one pass
+# over a conv output cuDNN computed. With it, the autotune times "cudnn_channels_last_pass": the
+# channels-last candidate with the pass reading cuDNN's channels_last_3d output and writing the
+# reference's layout. Off with CT3D_FX_EPILOGUE_PASS=0 or ``_cuda.EPILOGUE_PASS = False``.
+# "cudnn_pass" (the reference's conv on the input as given, then the pass in place) is timed only
+# with CUDNN_PASS on (CT3D_FX_CUDNN_PASS=1): in the v20 run (docs/performance.md) it won the
+# single-call timing on GAN layers and the generator got slower as a whole (bf16 batch 2: 1.09x
+# -> 0.93x eager), and its in-place NCDHW pass runs at 1.1-1.5 TB/s (v20 notes).
+EPILOGUE_PASS = os.environ.get("CT3D_FX_EPILOGUE_PASS", "1") != "0"
+CUDNN_PASS = os.environ.get("CT3D_FX_CUDNN_PASS", "0") == "1"
 _choices: Dict[tuple, str] = {}
 
 
 def autotune_choices() -> Dict[tuple, str]:
-    """The implementation chosen per call signature so far: "fused", "reference" or
-    "cudnn_channels_last"."""
+    """The implementation chosen per call signature so far: "fused", "reference",
+    "cudnn_channels_last", "cudnn_channels_last_pass" or "cudnn_pass"."""
     return dict(_choices)
 
 
@@ -813,12 +839,16 @@ def _channels_last_applies(input: torch.Tensor) -> bool:
             and not input.is_contiguous(memory_format=torch.channels_last_3d))
 
 
-def _reference_channels_last(args: tuple, shape, stride, dtype) -> torch.Tensor:
+def _reference_channels_last(args: tuple, shape, stride, dtype, plan=None) -> torch.Tensor:
     """The reference computed on channels_last_3d copies: ``F.conv_transpose3d`` of the input
     and weight in channels_last_3d (cuDNN picks its algorithm by timing it: ``cudnn.benchmark``
     is on for this call only, the other cuDNN flags stay as they are), the program in PyTorch
     ops, and the result written into a tensor of ``shape``, ``stride``, ``dtype``: the output
     the fused kernel allocates (the reference's layout).
+
+    With ``plan`` (the call's decoded program) where the epilogue pass applies
+    (``_pass_applies``), the bias and the whole program run there instead: one pass that reads
+    cuDNN's channels_last_3d output and writes the output.
 
     Where the bias and the whole program are one per-channel affine map of the conv output
     (``_affine_prefix``: scale/shift by scalars or per-channel tensors, eval BatchNorm), they
@@ -831,6 +861,18 @@ def _reference_channels_last(args: tuple, shape, stride, dtype) -> torch.Tensor:
     folded scale and shift (computed in float32, float64 for float64 inputs)."""
     input, weight, bias, st, pa, op, di, g, program, scalars, extras = args
     cl = torch.channels_last_3d
+    ext = _build.load() if plan is not None and _pass_applies(plan, input) else None
+    if ext is not None:
+        benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            y = F.conv_transpose3d(input.contiguous(memory_format=cl),
+                                   _weight_channels_last(weight), None, list(st), list(pa),
+                                   list(op), g, list(di))
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
+        out = torch.empty_strided(shape, stride, dtype=dtype, device=input.device)
+        return _run_pass(ext, plan, y, bias, extras, out)
     fold = _affine_prefix(program, scalars, extras, bias, weight.size(1) * g,
                           torch.promote_types(torch.promote_types(input.dtype, dtype),
                                               torch.float32), input.device, input.dtype)
@@ -993,6 +1035,51 @@ def _weight_channels_last(weight: torch.Tensor) -> torch.Tensor:
                         lambda w: w.detach().contiguous(memory_format=cl))
 
 
+def _pass_applies(plan: "_Plan", input: torch.Tensor) -> bool:
+    """Whether the epilogue pass can run the call's bias and program (``plan``): switched on,
+    a decoded program without SOFTMAX / LAYER_NORM, an output whose spatial dimensions
+    collapse, and an input dtype whose conv output the pass reads (float32, float16,
+    bfloat16; the output is that dtype or float32)."""
+    return (EPILOGUE_PASS and plan.passable and plan.fallback is None
+            and (plan.dtype == input.dtype or plan.dtype == torch.float32))
+
+
+def _prog_f(plan: "_Plan", extras) -> torch.Tensor:
+    """The program's float operands, with the values read from 0-d extras patched in."""
+    if not plan.patches:
+        return plan.prog_f
+    prog_f = plan.prog_f.clone()
+    for row, field, idx in plan.patches:
+        prog_f[row, field] = float(extras[idx])
+    return prog_f
+
+
+def _run_pass(ext, plan: "_Plan", y: torch.Tensor, bias, extras, out: torch.Tensor):
+    """``out`` = the program of ``plan`` on ``y`` + ``bias`` (``y``: the conv output without
+    its bias; ``out`` may be ``y``): one launch of the epilogue pass. Poisons ``out`` first
+    under ``POISON_OUTPUT`` (unless it is ``y``)."""
+    if POISON_OUTPUT and out is not y:
+        out.fill_(float("nan"))
+    slots = [extras[i] for i in plan.slot_extras]
+    ext.epilogue_pass(y, None if bias is None else bias.contiguous(), out, slots,
+                      plan.slot_strides, plan.prog_i, _prog_f(plan, extras), plan.regs)
+    return out
+
+
+def _cudnn_pass(ext, plan: "_Plan", args: tuple) -> torch.Tensor:
+    """The "cudnn_pass" candidate: the reference's conv (``F.conv_transpose3d`` on the input
+    and weight as given, without the bias; cuDNN flags as the caller set them), then the bias
+    and program in one epilogue pass, in place where the conv output has the output's layout
+    and dtype."""
+    input, weight, bias, st, pa, op, di, g, program, scalars, extras = args
+    y = F.conv_transpose3d(input, weight, None, list(st), list(pa), list(op), g, list(di))
+    if y.dtype == plan.dtype and y.stride() == tuple(plan.stride):
+        out = y
+    else:
+        out = torch.empty_strided(plan.shape, plan.stride, dtype=plan.dtype, device=input.device)
+    return _run_pass(ext, plan, y, bias, extras, out)
+
+
 def _cuda_event_ms(fn) -> float:
     """GPU time of one call of ``fn`` on the current stream, in ms (CUDA events)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -1091,11 +1178,7 @@ def _run_fused(ext, plan, input, weight, bias, extras, mode):
         return out
     if POISON_OUTPUT:
         out.fill_(float("nan"))
-    prog_f = plan.prog_f
-    if plan.patches:
-        prog_f = prog_f.clone()
-        for row, field, idx in plan.patches:
-            prog_f[row, field] = float(extras[idx])
+    prog_f = _prog_f(plan, extras)
     if ALGO not in _ALGO_CODE:
         raise ValueError(f"ct3d_fx._cuda.ALGO must be one of {sorted(_ALGO_CODE)}, got {ALGO!r}")
     bias_c = None if bias is None else bias.contiguous()
@@ -1161,13 +1244,23 @@ def run(args: tuple) -> torch.Tensor:
             # in order of preference on a tie
             cands = [("fused", lambda: _run_fused(ext, plan, input, weight, bias, extras, mode)),
                      ("reference", lambda: reference(*args))]
+            passes = _pass_applies(plan, input)
             if _channels_last_applies(input):
                 cands.append(("cudnn_channels_last", lambda: _reference_channels_last(
                     args, plan.shape, plan.stride, plan.dtype)))
+                if passes:
+                    cands.append(("cudnn_channels_last_pass", lambda: _reference_channels_last(
+                        args, plan.shape, plan.stride, plan.dtype, plan)))
+            if passes and CUDNN_PASS:
+                cands.append(("cudnn_pass", lambda: _cudnn_pass(ext, plan, args)))
             choice = _pick_fastest(cands)
             _choices[ck] = choice
         if choice == "reference":
             return reference(*args)
         if choice == "cudnn_channels_last":
             return _reference_channels_last(args, plan.shape, plan.stride, plan.dtype)
+        if choice == "cudnn_channels_last_pass":
+            return _reference_channels_last(args, plan.shape, plan.stride, plan.dtype, plan)
+        if choice == "cudnn_pass":
+            return _cudnn_pass(ext, plan, args)
     return _run_fused(ext, plan, input, weight, bias, extras, mode)

@@ -113,7 +113,10 @@ ABOUT = ("ct3d_fx benchmark (python -m ct3d_fx.bench). Times in ms: median of ru
          "+ output; floor_ratio = fused_op_ms / floor_ms. Errors: max |out - ref| / max |ref| "
          "against eager (max_rel_err_vs_eager) and a float64 copy of the model "
          "(max_rel_err_vs_fp64; eager_ and compile_max_rel_err_vs_fp64 are PyTorch's own). "
-         "fused: the fused chains; sites: the rewrite report; errors: {stage: message} of "
+         "fused: the fused chains; sites: the rewrite report; autotune: the implementation "
+         "the per-shape autotune chose for each fused call (fused, reference, "
+         "cudnn_channels_last, cudnn_channels_last_pass, cudnn_pass); errors: "
+         "{stage: message} of "
          "failed stages. Inputs uniform in [0, 1), eval mode, random BatchNorm statistics. "
          "Compare ratios measured in one run; absolute times vary between machines.")
 
@@ -657,6 +660,18 @@ def measure_ceilings(device: torch.device, dtype_mode: str = "fp32", *,
     return out
 
 
+def _then(text: str) -> str:
+    head = text.split(":")[0]
+    return "+ spatial_softmax" if "softmax" in head else f"+ {head}"
+
+
+def _fused_chains(sites: Sequence[dict]) -> List[List[str]]:
+    """The fused sites' chains, each with the kernel that runs after it when there is one (the
+    report's ``then``) as "+ spatial_softmax" or "+ avg_pool3d(2) -> gelu"."""
+    return [list(s.get("chain", [])) + ([_then(s["then"])] if s.get("then") else [])
+            for s in sites if s.get("status") == "fused"]
+
+
 class _CaptureFused(TorchDispatchMode):
     """Records every call of ``ct3d::conv_transpose3d_epilogue`` (op, args, kwargs)."""
 
@@ -755,9 +770,7 @@ def _measure(case: Case, opts, ceilings: dict, device: torch.device, log) -> dic
                 row["note"] = "optimized per submodule, in place (the model did not trace whole)"
             sites = opt.ct3d_report.to_dict()["sites"]
             row["sites"] = sites
-            row["fused"] = [list(s.get("chain", [])) + (["+ spatial_softmax"] if s.get("then")
-                                                        else [])
-                            for s in sites if s.get("status") == "fused"]
+            row["fused"] = _fused_chains(sites)
             row["implementations"] = sorted({str(s.get("implementation")) for s in sites
                                              if s.get("status") == "fused"})
             with _CaptureFused() as cap:
@@ -831,6 +844,11 @@ def _measure(case: Case, opts, ceilings: dict, device: torch.device, log) -> dic
 
             bound = [_call_args(f, a, k) for f, a, k in fused_calls]
             from . import _cuda
+
+            # the autotune's choice per fused call (made on the first optimized call)
+            keys = {_cuda._key(*a) for f, a, k in fused_calls if not k and len(a) == 11}
+            row["autotune"] = [v for (key, _), v in _cuda.autotune_choices().items()
+                               if key in keys]
 
             # the fused kernel itself: no per-shape autotune choice of cuDNN + PyTorch ops
             tuned, _cuda.AUTOTUNE = _cuda.AUTOTUNE, False

@@ -29,11 +29,11 @@ class Config:
             "layer_norm" is LayerNorm over the last dimension, W; "spatial_softmax" is
             ``y.view(n, c, -1)`` -> softmax over dim 2 -> view back (times a per-channel
             parameter) on a site's result ``y``, which then runs as ``ct3d::spatial_softmax``,
-            a second kernel; "pool_tail" is nn.AvgPool3d / F.avg_pool3d with stride equal to
-            the window (at most 8 per dimension), no padding, floor mode and no
-            divisor_override on a site's result, and one activation (ReLU, GELU, SiLU,
-            Sigmoid, Tanh) that only the pool reads, which then run as one second kernel:
-            ``ct3d_fx.pool_tail``). The convolution and its bias are always fused.
+            a second kernel; "pool_tail" is nn.AvgPool3d / F.avg_pool3d (no divisor_override)
+            or nn.MaxPool3d / F.max_pool3d (no dilation, no indices) with stride equal to the
+            window (at most 8 per dimension), no padding and floor mode on a site's result,
+            and one activation (ReLU, GELU, SiLU, Sigmoid, Tanh) that only the pool reads,
+            which then run as one second kernel: ``ct3d_fx.pool_tail``). The convolution and its bias are always fused.
         filter_fn: ``filter_fn(module, fqn) -> bool``; called with the ConvTranspose3d module
             (None for a functional call) and the site's FQN; False leaves the site unfused.
         verify: with example_inputs, run the original and the optimized model and compare.

@@ -844,13 +844,14 @@ def _rewrite_tail(gm: fx.GraphModule, fn, args: tuple, nodes: List[fx.Node]) -> 
 
 @dataclass
 class PoolTail:
-    """An average pool (and the activation after it) on a site's output, replaced by one
+    """An average or max pool (and the activation after it) on a site's output, replaced by one
     ``pool_tail.call`` (``nodes[-1]``'s users read its result)."""
 
     nodes: List[fx.Node]
     kernel: Tuple[int, int, int]
     act: Optional[str]
     desc: str
+    mode: str = "avg"  # or "max"
 
 
 def _triple_of(v) -> Optional[Tuple[int, int, int]]:
@@ -860,6 +861,36 @@ def _triple_of(v) -> Optional[Tuple[int, int, int]]:
             and all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
         return tuple(v)
     return None
+
+
+def _max_pool_window(p: fx.Node, y: fx.Node, modules) -> Optional[Tuple[int, int, int]]:
+    """The window of ``p`` when it is ``max_pool3d(y)`` with stride equal to the window (each
+    1-8), no padding, no dilation, floor mode and no indices, else None."""
+    if p.op == "call_module":
+        m = modules.get(p.target)
+        if type(m) is not nn.MaxPool3d or p.args != (y,) or p.kwargs:
+            return None
+        k, st, pad, dil = m.kernel_size, m.stride, m.padding, m.dilation
+        ceil, idx = m.ceil_mode, m.return_indices
+    elif p.op == "call_function" and p.target in (F.max_pool3d, torch.max_pool3d):
+        def sig(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                return_indices=False):
+            return input, kernel_size, stride, padding, dilation, ceil_mode, return_indices
+        try:
+            inp, k, st, pad, dil, ceil, idx = sig(*p.args, **p.kwargs)
+        except TypeError:
+            return None
+        if inp is not y:
+            return None
+        if st is None or (isinstance(st, (tuple, list)) and len(st) == 0):
+            st = k
+    else:
+        return None
+    k3, st3, pad3, dil3 = _triple_of(k), _triple_of(st), _triple_of(pad), _triple_of(dil)
+    if (k3 is None or k3 != st3 or pad3 != (0, 0, 0) or dil3 != (1, 1, 1) or ceil is not False
+            or idx is not False or not all(1 <= x <= 8 for x in k3)):
+        return None
+    return k3
 
 
 def _avg_pool_window(p: fx.Node, y: fx.Node, modules) -> Optional[Tuple[int, int, int]]:
@@ -924,22 +955,25 @@ def _tail_activation(u: fx.Node, p: fx.Node, modules) -> Optional[str]:
 
 
 def match_pool_tail(y: fx.Node, modules, config: Config) -> Optional[PoolTail]:
-    """The average pool (and its activation) that reads ``y`` (a site's result), or None."""
+    """The average or max pool (and its activation) that reads ``y`` (a site's result), or
+    None."""
     if "pool_tail" not in config.families:
         return None
     for p in list(y.users):
-        k = _avg_pool_window(p, y, modules)
+        mode, k = "avg", _avg_pool_window(p, y, modules)
+        if k is None:
+            mode, k = "max", _max_pool_window(p, y, modules)
         if k is None:
             continue
         nodes, act = [p], None
-        desc = f"avg_pool3d({k[0] if len(set(k)) == 1 else k})"
+        desc = f"{mode}_pool3d({k[0] if len(set(k)) == 1 else k})"
         if len(p.users) == 1:
             u = next(iter(p.users))
             act = _tail_activation(u, p, modules)
             if act is not None:
                 nodes.append(u)
                 desc += f" -> {act}"
-        return PoolTail(nodes, k, act, desc)
+        return PoolTail(nodes, k, act, desc, mode)
     return None
 
 
@@ -1146,7 +1180,8 @@ def _process(model: nn.Module, inputs, config: Config, prefix: str, rewrite: boo
                 _rewrite_tail(gm, _spatial_softmax_call, (node, tail.log, tail.weight),
                               tail.nodes)
             elif ptail is not None:
-                _rewrite_tail(gm, _pool_tail.call, (node, ptail.kernel, ptail.act), ptail.nodes)
+                _rewrite_tail(gm, _pool_tail.call, (node, ptail.kernel, ptail.act, ptail.mode),
+                              ptail.nodes)
     if not rewrite:
         return gm
     return _finish(gm, model, sites)

@@ -1,5 +1,5 @@
-"""The pooled tail: ``avg_pool3d`` (kernel == stride, no padding) of a fused site's output and
-the activation after it, in one CUDA pass (csrc/kernels_pool_tail.cu).
+"""The pooled tail: ``avg_pool3d`` or ``max_pool3d`` (kernel == stride, no padding) of a fused
+site's output and the activation after it, in one CUDA pass (csrc/kernels_pool_tail.cu).
 
 :func:`ct3d_fx.optimize` puts it where a fused site's result feeds ``nn.AvgPool3d`` /
 ``F.avg_pool3d`` (and, optionally, one activation that only the pool reads): ``Config.families``
@@ -57,19 +57,29 @@ def _act(y: torch.Tensor, act: Optional[str]) -> torch.Tensor:
                      f"{sorted(a for a in ACTIVATIONS if a)} or None, got {act!r}")
 
 
-def reference(input: torch.Tensor, kernel: Sequence[int], act: Optional[str]) -> torch.Tensor:
-    """The tail in PyTorch ops: ``F.avg_pool3d(input, kernel)`` (stride = kernel, no padding,
-    floor mode), then the activation ``act`` (a key of :data:`ACTIVATIONS`)."""
-    return _act(F.avg_pool3d(input, tuple(kernel)), act)
+_POOLS = {"avg": F.avg_pool3d, "max": F.max_pool3d}
 
 
-def run(input: torch.Tensor, kernel: Sequence[int], act: Optional[str]) -> torch.Tensor:
+def reference(input: torch.Tensor, kernel: Sequence[int], act: Optional[str],
+              mode: str = "avg") -> torch.Tensor:
+    """The tail in PyTorch ops: ``F.avg_pool3d(input, kernel)`` (``mode`` "max":
+    ``F.max_pool3d``; stride = kernel, no padding, floor mode), then the activation ``act`` (a
+    key of :data:`ACTIVATIONS`)."""
+    if mode not in _POOLS:
+        raise ValueError(f"ct3d pool_tail: mode must be 'avg' or 'max', got {mode!r}")
+    return _act(_POOLS[mode](input, tuple(kernel)), act)
+
+
+def run(input: torch.Tensor, kernel: Sequence[int], act: Optional[str],
+        mode: str = "avg") -> torch.Tensor:
     """The CUDA implementation: the kernel where it applies, else :func:`reference`.
 
     Args:
         input: (N, C, D, H, W) CUDA tensor.
         kernel: (kD, kH, kW) window, also the stride.
         act: a key of :data:`ACTIVATIONS`.
+        mode: "avg" (avg_pool3d) or "max" (max_pool3d: a NaN in the window gives NaN, as in
+            PyTorch).
 
     Returns:
         (N, C, D // kD, H // kH, W // kW) of ``input``'s dtype, contiguous when the kernel ran.
@@ -86,40 +96,43 @@ def run(input: torch.Tensor, kernel: Sequence[int], act: Optional[str]) -> torch
     LAST_KERNEL = False
     kd, kh, kw = (int(k) for k in kernel)
     code, flag = ACTIVATIONS[act]
+    if mode not in _POOLS:
+        raise ValueError(f"ct3d pool_tail: mode must be 'avg' or 'max', got {mode!r}")
     if (input.dim() != 5 or input.dtype not in _KERNEL_DTYPES or not input.is_contiguous()
             or not all(1 <= k <= _MAX_K for k in (kd, kh, kw))
             or min(input.shape[2] // kd, input.shape[3] // kh, input.shape[4] // kw) < 1
             or input.numel() == 0):
-        return reference(input, kernel, act)
+        return reference(input, kernel, act, mode)
     ext = _build.load()
     if ext is None or not hasattr(ext, "pool_tail"):
-        return reference(input, kernel, act)
+        return reference(input, kernel, act, mode)
     shape = (*input.shape[:2], input.shape[2] // kd, input.shape[3] // kh, input.shape[4] // kw)
 
     def launch() -> torch.Tensor:
         out = torch.empty(shape, dtype=input.dtype, device=input.device)
         if POISON_OUTPUT:
             out.fill_(float("nan"))
-        ext.pool_tail(input, out, kd, kh, kw, code, flag)
+        ext.pool_tail(input, out, kd, kh, kw, code, flag, mode == "max")
         return out
 
     if not POISON_OUTPUT and _cuda._tunable(input):
-        key = (tuple(input.shape), input.dtype, input.device, (kd, kh, kw), act)
+        key = (tuple(input.shape), input.dtype, input.device, (kd, kh, kw), act, mode)
         choice = _choices.get(key)
         if choice is None:
-            choice = _cuda._pick_fastest([("kernel", launch),
-                                          ("reference", lambda: reference(input, kernel, act))])
+            choice = _cuda._pick_fastest([("kernel", launch), (
+                "reference", lambda: reference(input, kernel, act, mode))])
             if len(_choices) >= 1024:
                 _choices.clear()
             _choices[key] = choice
         if choice == "reference":
-            return reference(input, kernel, act)
+            return reference(input, kernel, act, mode)
     out = launch()
     LAST_KERNEL = True
     return out
 
 
-def call(input: torch.Tensor, kernel: Tuple[int, int, int], act: Optional[str]) -> torch.Tensor:
+def call(input: torch.Tensor, kernel: Tuple[int, int, int], act: Optional[str],
+         mode: str = "avg") -> torch.Tensor:
     """What the rewritten graph calls: :func:`run` for plain CUDA tensors when no gradient is
     needed and nothing traces or intercepts the call (torch.compile, fx, dispatch or
     torch-function modes), else :func:`reference` (PyTorch's ops, which autograd and compilers
@@ -127,5 +140,5 @@ def call(input: torch.Tensor, kernel: Tuple[int, int, int], act: Optional[str]) 
     from .fuse import _direct_call_ok
 
     if _direct_call_ok(input, input, None, ()):
-        return run(input, kernel, act)
-    return reference(input, kernel, act)
+        return run(input, kernel, act, mode)
+    return reference(input, kernel, act, mode)

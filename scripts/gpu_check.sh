@@ -38,6 +38,11 @@
 #   host      scripts/host_time.py on the GAN generator (host ms to enqueue a forward against GPU
 #             ms per forward, eager and optimized): bf16 at batch 1 (with a profiler table,
 #             LOGDIR/host_prof.txt), 2 and 8, fp32 at batch 1; LOGDIR/host.json
+#   pool      tests/test_pool_tail.py and memcheck over its kernel tests
+#   pass      tests/test_epilogue_pass.py and tests/test_cuda_autotune.py, memcheck over the
+#             epilogue pass's kernel tests
+#   rows      the runner on chosen rows: CT3D_ROWS (float32/TF32 with torch.compile;
+#             LOGDIR/rows.json), CT3D_ROWS_BF16 (bf16; LOGDIR/rows_bf16.json)
 #   pack      the built extension library as ext.tgz in CT3D_PACK_DIR (default LOGDIR), to
 #             carry into the next call: unpack it into a carried folder and point
 #             TORCH_EXTENSIONS_DIR there (_build imports a library it finds as is)
@@ -336,6 +341,36 @@ EOF2
   return $rc
 }
 
+step_pool() {  # the pooled tail (avg and max): its tests and memcheck over its kernel tests
+  "$PY" -m pytest -p no:cacheprovider -q -rfE tests/test_pool_tail.py || return 1
+  compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+    --report-api-errors no "$PY" -m pytest -p no:cacheprovider -q tests/test_pool_tail.py \
+    -k "(kernel_matches and None) or propagates_nan or minus_inf"
+}
+
+step_pass() {  # the epilogue pass: its tests, the autotune's, and memcheck over its kernel tests
+  "$PY" -m pytest -p no:cacheprovider -q -rfE tests/test_epilogue_pass.py \
+    tests/test_cuda_autotune.py || return 1
+  compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+    --report-api-errors no "$PY" -m pytest -p no:cacheprovider -q tests/test_epilogue_pass.py \
+    -k "(matches and bias and not nobias and (case0 or case2 or case3) and (relu or side_input or broadcast)) or in_place or float32_output"
+}
+
+step_rows() {  # chosen rows through the runner: CT3D_ROWS (an --only regex; float32 with TF32,
+  # torch.compile, no float64 reference; LOGDIR/rows.json) and CT3D_ROWS_BF16 (bf16, no
+  # torch.compile; LOGDIR/rows_bf16.json); either empty to skip it
+  local rc=0
+  if [ -n "${CT3D_ROWS:-}" ]; then
+    "$PY" -m ct3d_fx.bench --only "$CT3D_ROWS" --networks none --no-fp64 \
+      --json "$LOG/rows.json" || rc=1
+  fi
+  if [ -n "${CT3D_ROWS_BF16:-}" ]; then
+    "$PY" -m ct3d_fx.bench --only "$CT3D_ROWS_BF16" --dtype bf16 --networks none --no-fp64 \
+      --no-compile --json "$LOG/rows_bf16.json" || rc=1
+  fi
+  return $rc
+}
+
 step_pack() {
   local dest=${CT3D_PACK_DIR:-$LOG}/ext.tgz
   (cd "$TORCH_EXTENSIONS_DIR" && tar -czf "$dest" ./*/*.so) && ls -la "$dest"
@@ -344,7 +379,7 @@ step_pack() {
 export LOG PY
 export -f step_spatial step_install step_build step_test step_sanitize step_example step_time step_profile \
   step_bench step_igemm step_sweep step_probe step_wgmma step_suite step_results step_results_low \
-  step_pack step_host
+  step_pack step_host step_pool step_pass step_rows
 for s in $STEPS; do
   case $s in
     install) run_step install 300 ;;
@@ -365,6 +400,9 @@ for s in $STEPS; do
     pack) run_step pack 60 ;;
     host) run_step host 300 ;;
     spatial) run_step spatial 300 ;;
+    pool) run_step pool 240 ;;
+    pass) run_step pass 300 ;;
+    rows) run_step rows 480 ;;
     *) echo "unknown step $s"; FAILED=1 ;;
   esac
 done

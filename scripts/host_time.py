@@ -45,7 +45,7 @@ def per_forward(fn, n: int = 200) -> dict:
     return {"host_ms": round(host, 4), "wall_ms": round(start.elapsed_time(end) / n, 4)}
 
 
-def per_site(opt, x) -> list:
+def per_site(opt, *inputs) -> list:
     """Each fused site's candidates timed on the arguments of one forward."""
     from triton.testing import do_bench
 
@@ -58,7 +58,7 @@ def per_site(opt, x) -> list:
 
     _cuda.run = capture
     try:
-        opt(x)
+        opt(*inputs)
     finally:
         _cuda.run = run
     rows = []
@@ -88,8 +88,22 @@ def per_site(opt, x) -> list:
                 _cuda.ALGO = algo
             row["reference_ms"] = bench(lambda: _cuda.reference(*args))
             if _cuda._channels_last_applies(inp):
+                # with the program in PyTorch ops, and with the epilogue pass where it applies
                 row["cudnn_channels_last_ms"] = bench(lambda: _cuda._reference_channels_last(
                     args, plan.shape, plan.stride, plan.dtype))
+                if _cuda._pass_applies(plan, inp):
+                    row["cudnn_channels_last_pass_ms"] = bench(
+                        lambda: _cuda._reference_channels_last(args, plan.shape, plan.stride,
+                                                               plan.dtype, plan))
+            if plan.fallback is None and _cuda._pass_applies(plan, inp):
+                ext = _cuda._build.load()
+                row["cudnn_pass_ms"] = bench(lambda: _cuda._cudnn_pass(ext, plan, args))
+                y = torch.nn.functional.conv_transpose3d(inp, w, None, *args[3:6], args[7],
+                                                         args[6])
+                row["conv_only_ms"] = bench(lambda: torch.nn.functional.conv_transpose3d(
+                    inp, w, None, *args[3:6], args[7], args[6]))
+                row["pass_only_ms"] = bench(lambda: _cuda._run_pass(ext, plan, y, args[2],
+                                                                     args[10], y))
             rows.append(row)
     finally:
         _cuda.AUTOTUNE = autotune

@@ -26,8 +26,8 @@ def test_autotune_picks_and_caches_a_correct_implementation(autotune, cin, cout)
     args = (x, w, b, [2] * 3, [1] * 3, [1] * 3, [1] * 3, 1, prog, [], [])
     out1 = OP(*args)
     choices = cu.autotune_choices()
-    assert len(choices) == 1 and set(choices.values()) <= {"fused", "reference",
-                                                          "cudnn_channels_last"}
+    assert len(choices) == 1 and set(choices.values()) <= {
+        "fused", "reference", "cudnn_channels_last", "cudnn_channels_last_pass"}
     out2 = OP(*args)
     assert torch.equal(out1, out2), "the cached choice must give bitwise-identical results"
     ref = reference(*[a.double() if torch.is_tensor(a) else a for a in args])
@@ -59,8 +59,10 @@ def test_autotune_is_skipped_under_graph_capture(autotune):
 def test_channels_last_candidate_when_it_wins(autotune, monkeypatch, dtype):
     """With CUDNN_CHANNELS_LAST on and the timings rigged so that it wins, the autotune keeps
     the cuDNN channels_last_3d candidate: output in the reference's layout and dtype, within
-    TF32 / bf16 error of float64, cudnn.benchmark left as it was."""
+    TF32 / bf16 error of float64, cudnn.benchmark left as it was. The epilogue pass is off:
+    the program runs in PyTorch ops here (tests/test_epilogue_pass.py covers the pass)."""
     monkeypatch.setattr(cu, "CUDNN_CHANNELS_LAST", True)
+    monkeypatch.setattr(cu, "EPILOGUE_PASS", False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     timed = []
     pick = cu._pick_fastest

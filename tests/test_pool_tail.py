@@ -1,5 +1,5 @@
-"""The pooled tail (ct3d_fx/pool_tail.py, csrc/kernels_pool_tail.cu): avg_pool3d with kernel ==
-stride and the activation after it, after a fused site.
+"""The pooled tail (ct3d_fx/pool_tail.py, csrc/kernels_pool_tail.cu): avg_pool3d or max_pool3d
+with kernel == stride and the activation after it, after a fused site.
 
 CPU: the spellings the pass folds and those it must leave alone, the report, the optimized
 model's values, and the reference path ``call`` takes without a GPU.
@@ -30,14 +30,16 @@ def poison(monkeypatch):
     monkeypatch.setattr(pt, "POISON_OUTPUT", True)
 
 
-def _expected(x: torch.Tensor, kernel, act) -> torch.Tensor:
+def _expected(x: torch.Tensor, kernel, act, mode="avg") -> torch.Tensor:
     """float64 reference: the pool in float64, rounded to x's dtype (what PyTorch
     materializes), then the activation in float64."""
-    pooled = F.avg_pool3d(x.double(), tuple(kernel)).to(x.dtype).double()
+    pool = F.avg_pool3d if mode == "avg" else F.max_pool3d
+    pooled = pool(x.double(), tuple(kernel)).to(x.dtype).double()
     return pt._act(pooled, act)
 
 
 @cuda
+@pytest.mark.parametrize("mode", ["avg", "max"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", sorted(pt.ACTIVATIONS, key=str))
 @pytest.mark.parametrize("kernel,shape", [
@@ -47,23 +49,36 @@ def _expected(x: torch.Tensor, kernel, act) -> torch.Tensor:
     ((3, 3, 3), (1, 2, 9, 7, 8)),
     ((8, 1, 4), (1, 3, 17, 3, 33)),
 ])
-def test_kernel_matches_float64(dtype, act, kernel, shape, ext, poison):
+def test_kernel_matches_float64(mode, dtype, act, kernel, shape, ext, poison):
     x = randn(*shape, dtype=dtype, seed=sum(shape)).cuda()
-    out = pt.run(x, kernel, act)
+    out = pt.run(x, kernel, act, mode)
     assert pt.LAST_KERNEL is True
-    want = _expected(x.cpu(), kernel, act)
+    want = _expected(x.cpu(), kernel, act, mode)
     assert out.shape == want.shape and out.dtype == dtype and out.is_contiguous()
     assert not torch.isnan(out).any(), "an output element was not written"
     torch.testing.assert_close(out.double().cpu(), want, rtol=_TOL[dtype], atol=_TOL[dtype])
 
 
 @cuda
-def test_kernel_propagates_nan(ext, poison):
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("where", [0, 7, 3])  # the NaN first, last, or in between in the window
+def test_kernel_propagates_nan(mode, where, ext, poison):
     x = randn(1, 2, 4, 4, 4, dtype=torch.float32, seed=3).cuda()
-    x[0, 1, 2, 1, 3] = float("nan")
-    out = pt.run(x, (2, 2, 2), "relu")
+    x[0, 1, 2 + (where >> 2), 0 + ((where >> 1) & 1), 2 + (where & 1)] = float("nan")
+    out = pt.run(x, (2, 2, 2), "relu", mode)
     assert pt.LAST_KERNEL is True
     assert torch.isnan(out[0, 1, 1, 0, 1]) and torch.isnan(out).sum() == 1
+    torch.testing.assert_close(out, pt.reference(x, (2, 2, 2), "relu", mode), equal_nan=True,
+                               rtol=2e-6, atol=2e-6)
+
+
+@cuda
+def test_max_of_an_all_minus_inf_window(ext, poison):
+    x = randn(1, 1, 2, 2, 4, dtype=torch.bfloat16, seed=4).cuda()
+    x[..., :2] = float("-inf")
+    out = pt.run(x, (2, 2, 2), None, "max")
+    assert pt.LAST_KERNEL is True and out[0, 0, 0, 0, 0] == float("-inf")
+    torch.testing.assert_close(out, F.max_pool3d(x, 2), rtol=0, atol=0)
 
 
 @cuda
@@ -117,7 +132,11 @@ class Net(nn.Module):
             "module_ceil": nn.AvgPool3d(2, ceil_mode=True),
             "module_divisor": nn.AvgPool3d(2, divisor_override=3),
             "module_window_9": nn.AvgPool3d((1, 1, 9)),
-            "max_pool": nn.MaxPool3d(2),
+            "max_module": nn.MaxPool3d(2),
+            "max_module_stride_differs": nn.MaxPool3d(2, stride=1),
+            "max_module_dilation": nn.MaxPool3d(2, dilation=2),
+            "max_module_ceil": nn.MaxPool3d(2, ceil_mode=True),
+            "max_module_padding": nn.MaxPool3d(2, padding=1),
         }.get(pool)
         self.gelu = nn.GELU(approximate="tanh")
         self.relu = nn.ReLU(inplace=True)
@@ -133,6 +152,12 @@ class Net(nn.Module):
             z = F.avg_pool3d(y, kernel_size=(1, 2, 2), stride=(1, 2, 2), padding=0)
         elif p == "functional_stride_differs":
             z = F.avg_pool3d(y, 2, stride=1)
+        elif p == "max_functional":
+            z = F.max_pool3d(y, (2, 1, 2))
+        elif p == "max_torch":
+            z = torch.max_pool3d(y, 2)
+        elif p == "max_functional_indices":
+            z, _ = F.max_pool3d(y, 2, return_indices=True)
         elif p == "not_the_site_output":
             z = F.avg_pool3d(torch.cat([y, y], 1), 2)
         else:
@@ -171,7 +196,11 @@ def _optimize(net, x, **kw):
     return opt
 
 
-@pytest.mark.parametrize("pool,act,kernel,want_act", [
+@pytest.mark.parametrize("pool,act,kernel,want_act,mode", [
+    ("max_module", "fn_gelu", (2, 2, 2), "gelu", "max"),
+    ("max_functional", "none", (2, 1, 2), None, "max"),
+    ("max_torch", "method_tanh", (2, 2, 2), "tanh", "max"),
+] + [c + ("avg",) for c in [
     ("module", "module_gelu_tanh", (2, 2, 2), "gelu_tanh"),
     ("module", "module_relu_inplace", (2, 2, 2), "relu"),
     ("functional", "fn_gelu", (2, 2, 2), "gelu"),
@@ -181,21 +210,24 @@ def _optimize(net, x, **kw):
     ("module", "none", (2, 2, 2), None),          # the multiply stays after the tail
     ("functional", "leaky_relu", (2, 2, 2), None),  # not a tail activation: pool alone
     ("module", "two_users", (2, 2, 2), None),     # the pool's result is read twice
-])
-def test_pass_folds_the_pool_and_its_activation(pool, act, kernel, want_act):
+]])
+def test_pass_folds_the_pool_and_its_activation(pool, act, kernel, want_act, mode):
     x = randn(2, 3, 4, 5, 6, dtype=torch.float32, seed=1)
     opt = _optimize(Net(pool, act), x)
     calls = _tail_calls(opt)
     assert len(calls) == 1
-    assert calls[0].args[1:] == (kernel, want_act)
+    assert calls[0].args[1:] == (kernel, want_act, mode)
     site = opt.ct3d_report.sites[0]
     assert site.then is not None and "pooled tail" in site.then
     assert "pooled tail kernel" in str(opt.ct3d_report)
 
 
 @pytest.mark.parametrize("pool", ["module_stride_differs", "module_padding", "module_ceil",
-                                  "module_divisor", "module_window_9", "max_pool",
-                                  "functional_stride_differs", "not_the_site_output"])
+                                  "module_divisor", "module_window_9",
+                                  "functional_stride_differs", "not_the_site_output",
+                                  "max_module_stride_differs", "max_module_dilation",
+                                  "max_module_ceil", "max_module_padding",
+                                  "max_functional_indices"])
 def test_pass_leaves_other_pools_alone(pool):
     x = randn(2, 3, 4, 5, 6, dtype=torch.float32, seed=2)
     opt = _optimize(Net(pool, "fn_gelu"), x)
@@ -229,6 +261,10 @@ def test_call_on_the_cpu_is_the_reference():
                                F.silu(F.avg_pool3d(x, (2, 2, 3))), rtol=0, atol=0)
     with pytest.raises(ValueError, match="activation must be one of"):
         pt.reference(x, (2, 2, 2), "elu")
+    torch.testing.assert_close(pt.call(x, (2, 2, 3), "relu", "max"),
+                               torch.relu(F.max_pool3d(x, (2, 2, 3))), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mode must be"):
+        pt.call(x, (2, 2, 2), None, "min")
 
 
 @cuda
