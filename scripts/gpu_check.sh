@@ -41,6 +41,8 @@
 #   pool      tests/test_pool_tail.py and memcheck over its kernel tests
 #   pass      tests/test_epilogue_pass.py and tests/test_cuda_autotune.py, memcheck over the
 #             epilogue pass's kernel tests
+#   passprof  Nsight Compute on two launches of the epilogue pass (bf16 NCDHW in place, float32
+#             channels_last_3d -> NCDHW)
 #   rows      the runner on chosen rows: CT3D_ROWS (float32/TF32 with torch.compile;
 #             LOGDIR/rows.json), CT3D_ROWS_BF16 (bf16; LOGDIR/rows_bf16.json)
 #   pack      the built extension library as ext.tgz in CT3D_PACK_DIR (default LOGDIR), to
@@ -371,6 +373,38 @@ step_rows() {  # chosen rows through the runner: CT3D_ROWS (an --only regex; flo
   return $rc
 }
 
+step_passprof() {
+  # Nsight Compute on the epilogue pass (csrc/kernels_epilogue_pass.cu): bf16 in place on an
+  # NCDHW tensor of l1_68's output size with no program (a copy: 1.1 TB/s in v20), and float32
+  # channels_last_3d -> NCDHW with l2_100's clamp / div (~3 TB/s); clocks left alone.
+  cat >/tmp/ct3d_passprof.py <<'PROF'
+import torch
+import ct3d_fx._cuda as cu
+from ct3d_fx import _build
+from ct3d_fx.ops import Opcode as O
+ext = _build.load()
+def row(*f): return [int(v) for v in f] + [-1] * (6 - len(f))
+cases = [((16, 32, 64, 64, 64), 64, (3, 5, 5), 1, 0, torch.bfloat16, [], [], False),
+         ((16, 64, 24, 48, 48), 128, (3, 3, 3), 2, 1, torch.float32,
+          row(O.CLAMP, 0, 0, -1) + row(O.LOAD_SCALAR, 1) + row(O.DIV, 1, 2), [-1.0, 2.0], True)]
+for xs, cout, k, st, pa, dt, prog, sc, cl in cases:
+    x = torch.randn(xs, device="cuda", dtype=dt)
+    w = torch.randn(xs[1], cout, *k, device="cuda", dtype=dt)
+    args = (x, w, None, [st] * 3, [pa] * 3, [0] * 3, [1] * 3, 1, prog, sc, [])
+    plan = cu._get_plan(*args)
+    fmt = torch.channels_last_3d if cl else torch.contiguous_format
+    y = torch.nn.functional.conv_transpose3d(x.contiguous(memory_format=fmt),
+                                             w.contiguous(memory_format=fmt), None, st, pa)
+    out = y if not cl else torch.empty(plan.shape, device="cuda", dtype=plan.dtype)
+    cu._run_pass(ext, plan, y, None, [], out)
+torch.cuda.synchronize()
+PROF
+  ncu --clock-control none -k regex:epilogue_pass --launch-count 2 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    --section SchedulerStats --section InstructionStats "$PY" /tmp/ct3d_passprof.py
+}
+
 step_pack() {
   local dest=${CT3D_PACK_DIR:-$LOG}/ext.tgz
   (cd "$TORCH_EXTENSIONS_DIR" && tar -czf "$dest" ./*/*.so) && ls -la "$dest"
@@ -379,7 +413,7 @@ step_pack() {
 export LOG PY
 export -f step_spatial step_install step_build step_test step_sanitize step_example step_time step_profile \
   step_bench step_igemm step_sweep step_probe step_wgmma step_suite step_results step_results_low \
-  step_pack step_host step_pool step_pass step_rows
+  step_pack step_host step_pool step_pass step_rows step_passprof
 for s in $STEPS; do
   case $s in
     install) run_step install 300 ;;
@@ -403,6 +437,7 @@ for s in $STEPS; do
     pool) run_step pool 240 ;;
     pass) run_step pass 300 ;;
     rows) run_step rows 480 ;;
+    passprof) run_step passprof 300 ;;
     *) echo "unknown step $s"; FAILED=1 ;;
   esac
 done
