@@ -825,6 +825,11 @@ CUDNN_CHANNELS_LAST = os.environ.get("CT3D_FX_CUDNN_CHANNELS_LAST", "1") != "0"
 EPILOGUE_PASS = os.environ.get("CT3D_FX_EPILOGUE_PASS", "1") != "0"
 CUDNN_PASS = os.environ.get("CT3D_FX_CUDNN_PASS", "0") == "1"
 _choices: Dict[tuple, str] = {}
+# Bumped on every autotune decision (run()), with the choice: a caller that reads the counter
+# before and after its own call learns whether that call decided, and what (FusedSite records
+# it for the rewrite report) without computing the call's key.
+_decisions = 0
+_last_decision: Optional[str] = None
 
 
 def autotune_choices() -> Dict[tuple, str]:
@@ -1255,6 +1260,9 @@ def run(args: tuple) -> torch.Tensor:
                 cands.append(("cudnn_pass", lambda: _cudnn_pass(ext, plan, args)))
             choice = _pick_fastest(cands)
             _choices[ck] = choice
+            global _decisions, _last_decision
+            _decisions += 1
+            _last_decision = choice
         if choice == "reference":
             return reference(*args)
         if choice == "cudnn_channels_last":

@@ -529,6 +529,9 @@ class FusedSite(nn.Module):
         self.program, self.scalars = list(program), list(scalars)
         # plain attributes (tuples are not registered as submodules)
         self._refs = (conv.get("module"), tuple(mode_modules), unfused)
+        # the rewrite report's record of this site: the autotune's choices go to its
+        # ``autotune`` list (at most _MAX_CHOICES, one per new call signature)
+        self.record: Optional[SiteRecord] = None
 
     @property
     def unfused(self) -> fx.GraphModule:
@@ -556,14 +559,23 @@ class FusedSite(nn.Module):
                                                self.dilation)
             args = (input, weight, bias, self.stride, self.padding, out_pad, self.dilation,
                     self.groups, self.program, self.scalars, list(extras))
+            decided = _cuda._decisions
             if _direct_call_ok(input, weight, bias, extras):
-                return _cuda.run(args)
-            return torch.ops.ct3d.conv_transpose3d_epilogue(*args)
+                out = _cuda.run(args)
+            else:
+                out = torch.ops.ct3d.conv_transpose3d_epilogue(*args)
+            if _cuda._decisions != decided and self.record is not None:
+                # this call was a new signature's first: the autotune chose for it
+                if len(self.record.autotune) < _MAX_CHOICES:
+                    self.record.autotune.append(_cuda._last_decision)
+            return out
         except (ValueError, TypeError, RuntimeError) as e:
             if type(e) not in (ValueError, TypeError, RuntimeError):
                 raise  # subclasses (torch.OutOfMemoryError, ...) keep their type and message
             raise type(e)(f"ct3d_fx site {self.fqn!r}: {e}") from e
 
+
+_MAX_CHOICES = 64  # autotune choices a site's report record keeps
 
 _fx_symbolic_tracing = getattr(fx._symbolic_trace, "is_fx_symbolic_tracing",
                                fx._symbolic_trace.is_fx_tracing)
@@ -637,7 +649,7 @@ def _mode_modules(m: Match, modules) -> List[nn.Module]:
 
 
 def _rewrite(gm: fx.GraphModule, m: Match, e: _Emitter, site_name: str, fqn: str,
-             sites: nn.Module) -> fx.Node:
+             sites: nn.Module, record: Optional[SiteRecord] = None) -> fx.Node:
     g = gm.graph
     modules = _modules(gm)
     sink = m.sink
@@ -653,6 +665,7 @@ def _rewrite(gm: fx.GraphModule, m: Match, e: _Emitter, site_name: str, fqn: str
             extras.append(key if kind == "node" else g.get_attr(key))
         site = FusedSite(fqn, m.conv, e.program, e.scalars, _mode_modules(m, modules),
                          _build_unfused(m, e, gm))
+        site.record = record
         sites.add_module(site_name, site)
         osz = m.conv.get("output_size_arg")
         node = g.call_module(f"{_SITES}.{site_name}", (m.conv["input"], w, b, *extras),
@@ -1175,7 +1188,7 @@ def _process(model: nn.Module, inputs, config: Config, prefix: str, rewrite: boo
             while name in used:
                 name += "_"
             used.add(name)
-            node = _rewrite(gm, m, e, name, full, sites)
+            node = _rewrite(gm, m, e, name, full, sites, rec)
             if tail is not None:
                 _rewrite_tail(gm, _spatial_softmax_call, (node, tail.log, tail.weight),
                               tail.nodes)

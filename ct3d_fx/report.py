@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 
 from tabulate import tabulate
 
-__all__ = ["RewriteReport", "SiteRecord"]
+__all__ = ["RewriteReport", "SiteRecord", "AUTOTUNE_CHOICES"]
 
 
 @dataclass
@@ -31,8 +31,33 @@ class SiteRecord:
     dtype: Optional[str] = None
     ops_fused: int = 0
     then: Optional[str] = None      # what runs on the result next (the spatial softmax kernel)
+    # the per-shape autotune's choices for this site so far, in the order they were made (one per
+    # new call signature; filled while the optimized model runs on CUDA): AUTOTUNE_CHOICES keys
+    autotune: List[str] = field(default_factory=list)
     program: List[int] = field(default_factory=list, repr=False)
     scalars: List[float] = field(default_factory=list, repr=False)
+
+
+#: What each autotune choice runs (ct3d_fx/_cuda.py run()).
+AUTOTUNE_CHOICES = {
+    "fused": "the fused kernel",
+    "reference": "cuDNN + PyTorch epilogue ops",
+    "cudnn_channels_last": "cuDNN on channels_last_3d copies + PyTorch epilogue ops",
+    "cudnn_channels_last_pass": "cuDNN on channels_last_3d copies + ct3d epilogue pass",
+    "cudnn_pass": "cuDNN + ct3d epilogue pass",
+}
+
+
+def _implementation(s: "SiteRecord") -> str:
+    """The implementation column: the site's kernel, and where the autotune chose otherwise for
+    some call signature, what it chose."""
+    other = [c for c in dict.fromkeys(s.autotune) if c != "fused"]
+    if not other:
+        return s.implementation
+    what = "; ".join(AUTOTUNE_CHOICES.get(c, c) for c in other)
+    n = len(s.autotune)
+    return (f"{s.implementation}; autotuned to {what} "
+            f"({n - s.autotune.count('fused')} of {n} shape(s))")
 
 
 def _shape(s) -> str:
@@ -78,7 +103,7 @@ class RewriteReport:
                 note = f"{note}; then {s.then}" if note else f"then {s.then}"
             rows.append([s.fqn, " -> ".join(s.chain), _shape(s.input_shape),
                          _shape(s.output_shape), s.dtype.replace("torch.", "") if s.dtype else "-",
-                         s.status, s.implementation, note])
+                         s.status, _implementation(s), note])
         return rows
 
     _HEAD = ["site", "chain", "input", "output", "dtype", "status", "implementation",

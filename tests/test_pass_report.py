@@ -32,7 +32,7 @@ def optimized(dtype=torch.float64):
     return m, xs, ct3d_fx.optimize(m, xs)
 
 
-SITE_KEYS = {"fqn", "kind", "chain", "status", "implementation", "stop", "reason",
+SITE_KEYS = {"fqn", "kind", "chain", "status", "implementation", "autotune", "stop", "reason",
              "input_shape", "output_shape", "dtype", "ops_fused", "then"}
 
 
@@ -206,3 +206,39 @@ def test_report_layer_norm_sites():
     assert describe_program(a.program, a.scalars) == \
         "v1=LAYER_NORM(v0, t0, t1, 1e-05, 6); v2=RELU(v1)"
     assert opt.ct3d_report.verification["passed"] is True
+
+
+def test_report_shows_the_autotune_choices(monkeypatch):
+    """A site's call that makes an autotune decision (a new signature on CUDA) records it in the
+    report: to_dict()'s "autotune" and, where it is not the fused kernel, the implementation
+    column. Simulated on the CPU: the site's direct call path with a stand-in for _cuda.run that
+    decides like the autotune does."""
+    from ct3d_fx import _cuda, fuse, ops
+
+    model, xs, opt = optimized(torch.float32)
+    xs = tuple(t.float() for t in xs)
+    choices = iter(["cudnn_channels_last_pass", "fused", "reference"])
+
+    def run(args):
+        _cuda._decisions += 1
+        _cuda._last_decision = next(choices)
+        return ops.reference(*args)
+
+    monkeypatch.setattr(fuse, "_direct_call_ok", lambda *a: True)
+    monkeypatch.setattr(_cuda, "run", run)
+    monkeypatch.setattr(_cuda, "_decisions", 0)
+    with torch.no_grad():
+        opt(*xs)
+    rep = opt.ct3d_report
+    assert [s["autotune"] for s in rep.to_dict()["sites"]] == [
+        ["cudnn_channels_last_pass"], ["fused"], ["reference"]]
+    text = str(rep)
+    assert "autotuned to cuDNN on channels_last_3d copies + ct3d epilogue pass (1 of 1 shape(s))" \
+        in text
+    assert "autotuned to cuDNN + PyTorch epilogue ops" in text
+    assert text.count("autotuned") == 2  # the site that kept the fused kernel says nothing more
+    # calls that decide nothing (known signatures) add nothing
+    monkeypatch.setattr(_cuda, "run", lambda args: ops.reference(*args))
+    with torch.no_grad():
+        opt(*xs)
+    assert [len(s.autotune) for s in rep.sites] == [1, 1, 1]
