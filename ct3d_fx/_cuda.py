@@ -133,6 +133,7 @@ MAX_REGS = 6  # csrc/ct3d_params.h kMaxRegs
 SOFTMAX_MAX_CHANNELS = 64
 _MAX_GRID_X, _MAX_GRID_Y = 2 ** 31 - 1, 65535
 _PASS_MAX_SPATIAL = 2 ** 31 - 128  # D * H * W the epilogue pass takes (csrc/binding.cpp)
+_PASS_MIN_CHANNELS = 8  # C_out below which the autotune does not time the pass candidates
 
 
 def _collapses(shape: Sequence[int], stride: Sequence[int]) -> bool:
@@ -288,9 +289,11 @@ def _make_plan(input, weight, bias, stride, padding, output_padding, dilation, g
     streams = bool(plan.slot_strides[:, [0, 2, 3, 4]].any())  # a slot beyond per-channel
     plan.igemm_ok, plan.igemm_auto, plan.igemm_tiles = _igemm_rule(input, weight, conv_shape,
                                                                    st, pa, di, groups, streams)
+    # the pass's tiles hold 32 channels: below _PASS_MIN_CHANNELS most of each tile is idle (the
+    # GAN's 1-channel last layer would use 1/32 of it)
     plan.passable = (not spans and not any(program[i] == Opcode.LAYER_NORM
                                            for i in range(0, len(program), INSTR_WIDTH))
-                     and _collapses(shape, strides)
+                     and _collapses(shape, strides) and channels >= _PASS_MIN_CHANNELS
                      and math.prod(shape[2:]) < _PASS_MAX_SPATIAL)
     if spans and plan.igemm_ok and plan.igemm_tiles[1] < channels:
         # a configuration forced by IGEMM_CONFIG whose tile holds fewer channels: the softmax

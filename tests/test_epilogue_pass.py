@@ -254,3 +254,14 @@ def test_pass_candidates_off(autotune, monkeypatch, pass_on, cudnn_pass):
 ])
 def test_collapses(shape, stride, want):
     assert cu._collapses(shape, stride) is want
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cout,want", [(1, False), (4, False), (8, True)])
+def test_pass_needs_eight_channels(cout, want):
+    """The pass candidates are not timed below 8 output channels (its tiles hold 32)."""
+    x = randn(1, 8, 4, 4, 4, seed=51).float().cuda()
+    w = randn(8, cout, 3, 3, 3, seed=52).float().cuda()
+    plan = cu._get_plan(x, w, None, [2] * 3, [1] * 3, [1] * 3, [1] * 3, 1, _row(O.SIGMOID, 0),
+                        [], [])
+    assert plan.fallback is None and plan.passable is want
