@@ -876,6 +876,21 @@ def _triple_of(v) -> Optional[Tuple[int, int, int]]:
     return None
 
 
+def _pool_call_args(p: fx.Node, y: fx.Node, sig) -> Optional[tuple]:
+    """The arguments of the functional pool call ``p`` bound by ``sig`` (which returns input,
+    kernel_size, stride, then the rest), without the input, with an omitted or empty stride
+    replaced by the window; None when they do not bind or the input is not ``y``."""
+    try:
+        inp, k, st, *rest = sig(*p.args, **p.kwargs)
+    except TypeError:
+        return None
+    if inp is not y:
+        return None
+    if st is None or (isinstance(st, (tuple, list)) and len(st) == 0):
+        st = k
+    return (k, st, *rest)
+
+
 def _max_pool_window(p: fx.Node, y: fx.Node, modules) -> Optional[Tuple[int, int, int]]:
     """The window of ``p`` when it is ``max_pool3d(y)`` with stride equal to the window (each
     1-8), no padding, no dilation, floor mode and no indices, else None."""
@@ -889,14 +904,10 @@ def _max_pool_window(p: fx.Node, y: fx.Node, modules) -> Optional[Tuple[int, int
         def sig(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                 return_indices=False):
             return input, kernel_size, stride, padding, dilation, ceil_mode, return_indices
-        try:
-            inp, k, st, pad, dil, ceil, idx = sig(*p.args, **p.kwargs)
-        except TypeError:
+        bound = _pool_call_args(p, y, sig)
+        if bound is None:
             return None
-        if inp is not y:
-            return None
-        if st is None or (isinstance(st, (tuple, list)) and len(st) == 0):
-            st = k
+        k, st, pad, dil, ceil, idx = bound
     else:
         return None
     k3, st3, pad3, dil3 = _triple_of(k), _triple_of(st), _triple_of(pad), _triple_of(dil)
@@ -919,14 +930,10 @@ def _avg_pool_window(p: fx.Node, y: fx.Node, modules) -> Optional[Tuple[int, int
         def sig(input, kernel_size, stride=None, padding=0, ceil_mode=False,
                 count_include_pad=True, divisor_override=None):
             return input, kernel_size, stride, padding, ceil_mode, divisor_override
-        try:
-            inp, k, st, pad, ceil, div = sig(*p.args, **p.kwargs)
-        except TypeError:
+        bound = _pool_call_args(p, y, sig)
+        if bound is None:
             return None
-        if inp is not y:
-            return None
-        if st is None or (isinstance(st, (tuple, list)) and len(st) == 0):
-            st = k
+        k, st, pad, ceil, div = bound
     else:
         return None
     k3, st3, pad3 = _triple_of(k), _triple_of(st), _triple_of(pad)

@@ -42,6 +42,16 @@ def ext():
     return mod
 
 
+@pytest.fixture
+def autotune(monkeypatch):
+    """The CUDA op's per-shape autotune on (the tests turn it off by default, above), with no
+    choice remembered before or after the test."""
+    monkeypatch.setattr(ct3d_fx._cuda, "AUTOTUNE", True)
+    ct3d_fx._cuda._choices.clear()
+    yield
+    ct3d_fx._cuda._choices.clear()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

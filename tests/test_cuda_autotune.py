@@ -9,14 +9,6 @@ pytestmark = pytest.mark.cuda
 OP = torch.ops.ct3d.conv_transpose3d_epilogue.default
 
 
-@pytest.fixture
-def autotune(monkeypatch):
-    monkeypatch.setattr(cu, "AUTOTUNE", True)
-    cu._choices.clear()
-    yield
-    cu._choices.clear()
-
-
 @pytest.mark.parametrize("cin,cout", [(3, 16), (64, 128)])
 def test_autotune_picks_and_caches_a_correct_implementation(autotune, cin, cout):
     x = torch.rand(4, cin, 9, 10, 11, device="cuda")

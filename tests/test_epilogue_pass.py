@@ -171,14 +171,6 @@ def test_pass_rejects_what_it_does_not_run(ext):
                           f, [1, 0])
 
 
-@pytest.fixture
-def autotune(monkeypatch):
-    monkeypatch.setattr(cu, "AUTOTUNE", True)
-    cu._choices.clear()
-    yield
-    cu._choices.clear()
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("winner", ["cudnn_pass", "cudnn_channels_last_pass",
                                     "cudnn_channels_last"])
