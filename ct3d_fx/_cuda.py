@@ -134,6 +134,9 @@ SOFTMAX_MAX_CHANNELS = 64
 _MAX_GRID_X, _MAX_GRID_Y = 2 ** 31 - 1, 65535
 _PASS_MAX_SPATIAL = 2 ** 31 - 128  # D * H * W the epilogue pass takes (csrc/binding.cpp)
 _PASS_MIN_CHANNELS = 8  # C_out below which the autotune does not time the pass candidates
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SLOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MODE_FFMA, _MODE_TENSOR_CORE = 0, 1
 
 
 def _collapses(shape: Sequence[int], stride: Sequence[int]) -> bool:
@@ -144,9 +147,7 @@ def _collapses(shape: Sequence[int], stride: Sequence[int]) -> bool:
     sw = stride[4] if W > 1 else (stride[3] * H if H > 1 else stride[2] * D * H)
     return ((W == 1 or stride[4] == sw) and (H == 1 or stride[3] == sw * W)
             and (D == 1 or stride[2] == sw * W * H))
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SLOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_MODE_FFMA, _MODE_TENSOR_CORE = 0, 1
+
 
 _UNARY = {Opcode.NEG, Opcode.ABS, Opcode.SQUARE, Opcode.RELU, Opcode.SELU, Opcode.SILU,
           Opcode.MISH, Opcode.HARDSWISH, Opcode.HARDSIGMOID, Opcode.SIGMOID, Opcode.TANH}
@@ -869,29 +870,24 @@ def _reference_channels_last(args: tuple, shape, stride, dtype, plan=None) -> to
     folded scale and shift (computed in float32, float64 for float64 inputs)."""
     input, weight, bias, st, pa, op, di, g, program, scalars, extras = args
     cl = torch.channels_last_3d
-    ext = _build.load() if plan is not None and _pass_applies(plan, input) else None
-    if ext is not None:
+    def conv(b):  # cuDNN on channels_last_3d copies, cudnn.benchmark on for this call only
         benchmark = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = True  # only this flag: cudnn.flags() resets the others
         try:
-            y = F.conv_transpose3d(input.contiguous(memory_format=cl),
-                                   _weight_channels_last(weight), None, list(st), list(pa),
-                                   list(op), g, list(di))
+            return F.conv_transpose3d(input.contiguous(memory_format=cl),
+                                      _weight_channels_last(weight), b, list(st), list(pa),
+                                      list(op), g, list(di))
         finally:
             torch.backends.cudnn.benchmark = benchmark
+
+    ext = _build.load() if plan is not None and _pass_applies(plan, input) else None
+    if ext is not None:
         out = torch.empty_strided(shape, stride, dtype=dtype, device=input.device)
-        return _run_pass(ext, plan, y, bias, extras, out)
+        return _run_pass(ext, plan, conv(None), bias, extras, out)
     fold = _affine_prefix(program, scalars, extras, bias, weight.size(1) * g,
                           torch.promote_types(torch.promote_types(input.dtype, dtype),
                                               torch.float32), input.device, input.dtype)
-    benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True  # only this flag: cudnn.flags() resets the others
-    try:
-        y = F.conv_transpose3d(input.contiguous(memory_format=cl), _weight_channels_last(weight),
-                               None if fold is not None else bias, list(st), list(pa), list(op),
-                               g, list(di))
-    finally:
-        torch.backends.cudnn.benchmark = benchmark
+    y = conv(None if fold is not None else bias)
     if fold is not None:
         k, scale, shift = fold[0], fold[1].view(1, -1, 1, 1, 1), fold[2].view(1, -1, 1, 1, 1)
         if k * INSTR_WIDTH == len(program):
