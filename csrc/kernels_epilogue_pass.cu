@@ -19,12 +19,14 @@
 // Two kernels:
 //   * the staged kernel (the usual one): persistent CTAs, one column of kTC channels each
 //     (bias and per-channel operands read once), loop over the tiles of that column; the next
-//     tile's source is copied into a second shared-memory stage with 4-byte cp.async while the
+//     tiles' sources are copied into a ring of shared-memory stages with cp.async while the
 //     current tile is converted, run and stored, so the loads stay in flight without
 //     registers (the program's interpreter needs 128 registers per thread, which leaves 16
 //     warps per multiprocessor: too few plain loads in flight to reach HBM bandwidth). Needs
 //     the source's elements in 4-byte aligned units along its fast dimension (float32; half
-//     types with an even extent there);
+//     types with an even extent there). Copies and output stores take 16 bytes at a time
+//     where the binding finds the tensor's fast extent, other strides and pointer allow it
+//     (vec_src, vec_side, vec_out), 4-byte copies and scalar stores otherwise;
 //   * the plain kernel, one tile per CTA, loads through registers, for the other sources.
 // SOFTMAX and LAYER_NORM (which combine elements across channels or along W) are not run here:
 // the binding rejects them.

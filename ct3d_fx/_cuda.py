@@ -807,8 +807,8 @@ def fallback_reason(input, weight, bias, stride, padding, output_padding, dilati
 
 # Per-shape choice between the fused kernel and cuDNN + PyTorch epilogue ("reference"): where
 # the fused kernel is still slower (some math-bound shapes, see docs/performance.md) the first
-# call of a signature times the candidates (interleaved rounds, lowest median: _pick_fastest)
-# and keeps the fastest. Off with CT3D_FX_AUTOTUNE=0 or
+# call of a signature times the candidates (interleaved rounds of bursts of calls, lowest
+# median: _pick_fastest) and keeps the fastest. Off with CT3D_FX_AUTOTUNE=0 or
 # ``_cuda.AUTOTUNE = False``; never during stream capture (CUDA graphs) or NaN poisoning.
 AUTOTUNE = os.environ.get("CT3D_FX_AUTOTUNE", "1") != "0"
 # A third candidate for the autotune: cuDNN on channels_last_3d copies of an NCDHW input and of
@@ -825,7 +825,8 @@ CUDNN_CHANNELS_LAST = os.environ.get("CT3D_FX_CUDNN_CHANNELS_LAST", "1") != "0"
 # "cudnn_pass" (the reference's conv on the input as given, then the pass in place) is timed only
 # with CUDNN_PASS on (CT3D_FX_CUDNN_PASS=1): in the v20 run (docs/performance.md) it won the
 # single-call timing on GAN layers and the generator got slower as a whole (bf16 batch 2: 1.09x
-# -> 0.93x eager), and its in-place NCDHW pass runs at 1.1-1.5 TB/s (v20 notes).
+# -> 0.93x eager); in v21 (16-byte pass, burst timing) it lost to the channels-last form with
+# the pass or to "reference" on every site measured (docs/kernel.md, Next).
 EPILOGUE_PASS = os.environ.get("CT3D_FX_EPILOGUE_PASS", "1") != "0"
 CUDNN_PASS = os.environ.get("CT3D_FX_CUDNN_PASS", "0") == "1"
 _choices: Dict[tuple, str] = {}
