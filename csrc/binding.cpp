@@ -577,6 +577,16 @@ void epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bias,
   const int64_t ys[5] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3),
                          out.stride(4)};
   fill_epilogue(p.epi, dev, ys, slots, slot_strides, prog_i, prog_f, regs, 1, 0);
+  // 16-byte units along the fast dimension (stride 1): the extent there and the other strides
+  // multiples of 16 / element_size, the data 16-byte aligned
+  auto vec16 = [&](const void* ptr, int64_t esize, bool cfast, int64_t sn, int64_t sc,
+                   int64_t ss) {
+    const int64_t v = 16 / esize;
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0 || sn % v != 0) return false;
+    return cfast ? (p.C % v == 0 && ss % v == 0) : (ss == 1 && p.S % v == 0 && sc % v == 0);
+  };
+  p.vec_src = p.staged && vec16(p.src, src.element_size(), p.src_cfast, p.ss_n, p.ss_c, p.ss_s);
+  p.vec_out = vec16(p.out, out.element_size(), p.out_cfast, p.os_n, p.os_c, p.os_s);
   // the staged kernel also stages the first full-size slot laid out like the output (like_y)
   // with the source's dtype, where it too splits into 4-byte units (as the source above)
   p.side_slot = -1;
@@ -591,6 +601,7 @@ void epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bias,
     if (fits) {
       p.epi.slot[i].like_y = 2;
       p.side_slot = i;
+      p.vec_side = vec16(sl.ptr, src.element_size(), p.out_cfast, p.os_n, p.os_c, p.os_s);
       break;
     }
   }

@@ -12,6 +12,11 @@ __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
+// 16-byte copy bypassing L1; `valid` false: 16 zero bytes are written, nothing is read.
+__device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
 // 4-byte copy through L1 (.ca; the only mode for 4 bytes); `valid` false: 4 zero bytes are
 // written and nothing is read (the source-size operand is 0).
 __device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, bool valid) {

@@ -243,6 +243,10 @@ struct EpiPassParams {
   // The staged kernel also stages epilogue slot `side_slot` (>= 0; its Slot.like_y is 2): a
   // full-size tensor with out's strides and src's dtype, read like src in 4-byte units.
   int32_t side_slot;
+  // 16-byte units (binding): the source / side slot copied with 16-byte cp.async, the output
+  // stored 16 bytes at a time, along each tensor's fast dimension (stride 1, extent and the
+  // other strides multiples of the unit, 16-byte aligned data)
+  int32_t vec_src, vec_side, vec_out;
   Epilogue epi;
 };
 

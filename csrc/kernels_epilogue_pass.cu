@@ -19,12 +19,14 @@
 // Two kernels:
 //   * the staged kernel (the usual one): persistent CTAs, one column of kTC channels each
 //     (bias and per-channel operands read once), loop over the tiles of that column; the next
-//     tile's source is copied into a second shared-memory stage with 4-byte cp.async while the
+//     tiles' sources are copied into a ring of shared-memory stages with cp.async while the
 //     current tile is converted, run and stored, so the loads stay in flight without
 //     registers (the program's interpreter needs 128 registers per thread, which leaves 16
 //     warps per multiprocessor: too few plain loads in flight to reach HBM bandwidth). Needs
 //     the source's elements in 4-byte aligned units along its fast dimension (float32; half
-//     types with an even extent there);
+//     types with an even extent there). Copies and output stores take 16 bytes at a time
+//     where the binding finds the tensor's fast extent, other strides and pointer allow it
+//     (vec_src, vec_side, vec_out), 4-byte copies and scalar stores otherwise;
 //   * the plain kernel, one tile per CTA, loads through registers, for the other sources.
 // SOFTMAX and LAYER_NORM (which combine elements across channels or along W) are not run here:
 // the binding rejects them.
@@ -33,6 +35,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "ct3d_async.cuh"
 #include "ct3d_epilogue.cuh"
@@ -95,6 +98,56 @@ __device__ __forceinline__ void store_pass_tile(const EpiPassParams& p, const fl
     const int sl = p.out_cfast ? (e >> 5) : (e & (TSP - 1));
     if (c0 + cl < p.C && s0 + sl < p.S) {
       out[(c0 + cl) * p.os_c + (s0 + sl) * p.os_s] = elem_from_float<TO>(res[cl * T::kLD + sl]);
+    }
+  }
+}
+
+// The 16 bits of v rounded to a half type (as elem_from_float).
+template <typename TO>
+__device__ __forceinline__ uint32_t elem_bits(float v) {
+  if constexpr (std::is_same<TO, __half>::value) {
+    return __half_as_ushort(__float2half_rn(v));
+  } else {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
+}
+
+// As store_pass_tile, 16 bytes (V elements along the output's fast dimension) per store; the
+// binding checks that the fast extent, the other strides and the pointer allow it, so a
+// vector is wholly inside or wholly outside the output.
+template <int TSP, typename TO>
+__device__ __forceinline__ void store_pass_tile_vec(const EpiPassParams& p, const float* res,
+                                                    int tid, int n, int64_t s0, int c0) {
+  using T = PassTile<TSP>;
+  constexpr int V = 16 / static_cast<int>(sizeof(TO));
+  constexpr int kVecs = kTC * TSP / V;
+  TO* __restrict__ out = static_cast<TO*>(p.out) + n * p.os_n;
+#pragma unroll 2
+  for (int j = 0; j < kVecs / kPassThreads; ++j) {
+    const int u = tid + j * kPassThreads;
+    int cl, sl, step;  // first element (cl, sl); elements j at res[first + j * step]
+    if (p.out_cfast) {
+      cl = (u % (kTC / V)) * V;
+      sl = u / (kTC / V);
+      step = T::kLD;
+    } else {
+      sl = (u % (TSP / V)) * V;
+      cl = u / (TSP / V);
+      step = 1;
+    }
+    if (c0 + cl < p.C && s0 + sl < p.S) {
+      const float* r = res + cl * T::kLD + sl;
+      uint32_t w[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if constexpr (V == 4) {
+          w[k] = __float_as_uint(r[k * step]);
+        } else {
+          w[k] = elem_bits<TO>(r[2 * k * step]) | (elem_bits<TO>(r[(2 * k + 1) * step]) << 16);
+        }
+      }
+      *reinterpret_cast<uint4*>(out + (c0 + cl) * p.os_c + (s0 + sl) * p.os_s) =
+          make_uint4(w[0], w[1], w[2], w[3]);
     }
   }
 }
@@ -192,7 +245,28 @@ __global__ void __launch_bounds__(kPassThreads)
 
   // copies of one tensor's tile into a stage: base (sample n's start), element strides, order
   auto copy_tile = [&](const TS* base, int64_t sc, int64_t ss, bool cfast, int64_t s0,
-                       uint32_t dst0) {
+                       uint32_t dst0, bool vec) {
+    if (vec) {  // 16-byte units of V elements along the fast dimension
+      constexpr int V = 16 / static_cast<int>(sizeof(TS));
+      constexpr int kVecUnits = kTileElems / V;
+#pragma unroll 1
+      for (int u = tid; u < kVecUnits; u += kPassThreads) {
+        int cl, sl, off;
+        if (cfast) {
+          cl = (u % (kTC / V)) * V;
+          sl = u / (kTC / V);
+          off = sl * kTC + cl;
+        } else {
+          sl = (u % (TSP / V)) * V;
+          cl = u / (TSP / V);
+          off = cl * TSP + sl;
+        }
+        const bool ok = c0 + cl < p.C && s0 + sl < p.S;
+        const TS* src = base + (ok ? (c0 + cl) * sc + (s0 + sl) * ss : 0);
+        cp_async_16_zfill(dst0 + off * static_cast<uint32_t>(sizeof(TS)), src, ok);
+      }
+      return;
+    }
     for (int u = tid; u < kUnits; u += kPassThreads) {
       int cl, sl, off;
       if (cfast) {
@@ -216,10 +290,10 @@ __global__ void __launch_bounds__(kPassThreads)
       const int64_t s0 = (tile - static_cast<int64_t>(n) * tiles_s) * TSP;
       TS* st = stages + slot * stage_elems;
       copy_tile(static_cast<const TS*>(p.src) + n * p.ss_n, p.ss_c, p.ss_s, p.src_cfast != 0,
-                s0, smem_u32(st));
+                s0, smem_u32(st), p.vec_src != 0);
       if (side) {
         copy_tile(static_cast<const TS*>(p.epi.slot[p.side_slot].ptr) + n * p.os_n, p.os_c,
-                  p.os_s, p.out_cfast != 0, s0, smem_u32(st + kTileElems));
+                  p.os_s, p.out_cfast != 0, s0, smem_u32(st + kTileElems), p.vec_side != 0);
       }
     }
     cp_async_commit();  // an empty group past the end keeps the group count uniform
@@ -260,7 +334,11 @@ __global__ void __launch_bounds__(kPassThreads)
     run_program<T::kPer, StagedPos<TS>, 8, false, 8>(p.epi, sR, T::kTileFloats, pos, s_col,
                                                       kTC, [] { return TileRows{}; });
     __syncthreads();
-    store_pass_tile<TSP, TO>(p, sR + p.epi.out_reg * T::kTileFloats, tid, n, s0, c0);
+    if (p.vec_out) {
+      store_pass_tile_vec<TSP, TO>(p, sR + p.epi.out_reg * T::kTileFloats, tid, n, s0, c0);
+    } else {
+      store_pass_tile<TSP, TO>(p, sR + p.epi.out_reg * T::kTileFloats, tid, n, s0, c0);
+    }
     __syncthreads();  // the next iteration refills this stage and rewrites register 0
   }
   cp_async_wait<0>();  // (only empty groups can be left)

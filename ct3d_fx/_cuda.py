@@ -807,8 +807,8 @@ def fallback_reason(input, weight, bias, stride, padding, output_padding, dilati
 
 # Per-shape choice between the fused kernel and cuDNN + PyTorch epilogue ("reference"): where
 # the fused kernel is still slower (some math-bound shapes, see docs/performance.md) the first
-# call of a signature times the candidates (interleaved rounds, lowest median: _pick_fastest)
-# and keeps the fastest. Off with CT3D_FX_AUTOTUNE=0 or
+# call of a signature times the candidates (interleaved rounds of bursts of calls, lowest
+# median: _pick_fastest) and keeps the fastest. Off with CT3D_FX_AUTOTUNE=0 or
 # ``_cuda.AUTOTUNE = False``; never during stream capture (CUDA graphs) or NaN poisoning.
 AUTOTUNE = os.environ.get("CT3D_FX_AUTOTUNE", "1") != "0"
 # A third candidate for the autotune: cuDNN on channels_last_3d copies of an NCDHW input and of
@@ -825,10 +825,13 @@ CUDNN_CHANNELS_LAST = os.environ.get("CT3D_FX_CUDNN_CHANNELS_LAST", "1") != "0"
 # "cudnn_pass" (the reference's conv on the input as given, then the pass in place) is timed only
 # with CUDNN_PASS on (CT3D_FX_CUDNN_PASS=1): in the v20 run (docs/performance.md) it won the
 # single-call timing on GAN layers and the generator got slower as a whole (bf16 batch 2: 1.09x
-# -> 0.93x eager), and its in-place NCDHW pass runs at 1.1-1.5 TB/s (v20 notes).
+# -> 0.93x eager); in v21 (16-byte pass, burst timing) it lost to the channels-last form with
+# the pass or to "reference" on every site measured (docs/kernel.md, Next).
 EPILOGUE_PASS = os.environ.get("CT3D_FX_EPILOGUE_PASS", "1") != "0"
 CUDNN_PASS = os.environ.get("CT3D_FX_CUDNN_PASS", "0") == "1"
 _choices: Dict[tuple, str] = {}
+# Each decision's candidate medians (ms per call), by the key of _choices
+_timings: Dict[tuple, Dict[str, float]] = {}
 # Bumped on every autotune decision (run()), with the choice: a caller that reads the counter
 # before and after its own call learns whether that call decided, and what (FusedSite records
 # it for the rewrite report) without computing the call's key.
@@ -840,6 +843,12 @@ def autotune_choices() -> Dict[tuple, str]:
     """The implementation chosen per call signature so far: "fused", "reference",
     "cudnn_channels_last", "cudnn_channels_last_pass" or "cudnn_pass"."""
     return dict(_choices)
+
+
+def autotune_timings() -> Dict[tuple, Dict[str, float]]:
+    """Per call signature (the keys of ``autotune_choices``), each candidate's median ms per
+    call as the autotune timed it."""
+    return {k: dict(v) for k, v in _timings.items()}
 
 
 def _channels_last_applies(input: torch.Tensor) -> bool:
@@ -1084,14 +1093,26 @@ def _cudnn_pass(ext, plan: "_Plan", args: tuple) -> torch.Tensor:
     return _run_pass(ext, plan, y, bias, extras, out)
 
 
-def _cuda_event_ms(fn) -> float:
-    """GPU time of one call of ``fn`` on the current stream, in ms (CUDA events)."""
+def _cuda_event_ms(fn, calls: int = 1) -> float:
+    """GPU time per call of ``calls`` back-to-back calls of ``fn`` on the current stream, in ms
+    (CUDA events around the burst)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    fn()
+    for _ in range(calls):
+        fn()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end)
+    return start.elapsed_time(end) / calls
+
+
+# The autotune times bursts of back-to-back calls lasting about this long (ms): a single call
+# timed between two events also counts the host's time to reach its first launch (the fused
+# op's Python preamble, tens of us), which a model running ahead of the GPU hides. A burst
+# measures the cost per call in a stream of calls: the GPU time where the GPU is the limit, the
+# host's where the host is (small layers at batch 1).
+BURST_MS = 0.5
+_BURST_MAX = 32
+_last_timings: Dict[str, float] = {}  # the last _pick_fastest call's medians
 
 
 def _pick_fastest(cands, reps: int = 7, timer=None) -> str:
@@ -1099,16 +1120,26 @@ def _pick_fastest(cands, reps: int = 7, timer=None) -> str:
     each runs twice untimed, then ``reps`` rounds time every candidate once, in turn, and the
     lowest median wins. Interleaving the candidates means a GPU clock still ramping up from
     idle, or another process's burst, slows all of them alike instead of the first one timed.
-    ``timer(fn) -> ms`` defaults to CUDA events on the current stream."""
-    timer = timer or _cuda_event_ms
+    ``timer(fn) -> ms`` defaults to CUDA events on the current stream around a burst of
+    back-to-back calls (the same count for every candidate: BURST_MS over the fastest second
+    warm-up call, at most 32). The medians are left in ``_last_timings``."""
+    global _last_timings
+    est = []
     for _, fn in cands:
         fn()
-        fn()
+        if timer is None:
+            est.append(_cuda_event_ms(fn))
+        else:
+            fn()
+    if timer is None:
+        calls = max(1, min(_BURST_MAX, int(BURST_MS / max(min(est), 1e-3) + 0.5)))
+        timer = lambda fn: _cuda_event_ms(fn, calls)  # noqa: E731
     ts = [[] for _ in cands]
     for _ in range(reps):
         for i, (_, fn) in enumerate(cands):
             ts[i].append(timer(fn))
     medians = [(sorted(t)[reps // 2], i) for i, t in enumerate(ts)]
+    _last_timings = {cands[i][0]: m for m, i in medians}
     return cands[min(medians)[1]][0]
 
 
@@ -1259,6 +1290,7 @@ def run(args: tuple) -> torch.Tensor:
                 cands.append(("cudnn_pass", lambda: _cudnn_pass(ext, plan, args)))
             choice = _pick_fastest(cands)
             _choices[ck] = choice
+            _timings[ck] = dict(_last_timings)
             global _decisions, _last_decision
             _decisions += 1
             _last_decision = choice

@@ -45,6 +45,11 @@
 #             channels_last_3d -> NCDHW)
 #   rows      the runner on chosen rows: CT3D_ROWS (float32/TF32 with torch.compile;
 #             LOGDIR/rows.json), CT3D_ROWS_BF16 (bf16; LOGDIR/rows_bf16.json)
+#   gan       scripts/host_time.py on the GAN generator at TF32 batch 1 and 8 and bf16 batch 2:
+#             per-site candidate times with the autotune's medians, and the whole forward with
+#             the autotune off (CT3D_FX_AUTOTUNE=0) to compare
+#   passtime  scripts/site_times.py on bf16 l1_68 / l2_26 and TF32 l2_100 / l2_61 (the epilogue
+#             pass alone and the candidates that use it)
 #   pack      the built extension library as ext.tgz in CT3D_PACK_DIR (default LOGDIR), to
 #             carry into the next call: unpack it into a carried folder and point
 #             TORCH_EXTENSIONS_DIR there (_build imports a library it finds as is)
@@ -405,6 +410,24 @@ PROF
     --section SchedulerStats --section InstructionStats "$PY" /tmp/ct3d_passprof.py
 }
 
+step_gan() {  # the GAN generator: per-site candidate times and the autotune's medians (host_time
+  # --sites), and the whole forward with the autotune on and off, at TF32 batch 1 and 8, bf16 batch 2
+  local rc=0
+  for cfg in "fp32 1" "fp32 8" "bf16 2"; do
+    set -- $cfg
+    echo "### $1 batch $2, autotune on, sites"
+    "$PY" scripts/host_time.py --dtype "$1" --batch "$2" --sites || rc=1
+    echo "### $1 batch $2, autotune off"
+    CT3D_FX_AUTOTUNE=0 "$PY" scripts/host_time.py --dtype "$1" --batch "$2" || rc=1
+  done
+  return $rc
+}
+
+step_passtime() {  # the epilogue pass alone and its candidates on three suite rows
+  "$PY" scripts/site_times.py --dtype bf16 --only '^(l1_68|l2_26)$' &&
+    "$PY" scripts/site_times.py --dtype fp32 --only '^(l2_100|l2_61)$'
+}
+
 step_pack() {
   local dest=${CT3D_PACK_DIR:-$LOG}/ext.tgz
   (cd "$TORCH_EXTENSIONS_DIR" && tar -czf "$dest" ./*/*.so) && ls -la "$dest"
@@ -413,7 +436,7 @@ step_pack() {
 export LOG PY
 export -f step_spatial step_install step_build step_test step_sanitize step_example step_time step_profile \
   step_bench step_igemm step_sweep step_probe step_wgmma step_suite step_results step_results_low \
-  step_pack step_host step_pool step_pass step_rows step_passprof
+  step_pack step_host step_pool step_pass step_rows step_passprof step_gan step_passtime
 for s in $STEPS; do
   case $s in
     install) run_step install 300 ;;
@@ -438,6 +461,8 @@ for s in $STEPS; do
     pass) run_step pass 300 ;;
     rows) run_step rows 480 ;;
     passprof) run_step passprof 300 ;;
+    gan) run_step gan 300 ;;
+    passtime) run_step passtime 240 ;;
     *) echo "unknown step $s"; FAILED=1 ;;
   esac
 done

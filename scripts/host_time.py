@@ -64,6 +64,7 @@ def per_site(opt, *inputs) -> list:
     rows = []
     autotune = _cuda.AUTOTUNE
     choices = _cuda.autotune_choices()
+    timings = _cuda.autotune_timings()
     try:
         _cuda.AUTOTUNE = False  # run() then always takes the fused kernel where it applies
         for args in captured:
@@ -73,7 +74,9 @@ def per_site(opt, *inputs) -> list:
                    "fallback": plan.fallback,
                    "igemm_tiles": list(getattr(plan, "igemm_tiles", None) or ()),
                    "igemm_auto": getattr(plan, "igemm_auto", None),
-                   "choice": [v for k, v in choices.items() if k[0] == _cuda._key(*args)]}
+                   "choice": [v for k, v in choices.items() if k[0] == _cuda._key(*args)],
+                   "autotune_ms": [{n: round(t, 4) for n, t in v.items()}
+                                   for k, v in timings.items() if k[0] == _cuda._key(*args)]}
             bench = lambda f: round(do_bench(f, warmup=10, rep=100, return_mode="median"), 4)
             row["fused_ms"] = bench(lambda: _cuda.run(args))
             row["kernel"] = str(_cuda.LAST_KERNEL) + (

@@ -48,8 +48,10 @@ def autotune(monkeypatch):
     choice remembered before or after the test."""
     monkeypatch.setattr(ct3d_fx._cuda, "AUTOTUNE", True)
     ct3d_fx._cuda._choices.clear()
+    ct3d_fx._cuda._timings.clear()
     yield
     ct3d_fx._cuda._choices.clear()
+    ct3d_fx._cuda._timings.clear()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -89,3 +89,26 @@ def test_channels_last_candidate_when_it_wins(autotune, monkeypatch, dtype):
     tol = 1e-3 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(OP(*args), out, rtol=tol, atol=tol)
     assert len(timed) == 1  # one _pick_fastest call, none for the cached choice
+
+
+def test_default_timer_times_equal_bursts_of_short_calls(monkeypatch):
+    """With CUDA events (the default timer), candidates far shorter than BURST_MS are timed in
+    bursts of back-to-back calls, the same count for each, and the medians (ms per call) are
+    kept; the longer candidate loses."""
+    x = torch.rand(1 << 12, device="cuda")
+    y = torch.rand(1 << 24, device="cuda")
+    calls = {"short": 0, "long": 0}
+
+    def short():
+        calls["short"] += 1
+        x.add_(1.0)
+
+    def long():
+        calls["long"] += 1
+        y.mul_(1.0).add_(0.0).mul_(1.0)
+
+    assert cu._pick_fastest([("long", long), ("short", short)], reps=5) == "short"
+    timed = calls["short"] - 2
+    assert timed == calls["long"] - 2 and timed % 5 == 0 and 1 < timed // 5 <= cu._BURST_MAX
+    med = cu._last_timings
+    assert set(med) == {"short", "long"} and 0 < med["short"] < med["long"]
