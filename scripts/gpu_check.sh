@@ -50,6 +50,8 @@
 #             the autotune off (CT3D_FX_AUTOTUNE=0) to compare
 #   passtime  scripts/site_times.py on bf16 l1_68 / l2_26 and TF32 l2_100 / l2_61 (the epilogue
 #             pass alone and the candidates that use it)
+#   dirprof   Nsight Compute on one direct-kernel launch (l1_72's shape, TF32): speed of light,
+#             warp states, instruction mix; per source line LOGDIR/dirprof_source.csv
 #   pack      the built extension library as ext.tgz in CT3D_PACK_DIR (default LOGDIR), to
 #             carry into the next call: unpack it into a carried folder and point
 #             TORCH_EXTENSIONS_DIR there (_build imports a library it finds as is)
@@ -434,9 +436,33 @@ step_pack() {
 }
 
 export LOG PY
+step_dirprof() {
+  # Nsight Compute on one direct-kernel launch: l1_72 (groups 4, 8 -> 8 channels per group,
+  # k 3x5x7, stride 2; the worst op/floor row), TF32 defaults, no epilogue program; warp stall
+  # reasons and, per source line, executed instructions and stalls (dirprof_source.csv)
+  cat >/tmp/ct3d_dirprof.py <<'PROF'
+import math, torch
+import ct3d_fx._cuda as cu
+OP = torch.ops.ct3d.conv_transpose3d_epilogue.default
+x = torch.randn(8, 32, 12, 24, 48, device="cuda")
+w = torch.randn(32, 8, 3, 5, 7, device="cuda") / math.sqrt(8 * 105)
+cu.ALGO = "direct"
+OP(x, w, None, [2] * 3, [1, 2, 3], [1] * 3, [1] * 3, 4, [], [], [])
+torch.cuda.synchronize()
+print("kernel", cu.LAST_KERNEL)
+PROF
+  ncu --clock-control none -k regex:direct_kernel --launch-count 1 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    --section SchedulerStats --section InstructionStats "$PY" /tmp/ct3d_dirprof.py
+  ncu --clock-control none -k regex:direct_kernel --launch-count 1 \
+    --section SourceCounters --page source --print-source cuda,sass --csv \
+    "$PY" /tmp/ct3d_dirprof.py >"$LOG/dirprof_source.csv" 2>"$LOG/dirprof_source.err"
+  echo "source-level profile: exit $? ($(wc -l <"$LOG/dirprof_source.csv") lines)"
+}
 export -f step_spatial step_install step_build step_test step_sanitize step_example step_time step_profile \
   step_bench step_igemm step_sweep step_probe step_wgmma step_suite step_results step_results_low \
-  step_pack step_host step_pool step_pass step_rows step_passprof step_gan step_passtime
+  step_pack step_host step_pool step_pass step_rows step_passprof step_gan step_passtime step_dirprof
 for s in $STEPS; do
   case $s in
     install) run_step install 300 ;;
@@ -463,6 +489,7 @@ for s in $STEPS; do
     passprof) run_step passprof 300 ;;
     gan) run_step gan 300 ;;
     passtime) run_step passtime 240 ;;
+    dirprof) run_step dirprof 240 ;;
     *) echo "unknown step $s"; FAILED=1 ;;
   esac
 done
