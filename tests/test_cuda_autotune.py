@@ -112,3 +112,45 @@ def test_default_timer_times_equal_bursts_of_short_calls(monkeypatch):
     assert timed == calls["long"] - 2 and timed % 5 == 0 and 1 < timed // 5 <= cu._BURST_MAX
     med = cu._last_timings
     assert set(med) == {"short", "long"} and 0 < med["short"] < med["long"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_subpixel_candidate_when_it_wins(autotune, monkeypatch, dtype):
+    """A 1-channel stride-2 layer (the GAN generator's last): the autotune times the "subpixel"
+    candidate, and with the timings rigged so that it wins, keeps it: output in the reference's
+    layout and dtype, within TF32 / bf16 error of float64, cudnn.benchmark left as it was."""
+    monkeypatch.setattr(cu, "SUBPIXEL", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    timed = []
+    pick = cu._pick_fastest
+
+    def rigged(cands, reps=7, timer=None):
+        names = [name for name, _ in cands]
+        timed.append(names)
+        calls = []
+
+        def fake(fn):
+            fn()
+            calls.append(1)
+            return 1.0 if names[(len(calls) - 1) % len(names)] == "subpixel" else 2.0
+        return pick(cands, reps, fake)
+
+    monkeypatch.setattr(cu, "_pick_fastest", rigged)
+    x = torch.rand(2, 16, 6, 7, 8, device="cuda").to(dtype)
+    w = (torch.randn(16, 1, 4, 4, 4, device="cuda") / (16 * 8) ** 0.5).to(dtype)
+    b = torch.randn(1, device="cuda").to(dtype)
+    prog = [int(Opcode.SIGMOID), 0, -1, -1, -1, -1]
+    args = (x, w, b, [2] * 3, [1] * 3, [0] * 3, [1] * 3, 1, prog, [], [])
+    out = OP(*args)
+    assert len(timed) == 1 and "subpixel" in timed[0]
+    assert list(cu.autotune_choices().values()) == ["subpixel"]
+    eager = reference(*args)
+    assert out.shape == eager.shape and out.stride() == eager.stride()
+    assert out.dtype == eager.dtype
+    ref = reference(*[a.double() if torch.is_tensor(a) else a for a in args])
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < (2e-3 if dtype == torch.float32 else 2e-2), err
+    assert torch.backends.cudnn.benchmark is False
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(OP(*args), out, rtol=tol, atol=tol)
+    assert len(timed) == 1
