@@ -44,6 +44,7 @@ Limitations (these calls run the reference, ``ops.reference``):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import os
@@ -53,7 +54,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import _build, ops
+from . import _build, ops, subpixel
 from .ops import (INSTR_WIDTH, Opcode, _triple, check_args, conv_transpose3d_epilogue,
                   output_shape, reference)
 
@@ -829,6 +830,13 @@ CUDNN_CHANNELS_LAST = os.environ.get("CT3D_FX_CUDNN_CHANNELS_LAST", "1") != "0"
 # the pass or to "reference" on every site measured (docs/kernel.md, Next).
 EPILOGUE_PASS = os.environ.get("CT3D_FX_EPILOGUE_PASS", "1") != "0"
 CUDNN_PASS = os.environ.get("CT3D_FX_CUDNN_PASS", "0") == "1"
+# "subpixel": the transposed conv as one stride-1 conv3d over its output phases (cuDNN,
+# ct3d_fx/subpixel.py) + the program in PyTorch ops, timed where C_out is at most
+# _SUBPIXEL_MAX_COUT, groups == 1 and a stride is above 1: there cuDNN's transposed-conv kernels
+# and the fused kernel's channel tiles are mostly idle (the GAN generator's 1-channel last
+# layer). Off with CT3D_FX_SUBPIXEL=0 or ``_cuda.SUBPIXEL = False``.
+SUBPIXEL = os.environ.get("CT3D_FX_SUBPIXEL", "1") != "0"
+_SUBPIXEL_MAX_COUT = 4
 _choices: Dict[tuple, str] = {}
 # Each decision's candidate medians (ms per call), by the key of _choices
 _timings: Dict[tuple, Dict[str, float]] = {}
@@ -841,7 +849,7 @@ _last_decision: Optional[str] = None
 
 def autotune_choices() -> Dict[tuple, str]:
     """The implementation chosen per call signature so far: "fused", "reference",
-    "cudnn_channels_last", "cudnn_channels_last_pass" or "cudnn_pass"."""
+    "cudnn_channels_last", "cudnn_channels_last_pass", "cudnn_pass" or "subpixel"."""
     return dict(_choices)
 
 
@@ -855,6 +863,18 @@ def _channels_last_applies(input: torch.Tensor) -> bool:
     """Whether the channels-last candidate differs from the reference: an NCDHW input."""
     return (CUDNN_CHANNELS_LAST and input.dim() == 5 and input.is_cuda
             and not input.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark():
+    """``torch.backends.cudnn.benchmark`` on inside the block (cuDNN picks its algorithm by
+    timing it), restored after; only this flag (``cudnn.flags()`` would reset the others)."""
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def _reference_channels_last(args: tuple, shape, stride, dtype, plan=None) -> torch.Tensor:
@@ -880,15 +900,21 @@ def _reference_channels_last(args: tuple, shape, stride, dtype, plan=None) -> to
     input, weight, bias, st, pa, op, di, g, program, scalars, extras = args
     cl = torch.channels_last_3d
     def conv(b):  # cuDNN on channels_last_3d copies, cudnn.benchmark on for this call only
-        benchmark = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = True  # only this flag: cudnn.flags() resets the others
-        try:
+        with _cudnn_benchmark():
             return F.conv_transpose3d(input.contiguous(memory_format=cl),
                                       _weight_channels_last(weight), b, list(st), list(pa),
                                       list(op), g, list(di))
-        finally:
-            torch.backends.cudnn.benchmark = benchmark
 
+    return _conv_then_program(args, shape, stride, dtype, conv, plan)
+
+
+def _conv_then_program(args: tuple, shape, stride, dtype, conv, plan=None) -> torch.Tensor:
+    """The call's bias and program after ``conv(b)`` (the conv output of ``args``, with the
+    bias ``b`` added where not None), written into a tensor of ``shape``, ``stride``,
+    ``dtype``: in the epilogue pass with ``plan`` where it applies, else as one ``addcmul``
+    where the bias and program are a per-channel affine map (``_affine_prefix``), else op by op
+    (``ops._run_program``) with the affine prefix folded."""
+    input, weight, bias, st, pa, op, di, g, program, scalars, extras = args
     ext = _build.load() if plan is not None and _pass_applies(plan, input) else None
     if ext is not None:
         out = torch.empty_strided(shape, stride, dtype=dtype, device=input.device)
@@ -912,6 +938,35 @@ def _reference_channels_last(args: tuple, shape, stride, dtype, plan=None) -> to
     out = torch.empty_strided(shape, stride, dtype=dtype, device=input.device)
     out.copy_(r)
     return out
+
+
+def _subpixel_applies(input: torch.Tensor, weight: torch.Tensor, groups: int,
+                      stride: Sequence[int]) -> bool:
+    """Whether the autotune times the "subpixel" candidate for this call (SUBPIXEL)."""
+    return (SUBPIXEL and groups == 1 and weight.size(1) <= _SUBPIXEL_MAX_COUT
+            and max(stride) > 1 and input.dim() == 5)
+
+
+def _reference_subpixel(args: tuple, shape, stride, dtype) -> torch.Tensor:
+    """The "subpixel" candidate: the transposed conv as one conv3d over its output phases
+    (``subpixel.conv_transpose3d_subpixel``; cuDNN picks its algorithm by timing it,
+    ``cudnn.benchmark`` on for this call only; the conv3d weight cached per weight version),
+    then the bias and program as ``_conv_then_program`` runs them. Same values as the reference
+    up to the conv's summation order (TF32 or not as ``torch.backends.cudnn.allow_tf32``
+    says)."""
+    input, weight, bias, st, pa, op, di, g, program, scalars, extras = args
+    dims = subpixel.subpixel_dims(input.shape[2:], weight.shape[2:], st, pa, op, di)
+    if weight.is_cuda:
+        w2 = _cached_copy(weight, ("subpixel", tuple(st), tuple(pa), tuple(di)),
+                          lambda w: subpixel.subpixel_weight(w.detach(), dims))
+    else:
+        w2 = subpixel.subpixel_weight(weight, dims)
+
+    def conv(b):
+        with _cudnn_benchmark():
+            return subpixel.conv_transpose3d_subpixel(input, weight, b, st, pa, op, di, w2)
+
+    return _conv_then_program(args, shape, stride, dtype, conv)
 
 
 def _per_channel(t: torch.Tensor, channels: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -1288,6 +1343,9 @@ def run(args: tuple) -> torch.Tensor:
                         args, plan.shape, plan.stride, plan.dtype, plan)))
             if passes and CUDNN_PASS:
                 cands.append(("cudnn_pass", lambda: _cudnn_pass(ext, plan, args)))
+            if _subpixel_applies(input, weight, args[7], args[3]):
+                cands.append(("subpixel", lambda: _reference_subpixel(
+                    args, plan.shape, plan.stride, plan.dtype)))
             choice = _pick_fastest(cands)
             _choices[ck] = choice
             _timings[ck] = dict(_last_timings)
@@ -1302,4 +1360,6 @@ def run(args: tuple) -> torch.Tensor:
             return _reference_channels_last(args, plan.shape, plan.stride, plan.dtype, plan)
         if choice == "cudnn_pass":
             return _cudnn_pass(ext, plan, args)
+        if choice == "subpixel":
+            return _reference_subpixel(args, plan.shape, plan.stride, plan.dtype)
     return _run_fused(ext, plan, input, weight, bias, extras, mode)

@@ -45,6 +45,7 @@ AUTOTUNE_CHOICES = {
     "cudnn_channels_last": "cuDNN on channels_last_3d copies + PyTorch epilogue ops",
     "cudnn_channels_last_pass": "cuDNN on channels_last_3d copies + ct3d epilogue pass",
     "cudnn_pass": "cuDNN + ct3d epilogue pass",
+    "subpixel": "cuDNN conv3d over the output phases (sub-pixel form) + PyTorch epilogue ops",
 }
 
 

@@ -52,6 +52,9 @@
 #             pass alone and the candidates that use it)
 #   dirprof   Nsight Compute on one direct-kernel launch (l1_72's shape, TF32): speed of light,
 #             warp states, instruction mix; per source line LOGDIR/dirprof_source.csv
+#   subpixel  tests/test_subpixel.py and tests/test_cuda_autotune.py, then the GAN generator:
+#             host_time --sites at TF32 batch 1 / 8 and bf16 batch 2 / 8 (subpixel_ms per site),
+#             and its bench rows (LOGDIR/gan_tf32.json, LOGDIR/gan_bf16.json)
 #   pack      the built extension library as ext.tgz in CT3D_PACK_DIR (default LOGDIR), to
 #             carry into the next call: unpack it into a carried folder and point
 #             TORCH_EXTENSIONS_DIR there (_build imports a library it finds as is)
@@ -430,6 +433,24 @@ step_passtime() {  # the epilogue pass alone and its candidates on three suite r
     "$PY" scripts/site_times.py --dtype fp32 --only '^(l2_100|l2_61)$'
 }
 
+step_subpixel() {  # the "subpixel" candidate: its tests, then the GAN generator's per-site times
+  # (host_time --sites: subpixel_ms and the autotune's medians) and whole forwards at TF32 batch 1
+  # and 8, bf16 batch 2 and 8, and the GAN rows of the bench in both modes
+  "$PY" -m pytest -p no:cacheprovider -q -rfE tests/test_subpixel.py tests/test_cuda_autotune.py \
+    || return 1
+  local rc=0
+  for cfg in "fp32 1" "fp32 8" "bf16 2" "bf16 8"; do
+    set -- $cfg
+    echo "### $1 batch $2, sites"
+    "$PY" scripts/host_time.py --dtype "$1" --batch "$2" --sites || rc=1
+  done
+  "$PY" -m ct3d_fx.bench --no-suite --networks gan_generator --no-fp64 \
+    --json "$LOG/gan_tf32.json" || rc=1
+  "$PY" -m ct3d_fx.bench --no-suite --networks gan_generator --no-fp64 --no-compile \
+    --dtype bf16 --json "$LOG/gan_bf16.json" || rc=1
+  return $rc
+}
+
 step_pack() {
   local dest=${CT3D_PACK_DIR:-$LOG}/ext.tgz
   (cd "$TORCH_EXTENSIONS_DIR" && tar -czf "$dest" ./*/*.so) && ls -la "$dest"
@@ -462,7 +483,8 @@ PROF
 }
 export -f step_spatial step_install step_build step_test step_sanitize step_example step_time step_profile \
   step_bench step_igemm step_sweep step_probe step_wgmma step_suite step_results step_results_low \
-  step_pack step_host step_pool step_pass step_rows step_passprof step_gan step_passtime step_dirprof
+  step_pack step_host step_pool step_pass step_rows step_passprof step_gan step_passtime \
+  step_dirprof step_subpixel
 for s in $STEPS; do
   case $s in
     install) run_step install 300 ;;
@@ -490,6 +512,7 @@ for s in $STEPS; do
     gan) run_step gan 300 ;;
     passtime) run_step passtime 240 ;;
     dirprof) run_step dirprof 240 ;;
+    subpixel) run_step subpixel 420 ;;
     *) echo "unknown step $s"; FAILED=1 ;;
   esac
 done

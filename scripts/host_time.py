@@ -10,8 +10,8 @@ GPU time per forward over the same loop (CUDA events around it), and the autotun
 site. With --prof, torch.profiler's table (self CPU time) of 20 optimized forwards. With --sites,
 per fused site (its arguments captured from one forward): GPU ms (triton's do_bench, median) of
 the fused kernel (autotune off; then each of its kernels forced: direct, igemm, gemm), the
-reference and the cuDNN channels_last_3d candidate, the kernel that ran and the autotune's
-choice. Needs CUDA.
+reference, the cuDNN channels_last_3d candidate and the "subpixel" candidate where they apply,
+the kernel that ran and the autotune's choice. Needs CUDA.
 """
 from __future__ import annotations
 
@@ -98,6 +98,9 @@ def per_site(opt, *inputs) -> list:
                     row["cudnn_channels_last_pass_ms"] = bench(
                         lambda: _cuda._reference_channels_last(args, plan.shape, plan.stride,
                                                                plan.dtype, plan))
+            if _cuda._subpixel_applies(inp, w, args[7], args[3]):
+                row["subpixel_ms"] = bench(lambda: _cuda._reference_subpixel(
+                    args, plan.shape, plan.stride, plan.dtype))
             if plan.fallback is None and _cuda._pass_applies(plan, inp):
                 ext = _cuda._build.load()
                 row["cudnn_pass_ms"] = bench(lambda: _cuda._cudnn_pass(ext, plan, args))

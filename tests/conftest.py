@@ -54,6 +54,28 @@ def autotune(monkeypatch):
     ct3d_fx._cuda._timings.clear()
 
 
+def rig_autotune(monkeypatch, winner: str) -> List[List[str]]:
+    """Replaces the autotune's ``_pick_fastest`` with the real one run on a fake timer that
+    gives candidate ``winner`` 1 ms and every other 2 ms (each candidate still runs). Returns
+    the list that receives the candidate names of each call."""
+    timed: List[List[str]] = []
+    pick = ct3d_fx._cuda._pick_fastest
+
+    def rigged(cands, reps=7, timer=None):
+        names = [name for name, _ in cands]
+        timed.append(names)
+        calls = []
+
+        def fake(fn):
+            fn()
+            calls.append(1)
+            return 1.0 if names[(len(calls) - 1) % len(names)] == winner else 2.0
+        return pick(cands, reps, fake)
+
+    monkeypatch.setattr(ct3d_fx._cuda, "_pick_fastest", rigged)
+    return timed
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

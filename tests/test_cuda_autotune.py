@@ -5,6 +5,8 @@ import torch
 import ct3d_fx._cuda as cu
 from ct3d_fx.ops import Opcode, reference
 
+from conftest import rig_autotune
+
 pytestmark = pytest.mark.cuda
 OP = torch.ops.ct3d.conv_transpose3d_epilogue.default
 
@@ -47,37 +49,37 @@ def test_autotune_is_skipped_under_graph_capture(autotune):
     assert torch.allclose(out, reference(*args), rtol=1e-2, atol=1e-2)
 
 
+# winner: (C_out, kernel, output_padding, opcode after the bias, candidates the autotune times)
+_CUDNN_WINNERS = {
+    # epilogue pass off: the program runs in PyTorch ops (tests/test_epilogue_pass.py: the pass)
+    "cudnn_channels_last": (24, 3, 1, Opcode.RELU, ["fused", "reference",
+                                                    "cudnn_channels_last"]),
+    # the GAN generator's last layer: 1 channel, kernel 4, stride 2
+    "subpixel": (1, 4, 0, Opcode.SIGMOID, ["fused", "reference", "cudnn_channels_last",
+                                           "subpixel"]),
+}
+
+
+@pytest.mark.parametrize("winner", sorted(_CUDNN_WINNERS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_channels_last_candidate_when_it_wins(autotune, monkeypatch, dtype):
-    """With CUDNN_CHANNELS_LAST on and the timings rigged so that it wins, the autotune keeps
-    the cuDNN channels_last_3d candidate: output in the reference's layout and dtype, within
-    TF32 / bf16 error of float64, cudnn.benchmark left as it was. The epilogue pass is off:
-    the program runs in PyTorch ops here (tests/test_epilogue_pass.py covers the pass)."""
+def test_cudnn_candidate_when_it_wins(autotune, monkeypatch, winner, dtype):
+    """With the timings rigged so that ``winner`` wins, the autotune keeps that cuDNN
+    candidate: output in the reference's layout and dtype, within TF32 / bf16 error of
+    float64, cudnn.benchmark left as it was; later calls reuse the choice."""
+    cout, k, out_pad, opcode, names = _CUDNN_WINNERS[winner]
     monkeypatch.setattr(cu, "CUDNN_CHANNELS_LAST", True)
     monkeypatch.setattr(cu, "EPILOGUE_PASS", False)
+    monkeypatch.setattr(cu, "SUBPIXEL", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    timed = []
-    pick = cu._pick_fastest
-
-    def rigged(cands, reps=7, timer=None):  # channels-last times 1 ms, the others 2 ms
-        timed.append([name for name, _ in cands])
-        calls = []
-
-        def fake(fn):
-            fn()
-            calls.append(1)
-            return [2.0, 2.0, 1.0][(len(calls) - 1) % len(cands)]
-        return pick(cands, reps, fake)
-
-    monkeypatch.setattr(cu, "_pick_fastest", rigged)
+    timed = rig_autotune(monkeypatch, winner)
     x = torch.rand(2, 16, 6, 7, 8, device="cuda").to(dtype)
-    w = (torch.randn(16, 24, 3, 3, 3, device="cuda") / (16 * 27) ** 0.5).to(dtype)
-    b = torch.randn(24, device="cuda").to(dtype)
-    prog = [int(Opcode.RELU), 0, -1, -1, -1, -1]
-    args = (x, w, b, [2] * 3, [1] * 3, [1] * 3, [1] * 3, 1, prog, [], [])
+    w = (torch.randn(16, cout, k, k, k, device="cuda") / (16 * k ** 3 / 8) ** 0.5).to(dtype)
+    b = torch.randn(cout, device="cuda").to(dtype)
+    prog = [int(opcode), 0, -1, -1, -1, -1]
+    args = (x, w, b, [2] * 3, [1] * 3, [out_pad] * 3, [1] * 3, 1, prog, [], [])
     out = OP(*args)
-    assert timed == [["fused", "reference", "cudnn_channels_last"]]
-    assert list(cu.autotune_choices().values()) == ["cudnn_channels_last"]
+    assert timed == [names]
+    assert list(cu.autotune_choices().values()) == [winner]
     eager = reference(*args)
     assert out.shape == eager.shape and out.stride() == eager.stride()
     assert out.dtype == eager.dtype
@@ -112,3 +114,4 @@ def test_default_timer_times_equal_bursts_of_short_calls(monkeypatch):
     assert timed == calls["long"] - 2 and timed % 5 == 0 and 1 < timed // 5 <= cu._BURST_MAX
     med = cu._last_timings
     assert set(med) == {"short", "long"} and 0 < med["short"] < med["long"]
+

@@ -16,7 +16,7 @@ import ct3d_fx._cuda as cu
 from ct3d_fx import ops
 from ct3d_fx.ops import Opcode as O
 
-from conftest import randn
+from conftest import randn, rig_autotune
 
 OP = torch.ops.ct3d.conv_transpose3d_epilogue.default
 CL = torch.channels_last_3d
@@ -181,21 +181,7 @@ def test_autotune_keeps_a_pass_candidate_when_it_wins(autotune, monkeypatch, win
     monkeypatch.setattr(cu, "CUDNN_CHANNELS_LAST", True)
     monkeypatch.setattr(cu, "EPILOGUE_PASS", True)
     monkeypatch.setattr(cu, "CUDNN_PASS", True)
-    timed = []
-    pick = cu._pick_fastest
-
-    def rigged(cands, reps=7, timer=None):
-        names = [name for name, _ in cands]
-        timed.append(names)
-        calls = []
-
-        def fake(fn):
-            fn()
-            calls.append(1)
-            return 1.0 if names[(len(calls) - 1) % len(names)] == winner else 2.0
-        return pick(cands, reps, fake)
-
-    monkeypatch.setattr(cu, "_pick_fastest", rigged)
+    timed = rig_autotune(monkeypatch, winner)
     x = randn(2, 16, 6, 7, 8, seed=21).to(dtype).cuda()
     w = (randn(16, 40, 3, 3, 3, seed=22) / (16 * 27) ** 0.5).to(dtype).cuda()
     b = randn(40, seed=23).to(dtype).cuda()

@@ -1,0 +1,126 @@
+"""ConvTranspose3d as one stride-1 conv3d over its output phases ("sub-pixel" form).
+
+A transposed convolution with stride s writes output voxel o = s * t + r (phase r in [0, s) per
+dimension) from the input voxels t + delta, one delta per tap k whose (r + padding - k *
+dilation) is a multiple of s, delta = (r + padding - k * dilation) / s. So every phase is a
+plain correlation of the input with a small kernel over the deltas, and all s_D * s_H * s_W
+phases of all output channels are one ``F.conv3d`` with C_out * s_D * s_H * s_W output channels
+over the deltas' range E (per dimension), followed by interleaving the phases into the output
+(a pixel shuffle in 3-D). Taps that a phase does not use are zeros in the conv3d weight: it does
+E^3 * s^3 / K^3 times the transposed conv's multiply-adds (3.4x for kernel 4, stride 2, padding
+1), on cuDNN's regular conv3d kernels.
+
+Where C_out is small (the GAN generator's 1-channel last layer, segmentation heads) cuDNN's
+transposed-conv kernels and the fused kernel's tiles are mostly idle, and the conv3d form gives
+cuDNN s^3 times as many output channels to fill them; the autotune (ct3d_fx/_cuda.py) times it
+against the other candidates and keeps it only where it is faster.
+
+Shapes: input (N, C_in, D, H, W), weight (C_in, C_out, kD, kH, kW) (groups == 1), NCDHW; any
+float dtype the conv3d takes; the result is NCDHW contiguous, as F.conv_transpose3d's.
+Limitations: groups == 1 only; the weight for conv3d is rebuilt per call unless the caller
+caches it (``subpixel_weight``).
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["SubpixelDim", "subpixel_dims", "subpixel_weight", "conv_transpose3d_subpixel"]
+
+
+class SubpixelDim(NamedTuple):
+    """One spatial dimension of the sub-pixel form."""
+
+    stride: int          # s: phases
+    out: int             # output extent O
+    phases: int          # T = ceil(O / s): outputs per phase (the last ones may lie past O)
+    span: int            # E: conv3d kernel extent (deltas from dmin to dmin + E - 1)
+    dmin: int            # smallest delta
+    pad: int             # conv3d padding (both sides)
+    start: int           # first conv3d output of phase index 0 (crop start)
+    taps: List[List[int]]  # taps[r][e]: the transposed conv's tap k for phase r, delta dmin + e, or -1
+
+
+def subpixel_dims(in_sizes: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                  padding: Sequence[int], output_padding: Sequence[int],
+                  dilation: Sequence[int]) -> List[SubpixelDim]:
+    """The sub-pixel geometry of each of the three spatial dimensions."""
+    dims = []
+    for i, k, s, p, op, dl in zip(in_sizes, kernel, stride, padding, output_padding, dilation):
+        out = (i - 1) * s - 2 * p + dl * (k - 1) + op + 1
+        deltas = [[(r + p - kk * dl) // s if (r + p - kk * dl) % s == 0 else None
+                   for kk in range(k)] for r in range(s)]
+        used = [d for row in deltas for d in row if d is not None]
+        dmin, dmax = min(used), max(used)  # tap 0 always lands in phase (p mod s)
+        span = dmax - dmin + 1
+        phases = -(-out // s)
+        pad = max(0, -dmin, phases + span - 1 + dmin - i)
+        taps = [[-1] * span for _ in range(s)]
+        for r in range(s):
+            for kk, d in enumerate(deltas[r]):
+                if d is not None:
+                    taps[r][d - dmin] = kk
+        dims.append(SubpixelDim(s, out, phases, span, dmin, pad, dmin + pad, taps))
+    return dims
+
+
+def subpixel_weight(weight: torch.Tensor, dims: Sequence[SubpixelDim]) -> torch.Tensor:
+    """The conv3d weight, (C_out * sD * sH * sW, C_in, E_D, E_H, E_W): output channel
+    co * sD * sH * sW + (rd * sH + rh) * sW + rw holds phase (rd, rh, rw) of channel co; the
+    values are the transposed conv's weights, copied (no arithmetic), zeros for unused taps."""
+    cin, cout = weight.shape[:2]
+    dd, dh, dw = dims
+    w2 = weight.new_zeros((cout, dd.stride, dh.stride, dw.stride, cin, dd.span, dh.span,
+                           dw.span))
+    wt = weight.transpose(0, 1)  # (C_out, C_in, kD, kH, kW)
+    for rd in range(dd.stride):
+        for ed, kd in enumerate(dd.taps[rd]):
+            if kd < 0:
+                continue
+            for rh in range(dh.stride):
+                for eh, kh in enumerate(dh.taps[rh]):
+                    if kh < 0:
+                        continue
+                    for rw in range(dw.stride):
+                        for ew, kw in enumerate(dw.taps[rw]):
+                            if kw >= 0:
+                                w2[:, rd, rh, rw, :, ed, eh, ew] = wt[:, :, kd, kh, kw]
+    return w2.reshape(cout * dd.stride * dh.stride * dw.stride, cin, dd.span, dh.span, dw.span)
+
+
+def conv_transpose3d_subpixel(input: torch.Tensor, weight: torch.Tensor,
+                              bias: Optional[torch.Tensor], stride: Sequence[int],
+                              padding: Sequence[int], output_padding: Sequence[int],
+                              dilation: Sequence[int],
+                              weight2: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.conv_transpose3d(input, weight, bias, stride, padding, output_padding, 1,
+    dilation)`` computed as one ``F.conv3d`` over the output phases and a phase interleave.
+
+    ``weight2``: ``subpixel_weight(weight, dims)`` when the caller keeps it. Returns an NCDHW
+    tensor of the transposed conv's shape (contiguous unless an extent is not a multiple of its
+    stride: then a view of a contiguous one). Raises ValueError for a non-5-D input or a weight
+    whose C_in does not match (groups == 1 only)."""
+    if input.dim() != 5 or weight.dim() != 5 or input.size(1) != weight.size(0):
+        raise ValueError(f"conv_transpose3d_subpixel: input (N, C_in, D, H, W) and weight "
+                         f"(C_in, C_out, kD, kH, kW) with the same C_in, got "
+                         f"{tuple(input.shape)} and {tuple(weight.shape)}")
+    dims = subpixel_dims(input.shape[2:], weight.shape[2:], stride, padding, output_padding,
+                         dilation)
+    if weight2 is None:
+        weight2 = subpixel_weight(weight, dims)
+    cout = weight.size(1)
+    s3 = dims[0].stride * dims[1].stride * dims[2].stride
+    b2 = None if bias is None else bias.repeat_interleave(s3)
+    z = F.conv3d(input, weight2, b2, 1, [d.pad for d in dims])
+    dd, dh, dw = dims
+    z = z[:, :, dd.start:dd.start + dd.phases, dh.start:dh.start + dh.phases,
+          dw.start:dw.start + dw.phases]
+    n = input.size(0)
+    z = z.reshape(n, cout, dd.stride, dh.stride, dw.stride, dd.phases, dh.phases, dw.phases)
+    full = torch.empty((n, cout, dd.phases * dd.stride, dh.phases * dh.stride,
+                        dw.phases * dw.stride), dtype=z.dtype, device=z.device)
+    full.view(n, cout, dd.phases, dd.stride, dh.phases, dh.stride, dw.phases,
+              dw.stride).copy_(z.permute(0, 1, 5, 2, 6, 3, 7, 4))
+    return full[:, :, :dd.out, :dh.out, :dw.out]
