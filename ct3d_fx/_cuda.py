@@ -964,7 +964,8 @@ def _reference_subpixel(args: tuple, shape, stride, dtype) -> torch.Tensor:
 
     def conv(b):
         with _cudnn_benchmark():
-            return subpixel.conv_transpose3d_subpixel(input, weight, b, st, pa, op, di, w2)
+            return subpixel.conv_transpose3d_subpixel(input, weight, b, st, pa, op, di, w2,
+                                                      dims)
 
     return _conv_then_program(args, shape, stride, dtype, conv)
 

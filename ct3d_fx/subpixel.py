@@ -94,11 +94,13 @@ def conv_transpose3d_subpixel(input: torch.Tensor, weight: torch.Tensor,
                               bias: Optional[torch.Tensor], stride: Sequence[int],
                               padding: Sequence[int], output_padding: Sequence[int],
                               dilation: Sequence[int],
-                              weight2: Optional[torch.Tensor] = None) -> torch.Tensor:
+                              weight2: Optional[torch.Tensor] = None,
+                              dims: Optional[Sequence[SubpixelDim]] = None) -> torch.Tensor:
     """``F.conv_transpose3d(input, weight, bias, stride, padding, output_padding, 1,
     dilation)`` computed as one ``F.conv3d`` over the output phases and a phase interleave.
 
-    ``weight2``: ``subpixel_weight(weight, dims)`` when the caller keeps it. Returns an NCDHW
+    ``weight2``: ``subpixel_weight(weight, dims)`` when the caller keeps it; ``dims``:
+    ``subpixel_dims`` of this call when the caller has them (else computed). Returns an NCDHW
     tensor of the transposed conv's shape (contiguous unless an extent is not a multiple of its
     stride: then a view of a contiguous one). Raises ValueError for a non-5-D input or a weight
     whose C_in does not match (groups == 1 only)."""
@@ -106,8 +108,9 @@ def conv_transpose3d_subpixel(input: torch.Tensor, weight: torch.Tensor,
         raise ValueError(f"conv_transpose3d_subpixel: input (N, C_in, D, H, W) and weight "
                          f"(C_in, C_out, kD, kH, kW) with the same C_in, got "
                          f"{tuple(input.shape)} and {tuple(weight.shape)}")
-    dims = subpixel_dims(input.shape[2:], weight.shape[2:], stride, padding, output_padding,
-                         dilation)
+    if dims is None:
+        dims = subpixel_dims(input.shape[2:], weight.shape[2:], stride, padding,
+                             output_padding, dilation)
     if weight2 is None:
         weight2 = subpixel_weight(weight, dims)
     cout = weight.size(1)
