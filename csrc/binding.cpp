@@ -513,10 +513,16 @@ bool spatial_stride(const at::Tensor& t, int64_t* s) {
 // src itself. The other arguments as for `launch`: the epilogue program, decoded for an output
 // with out's strides; SOFTMAX and LAYER_NORM are not taken. Runs bias + program in one pass:
 // csrc/kernels_epilogue_pass.cu.
-void epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bias, at::Tensor& out,
-                   const std::vector<at::Tensor>& slots, const at::Tensor& slot_strides,
-                   const at::Tensor& prog_i, const at::Tensor& prog_f,
-                   const std::vector<int64_t>& regs) {
+// `lite`: the vector kernels (csrc/ct3d_pass_lite.cuh): 0 never, 1 where they are faster (the
+// rule below), 2 / 3 (measurements) every channels_last_3d -> NCDHW pass with scalar / 16-byte
+// output stores where the tensors allow them. Returns the kernel that ran
+// (ct3d::PassKernel: 0 none (empty output), 1 plain, 2 staged, 3 vector same layout, 4 vector
+// channels_last_3d -> NCDHW).
+int64_t epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bias,
+                      at::Tensor& out, const std::vector<at::Tensor>& slots,
+                      const at::Tensor& slot_strides, const at::Tensor& prog_i,
+                      const at::Tensor& prog_f, const std::vector<int64_t>& regs,
+                      int64_t lite) {
   const at::Device dev = src.device();
   check_cuda_on(src, dev, "epilogue_pass source");
   check_cuda_on(out, dev, "epilogue_pass output");
@@ -577,6 +583,20 @@ void epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bias,
   const int64_t ys[5] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3),
                          out.stride(4)};
   fill_epilogue(p.epi, dev, ys, slots, slot_strides, prog_i, prog_f, regs, 1, 0);
+  // a size-1 output dimension's index is always 0: its slot strides are set to 0 (so a
+  // (C, 1, 1, 1) tensor counts as per-channel at N == 1) and like_y compares the others
+  for (int i = 0; i < p.epi.n_slots; ++i) {
+    ct3d::Slot& sl = p.epi.slot[i];
+    bool like = true;
+    for (int j = 0; j < 5; ++j) {
+      if (out.size(j) == 1) {
+        sl.s[j] = 0;
+      } else {
+        like = like && sl.s[j] == ys[j];
+      }
+    }
+    sl.like_y = like ? 1 : 0;
+  }
   // 16-byte units along the fast dimension (stride 1): the extent there and the other strides
   // multiples of 16 / element_size, the data 16-byte aligned
   auto vec16 = [&](const void* ptr, int64_t esize, bool cfast, int64_t sn, int64_t sc,
@@ -607,11 +627,45 @@ void epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bias,
   }
   TORCH_CHECK(!ct3d::epilogue_spans_w(p.epi) && !ct3d::epilogue_spans_channels(p.epi),
               "ct3d: epilogue_pass does not run SOFTMAX or LAYER_NORM");
-  if (out.numel() == 0) return;
+  // the vector kernels: 8 elements along each tensor's fast dimension (stride 1) in 16-byte
+  // vectors: that extent and the other strides multiples of 8, both pointers 16-byte aligned;
+  // channels_last_3d -> NCDHW also with scalar stores where only the source allows vectors
+  {
+    constexpr int64_t E = ct3d::kLiteE;
+    const bool al = reinterpret_cast<uintptr_t>(p.src) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
+    const bool src_cl = p.src_cfast && p.C % E == 0 && p.ss_n % E == 0 && p.ss_s % E == 0;
+    const bool src_nc = !p.src_cfast && p.ss_s == 1 && p.S % E == 0 && p.ss_n % E == 0 &&
+                        p.ss_c % E == 0;
+    const bool out_cl = p.out_cfast && p.C % E == 0 && p.os_n % E == 0 && p.os_s % E == 0;
+    const bool out_nc = !p.out_cfast && p.os_s == 1 && p.S % E == 0 && p.os_n % E == 0 &&
+                        p.os_c % E == 0;
+    const bool src_al = reinterpret_cast<uintptr_t>(p.src) % 16 == 0;
+    const bool vec_t = al && src_cl && out_nc;  // the transpose with 16-byte output stores
+    const bool scalar_t = src_al && src_cl && !p.out_cfast && p.os_s == 1;
+    if (lite <= 0) {
+      p.lite = ct3d::kLiteOff;
+    } else if (al && ((src_cl && out_cl) || (src_nc && out_nc))) {
+      p.lite = ct3d::kLiteSame;
+    } else if (lite == 2) {  // measurement: scalar output stores wherever the transpose runs
+      p.lite = scalar_t ? ct3d::kLiteTransposeScalarOut : ct3d::kLiteOff;
+    } else if (lite == 3 || out.element_size() == 2) {  // half outputs: 16-byte stores
+      p.lite = vec_t ? ct3d::kLiteTranspose
+               : scalar_t ? ct3d::kLiteTransposeScalarOut : ct3d::kLiteOff;
+    } else {
+      // float32 outputs (H200, scripts/pass_time.py, docs/kernel.md): the scalar-store form
+      // ran at 3.2-3.9 TB/s, 1.2-1.7x the staged kernel, and the 16-byte-store form at
+      // 2.8-3.0 TB/s (~10% below the staged kernel)
+      p.lite = scalar_t ? ct3d::kLiteTransposeScalarOut : ct3d::kLiteOff;
+    }
+  }
+  if (out.numel() == 0) return ct3d::kPassNone;
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
-  const cudaError_t err = ct3d::launch_epilogue_pass(p, stream);
+  int kernel = ct3d::kPassNone;
+  const cudaError_t err = ct3d::launch_epilogue_pass(p, stream, &kernel);
   TORCH_CHECK(err == cudaSuccess, "ct3d: epilogue_pass launch failed: ", cudaGetErrorString(err));
+  return kernel;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -636,7 +690,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("epilogue_pass", &epilogue_pass, "A site's bias and epilogue program in one pass over a "
         "conv output computed elsewhere (see csrc/binding.cpp)", py::arg("src"), py::arg("bias"),
         py::arg("out"), py::arg("slots"), py::arg("slot_strides"), py::arg("prog_i"),
-        py::arg("prog_f"), py::arg("regs"));
+        py::arg("prog_f"), py::arg("regs"), py::arg("lite") = 1);
   m.attr("MAX_INSTR") = ct3d::kMaxInstr;
   m.attr("MAX_SLOTS") = ct3d::kMaxSlots;
   m.attr("MAX_REGS") = ct3d::kMaxRegs;

@@ -66,7 +66,7 @@ struct ElemPos {
 
 // A slot whose value depends on the channel alone (per-channel vectors, BatchNorm statistics,
 // PReLU weights, 0-d and one-element tensors): its expanded view has stride 0 in n, d, h, w.
-__device__ __forceinline__ bool slot_per_channel(const Slot& s) {
+__host__ __device__ __forceinline__ bool slot_per_channel(const Slot& s) {
   return s.s[0] == 0 && s.s[2] == 0 && s.s[3] == 0 && s.s[4] == 0;
 }
 
@@ -137,6 +137,53 @@ __device__ __forceinline__ float clamp_keep_nan(float x, float lo, float hi) {
   return r > hi ? hi : r;
 }
 
+// The elementwise ops with more than one operation, shared by run_program and the epilogue
+// pass's vector kernels (ct3d_pass_lite.cuh): one definition of each op's float arithmetic.
+__device__ __forceinline__ float op_relu(float x) { return x < 0.0f ? 0.0f : x; }  // keeps NaN
+__device__ __forceinline__ float op_leaky_relu(float x, float slope) {
+  return x > 0.0f ? x : x * slope;
+}
+__device__ __forceinline__ float op_prelu(float x, float wt) { return x > 0.0f ? x : wt * x; }
+__device__ __forceinline__ float op_elu(float x, float alpha) {
+  return x > 0.0f ? x : alpha * expm1f(x);
+}
+__device__ __forceinline__ float op_celu(float x, float alpha) {
+  return x > 0.0f ? x : alpha * expm1f(x / alpha);
+}
+__device__ __forceinline__ float op_selu(float x) {
+  const float alpha = 1.6732632423543772848170429916717f;
+  const float scale = 1.0507009873554804934193349852946f;
+  return x > 0.0f ? scale * x : scale * alpha * expm1f(x);
+}
+__device__ __forceinline__ float op_gelu_tanh(float x) {
+  const float k0 = 0.7978845608028654f;  // sqrt(2 / pi)
+  return 0.5f * x * (1.0f + tanhf(k0 * (x + 0.044715f * x * x * x)));
+}
+__device__ __forceinline__ float op_gelu_erf(float x) {
+  return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+}
+__device__ __forceinline__ float op_silu(float x) { return x / (1.0f + expf(-x)); }
+__device__ __forceinline__ float op_mish(float x) { return x * tanhf(log1pf(expf(x))); }
+__device__ __forceinline__ float op_hardswish(float x) {
+  return x * fminf(fmaxf(x + 3.0f, 0.0f), 6.0f) / 6.0f;
+}
+__device__ __forceinline__ float op_hardsigmoid(float x) {
+  return fminf(fmaxf(x + 3.0f, 0.0f), 6.0f) / 6.0f;
+}
+__device__ __forceinline__ float op_hardtanh(float x, float lo, float hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+__device__ __forceinline__ float op_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float op_softplus(float x, float beta, float threshold) {
+  return (x * beta > threshold) ? x : log1pf(expf(x * beta)) / beta;
+}
+// Eval-mode BatchNorm of one element from its channel's statistics (affine: weight and bias).
+__device__ __forceinline__ float op_batch_norm(float x, float mean, float var, float wt,
+                                               float bs, float eps, bool affine) {
+  const float r = (x - mean) * rsqrtf(var + eps);
+  return affine ? r * wt + bs : r;
+}
+
 // LOAD_TENSOR of a tensor that varies over the output (a full-size side input, l2_26): the
 // loads go out in batches of up to 16 per thread before any result is written, with the dtype
 // switch outside the batch. One load in flight per element (the CT3D_EACH loop keeps about 4)
@@ -162,6 +209,25 @@ __device__ __forceinline__ T elem_from_float(float v) {
     return __float2bfloat16_rn(v);
   } else {
     return v;
+  }
+}
+
+// The 16 bits of a half type (low bits of `bits`) -> float, and float -> those 16 bits rounded
+// to nearest even (as elem_from_float).
+template <typename T>
+__device__ __forceinline__ float half_bits_to_float(uint32_t bits) {
+  if constexpr (std::is_same<T, __half>::value) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+  } else {
+    return __uint_as_float(bits << 16);
+  }
+}
+template <typename T>
+__device__ __forceinline__ uint32_t float_to_half_bits(float v) {
+  if constexpr (std::is_same<T, __half>::value) {
+    return __half_as_ushort(__float2half_rn(v));
+  } else {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
   }
 }
 
@@ -447,66 +513,62 @@ __device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int t
         CT3D_MAP1(A[q.idx], x * x);
         break;
       case OP_RELU:  // keeps NaN, like torch.relu
-        CT3D_MAP1(A[q.idx], x < 0.0f ? 0.0f : x);
+        CT3D_MAP1(A[q.idx], op_relu(x));
         break;
       case OP_LEAKY_RELU:
-        CT3D_MAP1(A[q.idx], x > 0.0f ? x : x * f0);
+        CT3D_MAP1(A[q.idx], op_leaky_relu(x, f0));
         break;
       case OP_PRELU: {
         const Slot s = E.slot[I.c];
         if (slot_per_channel(s)) {
           const float* cv = colv + I.c * cols;
-          CT3D_MAP2(A[q.idx], cv[q.col], x > 0.0f ? x : y * x);
+          CT3D_MAP2(A[q.idx], cv[q.col], op_prelu(x, y));
         } else {
           CT3D_EACH(const float x = A[q.idx];
                     const float wt = q.ok ? load_slot(s, q.n, q.c, q.d, q.h, q.w) : 0.0f;
-                    D[q.idx] = x > 0.0f ? x : wt * x);
+                    D[q.idx] = op_prelu(x, wt));
         }
         break;
       }
       case OP_ELU:
-        CT3D_MAP1(A[q.idx], x > 0.0f ? x : f0 * expm1f(x));
+        CT3D_MAP1(A[q.idx], op_elu(x, f0));
         break;
       case OP_CELU:
-        CT3D_MAP1(A[q.idx], x > 0.0f ? x : f0 * expm1f(x / f0));
+        CT3D_MAP1(A[q.idx], op_celu(x, f0));
         break;
-      case OP_SELU: {
-        const float alpha = 1.6732632423543772848170429916717f;
-        const float scale = 1.0507009873554804934193349852946f;
-        CT3D_MAP1(A[q.idx], x > 0.0f ? scale * x : scale * alpha * expm1f(x));
+      case OP_SELU:
+        CT3D_MAP1(A[q.idx], op_selu(x));
         break;
-      }
       case OP_GELU:
         if (I.b) {
-          const float k0 = 0.7978845608028654f;  // sqrt(2 / pi)
-          CT3D_MAP1(A[q.idx], 0.5f * x * (1.0f + tanhf(k0 * (x + 0.044715f * x * x * x))));
+          CT3D_MAP1(A[q.idx], op_gelu_tanh(x));
         } else {
-          CT3D_MAP1(A[q.idx], 0.5f * x * (1.0f + erff(x * 0.7071067811865476f)));
+          CT3D_MAP1(A[q.idx], op_gelu_erf(x));
         }
         break;
       case OP_SILU:
-        CT3D_MAP1(A[q.idx], x / (1.0f + expf(-x)));
+        CT3D_MAP1(A[q.idx], op_silu(x));
         break;
       case OP_MISH:
-        CT3D_MAP1(A[q.idx], x * tanhf(log1pf(expf(x))));
+        CT3D_MAP1(A[q.idx], op_mish(x));
         break;
       case OP_HARDSWISH:
-        CT3D_MAP1(A[q.idx], x * fminf(fmaxf(x + 3.0f, 0.0f), 6.0f) / 6.0f);
+        CT3D_MAP1(A[q.idx], op_hardswish(x));
         break;
       case OP_HARDSIGMOID:
-        CT3D_MAP1(A[q.idx], fminf(fmaxf(x + 3.0f, 0.0f), 6.0f) / 6.0f);
+        CT3D_MAP1(A[q.idx], op_hardsigmoid(x));
         break;
       case OP_HARDTANH:
-        CT3D_MAP1(A[q.idx], x < f0 ? f0 : (x > f1 ? f1 : x));
+        CT3D_MAP1(A[q.idx], op_hardtanh(x, f0, f1));
         break;
       case OP_SIGMOID:
-        CT3D_MAP1(A[q.idx], 1.0f / (1.0f + expf(-x)));
+        CT3D_MAP1(A[q.idx], op_sigmoid(x));
         break;
       case OP_TANH:
         CT3D_MAP1(A[q.idx], tanhf(x));
         break;
       case OP_SOFTPLUS:
-        CT3D_MAP1(A[q.idx], (x * f0 > f1) ? x : log1pf(expf(x * f0)) / f0);
+        CT3D_MAP1(A[q.idx], op_softplus(x, f0, f1));
         break;
       case OP_CLAMP:  // NaN passes through; min wins over max, like torch.clamp
         CT3D_MAP1(A[q.idx], clamp_keep_nan(x, f0, f1));
@@ -538,8 +600,7 @@ __device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int t
 #pragma unroll
             for (int j = 0; j < kMapBatch; ++j) {
               const ElemPos q = pos(i0 + j);
-              const float r = (x[j] - mean[j]) * rsqrtf(var[j] + f0);
-              D[q.idx] = I.b ? r * wt[j] + bs[j] : r;
+              D[q.idx] = op_batch_norm(x[j], mean[j], var[j], wt[j], bs[j], f0, I.b);
             }
           }
         } else if (I.b) {

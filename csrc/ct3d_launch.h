@@ -102,7 +102,10 @@ cudaError_t launch_pool_tail(const PoolTailParams& p, cudaStream_t stream);
 
 // The epilogue pass (csrc/kernels_epilogue_pass.cu) on `stream`: cudaErrorInvalidValue for an
 // unsupported (src, out) dtype pair (f32 -> f32, f16 / bf16 -> same or f32), a register count
-// outside [1, kMaxRegs] or S >= 2^31 - 128.
-cudaError_t launch_epilogue_pass(const EpiPassParams& p, cudaStream_t stream);
+// outside [1, kMaxRegs] or S >= 2^31 - 128. `kernel` (may be null) receives which kernel ran.
+enum PassKernel : int { kPassNone = 0, kPassPlain = 1, kPassStaged = 2, kPassLiteSame = 3,
+                        kPassLiteTranspose = 4 };
+cudaError_t launch_epilogue_pass(const EpiPassParams& p, cudaStream_t stream,
+                                 int* kernel = nullptr);
 
 }  // namespace ct3d

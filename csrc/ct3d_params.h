@@ -228,6 +228,12 @@ struct PoolTailParams {
 // S = D * H * W (< 2^31 - 128). *_cfast: the channel stride is 1 (channels_last_3d), so the
 // kernel reads or writes 32 consecutive channels per warp access instead of 32 consecutive
 // positions.
+// The epilogue pass's vector kernels (csrc/ct3d_pass_lite.cuh): elements per vector, and the
+// form the binding allows (EpiPassParams.lite).
+constexpr int kLiteE = 8;
+enum LiteMode : int32_t { kLiteOff = 0, kLiteSame = 1, kLiteTranspose = 2,
+                          kLiteTransposeScalarOut = 3 };
+
 struct EpiPassParams {
   const void* src;
   int64_t ss_n, ss_c, ss_s;  // element strides of src: sample, channel, spatial position
@@ -247,6 +253,11 @@ struct EpiPassParams {
   // stored 16 bytes at a time, along each tensor's fast dimension (stride 1, extent and the
   // other strides multiples of the unit, 16-byte aligned data)
   int32_t vec_src, vec_side, vec_out;
+  // The vector kernels (csrc/ct3d_pass_lite.cuh LiteMode): 0 off, 1 same layout, 2
+  // channels_last_3d -> NCDHW, 3 the same with scalar output stores (S or the output's
+  // strides not multiples of 8); the binding sets it where the tensors allow 8-element 16-byte
+  // vectors, the launch where the program allows it too (lite_program_ok)
+  int32_t lite;
   Epilogue epi;
 };
 

@@ -42,6 +42,7 @@
 #include "ct3d_host.h"
 #include "ct3d_launch.h"
 #include "ct3d_params.h"
+#include "ct3d_pass_lite.cuh"
 
 namespace ct3d {
 namespace {
@@ -102,16 +103,6 @@ __device__ __forceinline__ void store_pass_tile(const EpiPassParams& p, const fl
   }
 }
 
-// The 16 bits of v rounded to a half type (as elem_from_float).
-template <typename TO>
-__device__ __forceinline__ uint32_t elem_bits(float v) {
-  if constexpr (std::is_same<TO, __half>::value) {
-    return __half_as_ushort(__float2half_rn(v));
-  } else {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-  }
-}
-
 // As store_pass_tile, 16 bytes (V elements along the output's fast dimension) per store; the
 // binding checks that the fast extent, the other strides and the pointer allow it, so a
 // vector is wholly inside or wholly outside the output.
@@ -143,7 +134,8 @@ __device__ __forceinline__ void store_pass_tile_vec(const EpiPassParams& p, cons
         if constexpr (V == 4) {
           w[k] = __float_as_uint(r[k * step]);
         } else {
-          w[k] = elem_bits<TO>(r[2 * k * step]) | (elem_bits<TO>(r[(2 * k + 1) * step]) << 16);
+          w[k] = float_to_half_bits<TO>(r[2 * k * step]) |
+                 (float_to_half_bits<TO>(r[(2 * k + 1) * step]) << 16);
         }
       }
       *reinterpret_cast<uint4*>(out + (c0 + cl) * p.os_c + (s0 + sl) * p.os_s) =
@@ -376,11 +368,49 @@ cudaError_t launch_staged(const EpiPassParams& p, cudaStream_t stream, int64_t g
   return cudaGetLastError();
 }
 
+// The vector kernels (ct3d_pass_lite.cuh), where the binding allowed them (p.lite) and the
+// program is one they run; cudaErrorNotSupported otherwise (the caller takes the others).
 template <typename TS, typename TO>
-cudaError_t launch_typed(const EpiPassParams& p, cudaStream_t stream) {
+cudaError_t launch_lite(const EpiPassParams& p, cudaStream_t stream) {
+  if (p.lite == kLiteOff || !lite_program_ok(p.epi)) return cudaErrorNotSupported;
+  if (p.lite == kLiteTranspose || p.lite == kLiteTransposeScalarOut) {
+    const int64_t tiles = static_cast<int64_t>(p.N) * ((p.S + kLiteTS - 1) / kLiteTS);
+    const int64_t gy = (p.C + kLiteTC - 1) / kLiteTC;
+    if (tiles > INT32_MAX || gy > 65535) return cudaErrorNotSupported;
+    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(gy), 1);
+    if (p.lite == kLiteTranspose) {
+      epilogue_pass_lite_t_kernel<TS, TO, true><<<grid, kLiteThreads, 0, stream>>>(p);
+    } else {
+      epilogue_pass_lite_t_kernel<TS, TO, false><<<grid, kLiteThreads, 0, stream>>>(p);
+    }
+    return cudaGetLastError();
+  }
+  const bool cfast = p.src_cfast != 0;
+  const int64_t per_sample = static_cast<int64_t>(p.C) * p.S / kLiteE;
+  if (per_sample >= (int64_t{1} << 31) - kLiteThreads) return cudaErrorNotSupported;
+  int64_t gx = (per_sample + kLiteThreads - 1) / kLiteThreads;
+  const int64_t gy = p.N < 65535 ? p.N : 65535;
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1);
+  if (cfast) {
+    epilogue_pass_lite_kernel<TS, TO, true><<<grid, kLiteThreads, 0, stream>>>(p);
+  } else {
+    epilogue_pass_lite_kernel<TS, TO, false><<<grid, kLiteThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename TS, typename TO>
+cudaError_t launch_typed(const EpiPassParams& p, cudaStream_t stream, int* ran) {
   const int64_t gy = (p.C + kTC - 1) / kTC;
   if (p.N == 0 || p.S == 0 || gy == 0) return cudaSuccess;
   if (gy > 65535) return cudaErrorInvalidConfiguration;
+  {
+    const cudaError_t e = launch_lite<TS, TO>(p, stream);
+    if (e != cudaErrorNotSupported) {
+      *ran = p.lite == kLiteSame ? kPassLiteSame : kPassLiteTranspose;
+      return e;
+    }
+  }
   const int regs_bytes = p.epi.n_regs * static_cast<int>(sizeof(float));
   if (p.staged) {
     const int stage_bytes =
@@ -391,8 +421,12 @@ cudaError_t launch_typed(const EpiPassParams& p, cudaStream_t stream) {
       case 4: e = launch_staged<TS, TO, 4>(p, stream, gy); break;
       default: e = launch_staged<TS, TO, 8>(p, stream, gy); break;
     }
-    if (e != cudaErrorNotSupported) return e;  // else the ring does not fit: the plain kernel
+    if (e != cudaErrorNotSupported) {  // else the ring does not fit: the plain kernel
+      *ran = kPassStaged;
+      return e;
+    }
   }
+  *ran = kPassPlain;
   constexpr int TSP = 64;
   const int64_t gx = static_cast<int64_t>(p.N) * ((p.S + TSP - 1) / TSP);
   if (gx > INT32_MAX) return cudaErrorInvalidConfiguration;
@@ -412,15 +446,18 @@ cudaError_t launch_typed(const EpiPassParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_epilogue_pass(const EpiPassParams& p, cudaStream_t stream) {
+cudaError_t launch_epilogue_pass(const EpiPassParams& p, cudaStream_t stream, int* kernel) {
+  int ran = kPassNone;
+  int* k = kernel != nullptr ? kernel : &ran;
+  *k = kPassNone;
   if (p.epi.n_regs < 1 || p.epi.n_regs > kMaxRegs) return cudaErrorInvalidValue;
   if (p.S >= (int64_t{1} << 31) - 128) return cudaErrorInvalidValue;
   const int s = p.src_dtype, o = p.out_dtype;
-  if (s == kF32 && o == kF32) return launch_typed<float, float>(p, stream);
-  if (s == kBF16 && o == kBF16) return launch_typed<__nv_bfloat16, __nv_bfloat16>(p, stream);
-  if (s == kF16 && o == kF16) return launch_typed<__half, __half>(p, stream);
-  if (s == kBF16 && o == kF32) return launch_typed<__nv_bfloat16, float>(p, stream);
-  if (s == kF16 && o == kF32) return launch_typed<__half, float>(p, stream);
+  if (s == kF32 && o == kF32) return launch_typed<float, float>(p, stream, k);
+  if (s == kBF16 && o == kBF16) return launch_typed<__nv_bfloat16, __nv_bfloat16>(p, stream, k);
+  if (s == kF16 && o == kF16) return launch_typed<__half, __half>(p, stream, k);
+  if (s == kBF16 && o == kF32) return launch_typed<__nv_bfloat16, float>(p, stream, k);
+  if (s == kF16 && o == kF32) return launch_typed<__half, float>(p, stream, k);
   return cudaErrorInvalidValue;
 }
 

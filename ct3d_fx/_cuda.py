@@ -829,6 +829,19 @@ CUDNN_CHANNELS_LAST = os.environ.get("CT3D_FX_CUDNN_CHANNELS_LAST", "1") != "0"
 # -> 0.93x eager); in v21 (16-byte pass, burst timing) it lost to the channels-last form with
 # the pass or to "reference" on every site measured (docs/kernel.md, Next).
 EPILOGUE_PASS = os.environ.get("CT3D_FX_EPILOGUE_PASS", "1") != "0"
+# The pass's vector kernels (csrc/ct3d_pass_lite.cuh: 8 elements per thread step, 16-byte
+# loads, the program in registers), where the tensors and the program allow them (the
+# channels_last_3d -> NCDHW form stores float32 outputs one element per lane, half outputs in
+# 16-byte vectors where it can: the faster of the two on the H200); off with
+# CT3D_FX_PASS_LITE=0 or
+# ``_cuda.PASS_LITE = False`` (the staged / plain kernels then run). 2 / 3 (measurements,
+# scripts/pass_time.py): every channels_last_3d -> NCDHW pass on them, with scalar / 16-byte
+# output stores.
+PASS_LITE = {"0": 0, "2": 2, "3": 3}.get(os.environ.get("CT3D_FX_PASS_LITE", "1"), 1)
+# The kernel the last epilogue pass ran: "plain", "staged", "lite" (same layout),
+# "lite_transpose" (channels_last_3d -> NCDHW), or None for an empty output.
+LAST_PASS_KERNEL: Optional[str] = None
+_PASS_KERNELS = {0: None, 1: "plain", 2: "staged", 3: "lite", 4: "lite_transpose"}
 CUDNN_PASS = os.environ.get("CT3D_FX_CUDNN_PASS", "0") == "1"
 # "subpixel": the transposed conv as one stride-1 conv3d over its output phases (cuDNN,
 # ct3d_fx/subpixel.py) + the program in PyTorch ops, timed where C_out is at most
@@ -1129,9 +1142,12 @@ def _run_pass(ext, plan: "_Plan", y: torch.Tensor, bias, extras, out: torch.Tens
     under ``POISON_OUTPUT`` (unless it is ``y``)."""
     if POISON_OUTPUT and out is not y:
         out.fill_(float("nan"))
+    global LAST_PASS_KERNEL
     slots = [extras[i] for i in plan.slot_extras]
-    ext.epilogue_pass(y, None if bias is None else bias.contiguous(), out, slots,
-                      plan.slot_strides, plan.prog_i, _prog_f(plan, extras), plan.regs)
+    ran = ext.epilogue_pass(y, None if bias is None else bias.contiguous(), out, slots,
+                            plan.slot_strides, plan.prog_i, _prog_f(plan, extras), plan.regs,
+                            lite=int(PASS_LITE))
+    LAST_PASS_KERNEL = _PASS_KERNELS.get(ran)
     return out
 
 

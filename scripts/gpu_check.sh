@@ -41,6 +41,8 @@
 #   pool      tests/test_pool_tail.py and memcheck over its kernel tests
 #   pass      tests/test_epilogue_pass.py and tests/test_cuda_autotune.py, memcheck over the
 #             epilogue pass's kernel tests
+#   passlite  scripts/pass_time.py: the pass alone on suite output shapes, its vector kernels
+#             (csrc/ct3d_pass_lite.cuh) on and off, against PyTorch's copy; LOGDIR/pass_time.json
 #   passprof  Nsight Compute on two launches of the epilogue pass (bf16 NCDHW in place, float32
 #             channels_last_3d -> NCDHW)
 #   rows      the runner on chosen rows: CT3D_ROWS (float32/TF32 with torch.compile;
@@ -365,7 +367,12 @@ step_pass() {  # the epilogue pass: its tests, the autotune's, and memcheck over
     tests/test_cuda_autotune.py || return 1
   compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
     --report-api-errors no "$PY" -m pytest -p no:cacheprovider -q tests/test_epilogue_pass.py \
-    -k "(matches and bias and not nobias and (case0 or case2 or case3) and (relu or side_input or broadcast)) or in_place or float32_output"
+    -k "(matches and bias and not nobias and (case0 or case2 or case3) and (relu or side_input or broadcast)) or in_place or float32_output or batch_one"
+}
+
+step_passlite() {  # the epilogue pass alone on suite output shapes: the vector kernels on / off
+  # and PyTorch's layout copy (scripts/pass_time.py; LOGDIR/pass_time.json)
+  "$PY" scripts/pass_time.py --json "$LOG/pass_time.json"
 }
 
 step_rows() {  # chosen rows through the runner: CT3D_ROWS (an --only regex; float32 with TF32,
@@ -484,7 +491,7 @@ PROF
 export -f step_spatial step_install step_build step_test step_sanitize step_example step_time step_profile \
   step_bench step_igemm step_sweep step_probe step_wgmma step_suite step_results step_results_low \
   step_pack step_host step_pool step_pass step_rows step_passprof step_gan step_passtime \
-  step_dirprof step_subpixel
+  step_dirprof step_subpixel step_passlite
 for s in $STEPS; do
   case $s in
     install) run_step install 300 ;;
@@ -511,6 +518,7 @@ for s in $STEPS; do
     passprof) run_step passprof 300 ;;
     gan) run_step gan 300 ;;
     passtime) run_step passtime 240 ;;
+    passlite) run_step passlite 240 ;;
     dirprof) run_step dirprof 240 ;;
     subpixel) run_step subpixel 420 ;;
     *) echo "unknown step $s"; FAILED=1 ;;

@@ -70,7 +70,24 @@ def _conv(x, w, st, pa, op, layout):
     return y
 
 
+def _lite_expected(name, src_layout, out_layout, C, S, out_itemsize, lite):
+    """The kernel the pass should run with ``_cuda.PASS_LITE = lite`` (the binding's rule: 8
+    elements along each tensor's fast dimension in 16-byte vectors, the transpose's output also
+    with scalar stores; lite_program_ok: <= 2 registers, per-channel or output-shaped slots),
+    or None where the staged / plain kernel runs."""
+    if lite == 0 or name == "broadcast_over_w_prelu":  # a slot broadcast over W
+        return None
+    if name == "side_input_hardswish_mul" and out_layout == "cl":  # an NCDHW side input: not
+        return None                                                # laid out like the output
+    if src_layout == out_layout:
+        return "lite" if (C if src_layout == "cl" else S) % 8 == 0 else None
+    if (src_layout, out_layout) != ("cl", "ncdhw") or C % 8 != 0:
+        return None
+    return "lite_transpose"
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize("lite", [1, 0, 2, 3], ids=["lite", "nolite", "lite_scalar", "lite_vec"])
 @pytest.mark.parametrize("case", range(len(CASES)), ids=lambda i: f"case{i}")
 @pytest.mark.parametrize("prog_id", range(7), ids=lambda i: PROGRAM_NAMES[i])
 @pytest.mark.parametrize("dtype,src_layout,out_layout", [
@@ -81,7 +98,9 @@ def _conv(x, w, st, pa, op, layout):
 ], ids=["f32-ncdhw-ncdhw", "f32-cl-ncdhw", "f32-cl-cl", "f32-ncdhw-cl", "bf16-cl-ncdhw",
         "bf16-ncdhw-ncdhw", "f16-cl-ncdhw"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_pass_matches_float64(case, prog_id, dtype, src_layout, out_layout, bias, ext):
+def test_pass_matches_float64(case, prog_id, dtype, src_layout, out_layout, bias, lite, ext,
+                              monkeypatch):
+    monkeypatch.setattr(cu, "PASS_LITE", lite)
     xs, cout, k, st, pa, op = CASES[case]
     k3 = (k,) * 3 if isinstance(k, int) else k
     seed = case * 100 + prog_id
@@ -101,6 +120,14 @@ def test_pass_matches_float64(case, prog_id, dtype, src_layout, out_layout, bias
     out = torch.empty_strided(plan.shape, plan.stride, dtype=plan.dtype, device="cuda")
     out.fill_(float("nan"))
     cu._run_pass(ext, plan, y, b, extras, out)
+    out_layout_got = "cl" if out.stride(1) == 1 and cout > 1 else "ncdhw"
+    want_kernel = _lite_expected(name, src_layout, out_layout_got, cout,
+                                 conv_shape[2] * conv_shape[3] * conv_shape[4],
+                                 out.element_size(), lite)
+    if want_kernel is None:
+        assert cu.LAST_PASS_KERNEL in ("staged", "plain"), cu.LAST_PASS_KERNEL
+    else:
+        assert cu.LAST_PASS_KERNEL == want_kernel, (name, cu.LAST_PASS_KERNEL, want_kernel)
     y64 = y.double() + (0 if b is None else b.double().view(1, -1, 1, 1, 1))
     want = ops._run_program(y64, program, scalars, [t.double() for t in extras])
     assert not torch.isnan(out).any(), f"{name}: an output element was not written"
@@ -111,9 +138,11 @@ def test_pass_matches_float64(case, prog_id, dtype, src_layout, out_layout, bias
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("lite", [1, 0], ids=["lite", "nolite"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pass_in_place(dtype, ext):
+def test_pass_in_place(dtype, lite, ext, monkeypatch):
     """Source and output the same tensor (the "cudnn_pass" candidate's case)."""
+    monkeypatch.setattr(cu, "PASS_LITE", lite)
     x = randn(2, 8, 5, 6, 7, seed=3).to(dtype).cuda()
     w = (randn(8, 24, 3, 3, 3, seed=4) * 0.1).to(dtype).cuda()
     b = randn(24, seed=5).to(dtype).cuda()
@@ -125,6 +154,7 @@ def test_pass_in_place(dtype, ext):
                             [-0.5, 2.0], [])
     out = cu._run_pass(ext, plan, y, b, [], y)
     assert out.data_ptr() == y.data_ptr()
+    assert cu.LAST_PASS_KERNEL == ("lite" if lite else "staged"), cu.LAST_PASS_KERNEL
     err = ((out.double() - want).norm() / want.norm()).item()
     assert err < (1e-6 if dtype == torch.float32 else 8e-3), err
 
@@ -149,6 +179,34 @@ def test_pass_bf16_conv_float32_output(src_layout, ext):
                             [side.double()])
     err = ((out.double() - want).norm() / want.norm()).item()
     assert err < 1e-6, err
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lite", [2, 3], ids=["scalar_stores", "vector_stores"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("src_layout", ["cl", "ncdhw"])
+def test_pass_lite_batch_one_per_channel(dtype, src_layout, lite, ext, monkeypatch):
+    """N == 1 with a (C, 1, 1, 1) scale: the binding zeroes the strides of size-1 output
+    dimensions, so the slot is per-channel and the vector kernels take the program; several
+    32-channel blocks and 128-position tiles, the last of each partial; the transpose forced to
+    scalar or 16-byte output stores."""
+    monkeypatch.setattr(cu, "PASS_LITE", lite)
+    x = randn(1, 16, 5, 9, 12, seed=61).to(dtype).cuda()
+    w = (randn(16, 72, 3, 3, 3, seed=62) / (16 * 27) ** 0.5).to(dtype).cuda()
+    b = randn(72, seed=63).to(dtype).cuda()
+    scale = randn(72, 1, 1, 1, seed=64).to(dtype).cuda()
+    program = _row(O.LOAD_TENSOR, 0) + _row(O.MUL, 0, 1) + _row(O.GELU, 2, 0)
+    args = (x, w, b, [2] * 3, [1] * 3, [1] * 3, [1] * 3, 1, program, [], [scale])
+    plan = cu._get_plan(*args)
+    y = _conv(x, w, [2] * 3, [1] * 3, [1] * 3, src_layout)
+    out = torch.full(plan.shape, float("nan"), device="cuda", dtype=plan.dtype)
+    cu._run_pass(ext, plan, y, b, [scale], out)
+    assert cu.LAST_PASS_KERNEL == ("lite_transpose" if src_layout == "cl" else "lite")
+    want = ops._run_program(y.double() + b.double().view(1, -1, 1, 1, 1), program, [],
+                            [scale.double()])
+    err = ((out.double() - want).norm() / want.norm()).item()
+    assert not torch.isnan(out).any()
+    assert err < (1e-6 if dtype == torch.float32 else 8e-3), err
 
 
 @pytest.mark.cuda

@@ -1,4 +1,5 @@
-// CPU emulation of the kernels in csrc/ct3d_conv.cuh: one std::thread per CUDA thread of a CTA,
+// CPU emulation of the kernels in csrc/ct3d_conv.cuh (and the epilogue pass's vector kernels,
+// csrc/ct3d_pass_lite.cuh): one std::thread per CUDA thread of a CTA,
 // __syncthreads as a std::barrier, __shared__ arrays as function statics (one CTA runs at a
 // time), dynamic shared memory as one static buffer. Included before the kernel header (which
 // scripts/emulate/emulate.py preprocesses: the host launch code cut, the extern shared array
@@ -37,8 +38,10 @@ struct EmuDim {
   unsigned x = 0, y = 0, z = 0;
 };
 inline thread_local EmuDim emu_tid, emu_bid;
+inline EmuDim emu_grid_dim;  // the harness sets it where a kernel reads gridDim
 #define threadIdx emu_tid
 #define blockIdx emu_bid
+#define gridDim emu_grid_dim
 
 inline std::barrier<>* emu_bar = nullptr;
 inline void __syncthreads() { emu_bar->arrive_and_wait(); }
