@@ -7,65 +7,12 @@
 #include <cstdlib>
 
 #include "emu_shim.h"
+#include "emu_io.h"
 #include "conv_emu.cuh"
 
 using namespace ct3d;
 
 namespace {
-
-std::vector<char> slurp(const char* path) {
-  FILE* f = std::fopen(path, "rb");
-  if (!f) std::abort();
-  std::fseek(f, 0, SEEK_END);
-  const long n = std::ftell(f);
-  std::fseek(f, 0, SEEK_SET);
-  std::vector<char> b(n);
-  if (std::fread(b.data(), 1, n, f) != static_cast<size_t>(n)) std::abort();
-  std::fclose(f);
-  return b;
-}
-
-// Reads the case file in order; arrays are copied to heap buffers of exactly their size, so
-// AddressSanitizer sees every out-of-bounds global read or write.
-struct Reader {
-  const char* p;
-  template <class T>
-  T get() {
-    T v;
-    std::memcpy(&v, p, sizeof(T));
-    p += sizeof(T);
-    return v;
-  }
-  template <class T>
-  T* arr(int64_t n) {
-    T* r = static_cast<T*>(std::malloc(n > 0 ? n * sizeof(T) : 1));
-    std::memcpy(r, p, n * sizeof(T));
-    p += n * sizeof(T);
-    return r;
-  }
-};
-
-// One CTA at a time, kThreads host threads each.
-template <class F>
-void run_grid(int64_t gx, int64_t gy, F kernel) {
-  std::barrier<> bar(kThreads);
-  emu_bar = &bar;
-  for (int64_t by = 0; by < gy; ++by) {
-    for (int64_t bx = 0; bx < gx; ++bx) {
-      std::memset(emu_smem, 0xff, sizeof(emu_smem));  // NaN-poisoned shared memory
-      std::vector<std::thread> ts;
-      for (int t = 0; t < kThreads; ++t) {
-        ts.emplace_back([&, t] {
-          emu_tid.x = t;
-          emu_bid.x = static_cast<unsigned>(bx);
-          emu_bid.y = static_cast<unsigned>(by);
-          kernel();
-        });
-      }
-      for (auto& t : ts) t.join();
-    }
-  }
-}
 
 template <int BM, int BN, int WM, int WN>
 void run_gemm(const ConvParams& p) {
@@ -74,7 +21,7 @@ void run_gemm(const ConvParams& p) {
   const int64_t m_max = static_cast<int64_t>(p.N) * td * th * tw;
   const int64_t gx = (m_max + BM - 1) / BM * p.st[0] * p.st[1] * p.st[2];
   const int64_t gy = static_cast<int64_t>(p.groups) * ((p.cout_g + BN - 1) / BN);
-  run_grid(gx, gy, [&] { conv_transpose3d_fused_kernel<kF32, kModeFfma, BM, BN, WM, WN>(p); });
+  run_grid<kThreads>(gx, gy, [&] { conv_transpose3d_fused_kernel<kF32, kModeFfma, BM, BN, WM, WN>(p); });
 }
 
 template <int CO>
@@ -87,9 +34,9 @@ void run_direct(const ConvParams& p, int in_dt) {
   const int64_t gx = (m_max + per - 1) / per * p.st[0] * p.st[1];
   const int64_t gy = static_cast<int64_t>(p.groups) * ((p.cout_g + CO - 1) / CO);
   if (in_dt == kF32) {
-    run_grid(gx, gy, [&] { conv_transpose3d_direct_kernel<kF32, CO>(p); });
+    run_grid<kThreads>(gx, gy, [&] { conv_transpose3d_direct_kernel<kF32, CO>(p); });
   } else {
-    run_grid(gx, gy, [&] { conv_transpose3d_direct_kernel<kBF16, CO>(p); });
+    run_grid<kThreads>(gx, gy, [&] { conv_transpose3d_direct_kernel<kBF16, CO>(p); });
   }
 }
 
@@ -146,19 +93,7 @@ int main(int argc, char** argv) {
     const int64_t n = r.get<int64_t>();
     sl.ptr = sl.dtype == kF64 ? static_cast<void*>(r.arr<double>(n)) : r.arr<float>(n);
   }
-  p.epi.n_instr = r.get<int32_t>();
-  p.epi.n_regs = r.get<int32_t>();
-  p.epi.out_reg = r.get<int32_t>();
-  for (int i = 0; i < p.epi.n_instr; ++i) {
-    Instr& I = p.epi.ins[i];
-    I.op = r.get<int32_t>();
-    I.a = r.get<int32_t>();
-    I.b = r.get<int32_t>();
-    I.c = r.get<int32_t>();
-    I.d = r.get<int32_t>();
-    I.f0 = r.get<float>();
-    I.f1 = r.get<float>();
-  }
+  read_program(r, p.epi);
   const int co = r.get<int32_t>();
   if (co == 8) {
     run_direct<8>(p, in_dt);

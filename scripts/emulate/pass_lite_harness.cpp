@@ -8,68 +8,14 @@
 #include <cstdlib>
 
 #include "emu_shim.h"
+#include "emu_io.h"
 #include "ct3d_pass_lite.cuh"
 
 using namespace ct3d;
 
 namespace {
 
-std::vector<char> slurp(const char* path) {
-  FILE* f = std::fopen(path, "rb");
-  if (!f) std::abort();
-  std::fseek(f, 0, SEEK_END);
-  const long n = std::ftell(f);
-  std::fseek(f, 0, SEEK_SET);
-  std::vector<char> b(n);
-  if (std::fread(b.data(), 1, n, f) != static_cast<size_t>(n)) std::abort();
-  std::fclose(f);
-  return b;
-}
-
-// Arrays are copied to heap buffers of exactly their size (16-byte aligned: aligned_alloc), so
-// AddressSanitizer sees every out-of-bounds read or write.
-struct Reader {
-  const char* p;
-  template <class T>
-  T get() {
-    T v;
-    std::memcpy(&v, p, sizeof(T));
-    p += sizeof(T);
-    return v;
-  }
-  void* bytes(int64_t n) {
-    void* r = std::aligned_alloc(16, n > 0 ? (n + 15) / 16 * 16 : 16);
-    std::memcpy(r, p, n);
-    p += n;
-    return r;
-  }
-};
-
 int esize(int dt) { return dt == kF32 ? 4 : dt == kF64 ? 8 : 2; }
-
-template <class F>
-void run_grid(int64_t gx, int64_t gy, F kernel) {
-  std::barrier<> bar(kLiteThreads);
-  emu_bar = &bar;
-  emu_grid_dim.x = static_cast<unsigned>(gx);
-  emu_grid_dim.y = static_cast<unsigned>(gy);
-  emu_grid_dim.z = 1;
-  for (int64_t by = 0; by < gy; ++by) {
-    for (int64_t bx = 0; bx < gx; ++bx) {
-      std::memset(emu_smem, 0xff, sizeof(emu_smem));  // NaN-poisoned shared memory
-      std::vector<std::thread> ts;
-      for (int t = 0; t < kLiteThreads; ++t) {
-        ts.emplace_back([&, t] {
-          emu_tid.x = t;
-          emu_bid.x = static_cast<unsigned>(bx);
-          emu_bid.y = static_cast<unsigned>(by);
-          kernel();
-        });
-      }
-      for (auto& t : ts) t.join();
-    }
-  }
-}
 
 template <typename TS, typename TO>
 void run(const EpiPassParams& p) {
@@ -77,17 +23,17 @@ void run(const EpiPassParams& p) {
     const int64_t tiles = static_cast<int64_t>(p.N) * ((p.S + kLiteTS - 1) / kLiteTS);
     const int64_t gy = (p.C + kLiteTC - 1) / kLiteTC;
     if (p.lite == kLiteTranspose) {
-      run_grid(tiles, gy, [&] { epilogue_pass_lite_t_kernel<TS, TO, true>(p); });
+      run_grid<kLiteThreads>(tiles, gy, [&] { epilogue_pass_lite_t_kernel<TS, TO, true>(p); });
     } else {
-      run_grid(tiles, gy, [&] { epilogue_pass_lite_t_kernel<TS, TO, false>(p); });
+      run_grid<kLiteThreads>(tiles, gy, [&] { epilogue_pass_lite_t_kernel<TS, TO, false>(p); });
     }
   } else {
     const int64_t per_sample = static_cast<int64_t>(p.C) * p.S / kLiteE;
     const int64_t gx = (per_sample + kLiteThreads - 1) / kLiteThreads;
     if (p.src_cfast) {
-      run_grid(gx, p.N, [&] { epilogue_pass_lite_kernel<TS, TO, true>(p); });
+      run_grid<kLiteThreads>(gx, p.N, [&] { epilogue_pass_lite_kernel<TS, TO, true>(p); });
     } else {
-      run_grid(gx, p.N, [&] { epilogue_pass_lite_kernel<TS, TO, false>(p); });
+      run_grid<kLiteThreads>(gx, p.N, [&] { epilogue_pass_lite_kernel<TS, TO, false>(p); });
     }
   }
 }
@@ -137,19 +83,7 @@ int main(int argc, char** argv) {
     const int64_t n = r.get<int64_t>();
     sl.ptr = r.bytes(n * esize(sl.dtype));
   }
-  p.epi.n_instr = r.get<int32_t>();
-  p.epi.n_regs = r.get<int32_t>();
-  p.epi.out_reg = r.get<int32_t>();
-  for (int i = 0; i < p.epi.n_instr; ++i) {
-    Instr& I = p.epi.ins[i];
-    I.op = r.get<int32_t>();
-    I.a = r.get<int32_t>();
-    I.b = r.get<int32_t>();
-    I.c = r.get<int32_t>();
-    I.d = r.get<int32_t>();
-    I.f0 = r.get<float>();
-    I.f1 = r.get<float>();
-  }
+  read_program(r, p.epi);
   if (!lite_program_ok(p.epi)) return 3;
   const int s = p.src_dtype, o = p.out_dtype;
   if (s == kF32 && o == kF32) run<float, float>(p);
