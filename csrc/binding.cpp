@@ -632,15 +632,14 @@ int64_t epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bi
   // channels_last_3d -> NCDHW also with scalar stores where only the source allows vectors
   {
     constexpr int64_t E = ct3d::kLiteE;
-    const bool al = reinterpret_cast<uintptr_t>(p.src) % 16 == 0 &&
-                    reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
+    const bool src_al = reinterpret_cast<uintptr_t>(p.src) % 16 == 0;
+    const bool al = src_al && reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
     const bool src_cl = p.src_cfast && p.C % E == 0 && p.ss_n % E == 0 && p.ss_s % E == 0;
     const bool src_nc = !p.src_cfast && p.ss_s == 1 && p.S % E == 0 && p.ss_n % E == 0 &&
                         p.ss_c % E == 0;
     const bool out_cl = p.out_cfast && p.C % E == 0 && p.os_n % E == 0 && p.os_s % E == 0;
     const bool out_nc = !p.out_cfast && p.os_s == 1 && p.S % E == 0 && p.os_n % E == 0 &&
                         p.os_c % E == 0;
-    const bool src_al = reinterpret_cast<uintptr_t>(p.src) % 16 == 0;
     const bool vec_t = al && src_cl && out_nc;  // the transpose with 16-byte output stores
     const bool scalar_t = src_al && src_cl && !p.out_cfast && p.os_s == 1;
     if (lite <= 0) {

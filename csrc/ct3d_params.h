@@ -222,18 +222,18 @@ struct PoolTailParams {
   int32_t max;               // 1: max_pool3d (NaN wins, as in PyTorch), 0: avg_pool3d
 };
 
-// The epilogue pass (csrc/kernels_epilogue_pass.cu): the program of `epi` (register 0 = src +
-// bias) over an (N, C, D, H, W) tensor `src` whose spatial dimensions collapse to one stride
-// (NCDHW contiguous or channels_last_3d), written to `out` (same shape, likewise collapsible);
-// S = D * H * W (< 2^31 - 128). *_cfast: the channel stride is 1 (channels_last_3d), so the
-// kernel reads or writes 32 consecutive channels per warp access instead of 32 consecutive
-// positions.
 // The epilogue pass's vector kernels (csrc/ct3d_pass_lite.cuh): elements per vector, and the
 // form the binding allows (EpiPassParams.lite).
 constexpr int kLiteE = 8;
 enum LiteMode : int32_t { kLiteOff = 0, kLiteSame = 1, kLiteTranspose = 2,
                           kLiteTransposeScalarOut = 3 };
 
+// The epilogue pass (csrc/kernels_epilogue_pass.cu): the program of `epi` (register 0 = src +
+// bias) over an (N, C, D, H, W) tensor `src` whose spatial dimensions collapse to one stride
+// (NCDHW contiguous or channels_last_3d), written to `out` (same shape, likewise collapsible);
+// S = D * H * W (< 2^31 - 128). *_cfast: the channel stride is 1 (channels_last_3d), so the
+// kernel reads or writes 32 consecutive channels per warp access instead of 32 consecutive
+// positions.
 struct EpiPassParams {
   const void* src;
   int64_t ss_n, ss_c, ss_s;  // element strides of src: sample, channel, spatial position

@@ -5,21 +5,21 @@
 // shared-memory tile interpreter (run_program, 128 registers, 16 warps per multiprocessor) and
 // spent 33 thread instructions per element on a bf16 copy and ~95 on l2_100's float32
 // channels_last_3d -> NCDHW clamp / div (Nsight Compute, docs/kernel.md): instruction-bound at
-// about half of HBM bandwidth. Here each thread loads 8 consecutive elements along the fast
-// dimension with 16-byte loads, runs the program on them in registers and stores them with
-// 16-byte stores, in two forms:
+// about half of HBM bandwidth. Here each thread loads 8 elements along the fast dimension
+// with 16-byte loads and runs the program on them in registers, in two forms:
 //   * same layout (source and output both NCDHW or both channels_last_3d; in place allowed):
-//     no shared memory, one 8-element vector per thread and step;
+//     no shared memory, one 8-element vector per thread and step, stored as 16-byte vectors;
 //   * channels_last_3d -> NCDHW: a tile of 32 channels x 128 positions is read as 8-channel
-//     vectors into shared memory (as float; 16 KB), then read back as 8-position runs of one
-//     channel. Shared-memory rows are 32 floats; the float4 chunk q of row s sits at chunk
-//     q ^ g(s), g(s) = (s & 3) | (bit 3 of s) << 2, so both the write (8 lanes: two rows x four
-//     8-channel vectors) and the read (a warp: 16 channels x two 8-position runs) touch 32
-//     distinct banks per phase.
+//     vectors into shared memory (as float; 16 KB), then read back per channel: as 8-position
+//     runs stored as 16-byte vectors (VEC_OUT), or as 16 lanes x 8 elements 16 positions apart
+//     stored one element per lane. Shared-memory rows are 32 floats; the float4 chunk q of row
+//     s sits at chunk q ^ g(s), g(s) = (s & 3) | (bit 3 of s) << 2, so the write (8 lanes: two
+//     rows x four 8-channel vectors) and the VEC_OUT read (a warp: 16 channels x two 8-position
+//     runs) touch 32 distinct banks per phase (the scalar-store read: 2-way conflicts).
 // What the program may hold (lite_program_ok, host side): at most two registers, elementwise
 // opcodes only, and slots that are per-channel or laid out like the output (like_y). Anything
-// else, and tensors whose fast extent, strides or pointers do not allow 16-byte vectors of 8
-// elements, take the staged or plain kernel (the binding decides: EpiPassParams.lite).
+// else, and tensors whose fast extent, strides or pointers do not allow these vectors, take
+// the staged or plain kernel (the binding decides: EpiPassParams.lite).
 #pragma once
 
 #include <cuda_bf16.h>

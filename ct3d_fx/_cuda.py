@@ -832,11 +832,10 @@ EPILOGUE_PASS = os.environ.get("CT3D_FX_EPILOGUE_PASS", "1") != "0"
 # The pass's vector kernels (csrc/ct3d_pass_lite.cuh: 8 elements per thread step, 16-byte
 # loads, the program in registers), where the tensors and the program allow them (the
 # channels_last_3d -> NCDHW form stores float32 outputs one element per lane, half outputs in
-# 16-byte vectors where it can: the faster of the two on the H200); off with
-# CT3D_FX_PASS_LITE=0 or
-# ``_cuda.PASS_LITE = False`` (the staged / plain kernels then run). 2 / 3 (measurements,
-# scripts/pass_time.py): every channels_last_3d -> NCDHW pass on them, with scalar / 16-byte
-# output stores.
+# 16-byte vectors where it can: the faster of the two on the H200). Off with
+# CT3D_FX_PASS_LITE=0 or ``_cuda.PASS_LITE = 0`` (the staged / plain kernels then run); 2 / 3
+# (measurements, scripts/pass_time.py) put every channels_last_3d -> NCDHW pass on them with
+# scalar / 16-byte output stores.
 PASS_LITE = {"0": 0, "2": 2, "3": 3}.get(os.environ.get("CT3D_FX_PASS_LITE", "1"), 1)
 # The kernel the last epilogue pass ran: "plain", "staged", "lite" (same layout),
 # "lite_transpose" (channels_last_3d -> NCDHW), or None for an empty output.
