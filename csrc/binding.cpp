@@ -144,8 +144,9 @@ void fill_epilogue(ct3d::Epilogue& E, const at::Device& dev, const int64_t* ys,
 // y's shape; prog_i: CPU int32 (n_instr, 5) = op, a, b, c, d; prog_f: CPU float32 (n_instr, 2);
 // regs: (registers the program uses, register of the result); conv: stride(3), padding(3),
 // dilation(3), groups; mode: 0 exact FP32, 1 tensor cores; algo: 0 the kernel launch_conv picks,
-// 1 the implicit GEMM, 2 the direct kernel (where it applies). Returns the kernel that ran (0
-// implicit GEMM, 1 direct), -1 when the output is empty.
+// 1 the implicit GEMM, 2 the direct kernel (where it applies), 3 its staged-input form (where
+// it applies, else as 2), 4 as 0 but the choice may take the staged form (ct3d::Algo). Returns
+// the kernel that ran (0 implicit GEMM, 1 direct, 2 direct staged), -1 when the output is empty.
 ct3d::ConvParams prepare(const at::Tensor& x, const at::Tensor& w,
                          const c10::optional<at::Tensor>& bias, at::Tensor& y,
                          const std::vector<at::Tensor>& slots, const at::Tensor& slot_strides,
@@ -169,8 +170,9 @@ ct3d::ConvParams prepare(const at::Tensor& x, const at::Tensor& w,
   TORCH_CHECK(y_dt != ct3d::kF64, "ct3d: the fused kernel does not write float64 output");
   TORCH_CHECK(mode == ct3d::kModeFfma || mode == ct3d::kModeTensorCore,
               "ct3d: mode must be 0 (exact FP32) or 1 (tensor cores), got ", mode);
-  TORCH_CHECK(algo == ct3d::kAlgoAuto || algo == ct3d::kAlgoGemm || algo == ct3d::kAlgoDirect,
-              "ct3d: algo must be 0 (auto), 1 (implicit GEMM) or 2 (direct), got ", algo);
+  TORCH_CHECK(algo >= ct3d::kAlgoAuto && algo <= ct3d::kAlgoAutoStaged,
+              "ct3d: algo must be 0 (auto), 1 (implicit GEMM), 2 (direct), 3 (direct staged) or "
+              "4 (auto, staged allowed), got ", algo);
   TORCH_CHECK(mode == ct3d::kModeTensorCore || in_dt == ct3d::kF32,
               "ct3d: mode 0 (exact FP32) needs float32 input, got ", x.scalar_type());
 
@@ -274,8 +276,10 @@ int64_t launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at:
 // bm = its output voxels per tile, splits = split-K factor (1: none; row tiles only).
 // Allocates the padded channels-last input copy (N, Dp, Hp, Wp, Cp) on the current stream, and
 // for splits > 1 the FP32 partial tiles and the zeroed per-tile counters. Returns 3 when the
-// sm_90a wgmma kernel ran (configurations 19-22 on compute capability 9.0), 2 otherwise, -1
-// for an empty output.
+// sm_90a wgmma kernel ran (configurations 19-24 on compute capability 9.0), 5 when its
+// bulk-copy form ran (27, 28: wpk blocked, _cuda.py _packed_weight_wgmma_bulk), 4 when a bulk
+// configuration could not run here (nothing launched; the caller repacks the weight and runs
+// another configuration), 2 for the mma.sync kernels, -1 for an empty output.
 int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
                      const c10::optional<at::Tensor>& bias, at::Tensor& y,
                      const std::vector<at::Tensor>& slots, const at::Tensor& slot_strides,
@@ -360,7 +364,7 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
   }
   TORCH_CHECK(err == cudaSuccess, "ct3d: fused conv_transpose3d (implicit GEMM) launch failed: ",
               cudaGetErrorString(err));
-  return wgmma ? 3 : 2;
+  return wgmma == 2 ? 5 : wgmma == 1 ? 3 : wgmma < 0 ? 4 : 2;
 }
 
 // x: contiguous (N, C, *spatial) float32/float16/bfloat16 with N * C > 0; out: contiguous, x's

@@ -29,7 +29,8 @@
 // output's contiguous dimension.
 //
 // Shapes with few input channels per group run conv_transpose3d_direct_kernel instead (below):
-// FP32 FFMA without the 16-channel K steps, the same epilogue and store.
+// FP32 FFMA without the 16-channel K steps, the same epilogue and store; its staged-input form
+// (conv_transpose3d_direct_staged_kernel) copies each tile's input rows to shared memory first.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -796,6 +797,20 @@ __global__ void __launch_bounds__(kThreads, (BM == 64 && MODE == kModeTensorCore
 //   * the tile (rows in W order) goes through the same shared-memory epilogue and store as the
 //     GEMM kernel, so a warp's store covers 32 consecutive output voxels of one channel in
 //     NCDHW instead of every other one.
+//
+// Staged form (conv_transpose3d_direct_staged_kernel, C_in/groups <= 16). The plain kernel
+// reads each tap's input element by element from global memory, each load with its own
+// address, mask and channel step (~11 instructions per 4-byte load on l1_72, the largest share
+// of its instructions), and each input element is read by every tap that covers it (~13 on
+// l1_72). The staged form first copies the tile's input rows into shared memory, all 128
+// threads with coalesced loads: one slot per (output row of the tile, d tap, h tap) holding
+// the input row's positions lo .. lo + wp - 1 along W (every position a W tap of the row's
+// outputs reads; zeros outside the input), a position's C_in/groups channels together as NV =
+// 1, 2 or 4 float4s (zeros past C_in/groups; converted to float for half inputs). The tap loop
+// then reads a voxel's channels as float4s, with no address, mask or channel walk. Products
+// and their order are those of the plain kernel, so both give the same bits. The staged rows
+// live in the epilogue registers' shared memory (dead while the taps run): one barrier more per
+// tile before the accumulators go there.
 template <int CO>
 struct Direct {
   static_assert(CO % 4 == 0, "weights are read as float4");
@@ -815,7 +830,81 @@ struct Direct {
   static __host__ __device__ int smem_bytes(int n_regs, int w_floats) {
     return weight_offset(n_regs) + w_floats * static_cast<int>(sizeof(float));
   }
+  // The staged form: row info, the phase's weights, then the epilogue registers or (while the
+  // taps run) the staged rows and their slot table, whichever is larger.
+  static __host__ __device__ int64_t staged_smem_bytes(int n_regs, int64_t w_floats,
+                                                       int64_t stage_bytes) {
+    const int64_t regs = static_cast<int64_t>(n_regs) * kTileBytes;
+    return kInfoBytes + w_floats * static_cast<int64_t>(sizeof(float)) +
+           (regs > stage_bytes ? regs : stage_bytes);
+  }
 };
+
+// ---- the staged form's geometry (host and device compute it alike) ----
+
+// Float4s per staged position: C_in/groups channels as 4, 8 or 16 floats; 0 above 16 (the
+// staged form does not apply).
+__host__ __device__ __forceinline__ int stage_nv(int cin_g) {
+  return cin_g <= 4 ? 1 : cin_g <= 8 ? 2 : cin_g <= 16 ? 4 : 0;
+}
+
+// Output rows a tile of kThreads consecutive W groups can touch with G >= 1 groups per row:
+// 1 + floor((o + kThreads - 1) / G) for a first group at o = G - 1 of its row.
+__host__ __device__ __forceinline__ int stage_rows(int G) { return (G + kThreads - 2) / G + 1; }
+
+// Input positions along W a slot holds: every index tw + off0 - jw * doff that a W tap of a
+// voxel of the row reads, voxel j of W group tg (0 <= tg < G) having phase index tw = (RW tg +
+// j) >> (sW - 1) in W phase pdw[j]. W phases without taps read nothing; wp = 0 when none has.
+struct StageWindow {
+  int lo, wp;  // positions lo .. lo + wp - 1
+};
+
+template <int RW>
+__host__ __device__ __forceinline__ StageWindow stage_window(const PhaseDim (&pdw)[RW], int sw,
+                                                             int G) {
+  int lo = INT_MAX, hi = INT_MIN;
+  for (int j = 0; j < RW; ++j) {
+    if (pdw[j].nT == 0) continue;
+    const int first = pdw[j].off0 - (pdw[j].nT - 1) * pdw[j].doff;      // tw = 0, last tap
+    const int last = ((RW * (G - 1) + j) >> (sw - 1)) + pdw[j].off0;    // largest tw, tap 0
+    lo = first < lo ? first : lo;
+    hi = last > hi ? last : hi;
+  }
+  return lo > hi ? StageWindow{0, 0} : StageWindow{lo, hi - lo + 1};
+}
+
+// Float4 v of staged position i lies at i * NV + (v ^ stage_swizzle<NV>(i)). An LDS.128 is
+// served per quarter warp: 8 lanes, 128 bytes, the 8 16-byte bank groups. The tap loop's lanes
+// read float4 v of consecutive positions (W stride 2; every other position with W stride 1):
+// unswizzled, positions i and i + 4 would share a bank group with NV = 2 (2-way conflict) and
+// i, i + 2, i + 4, i + 6 with NV = 4 (4-way); XOR-ing v with the bits of i above the 8 / NV
+// positions of one 128-byte line spreads 8 consecutive positions over all 8 groups.
+template <int NV>
+__host__ __device__ __forceinline__ int stage_swizzle(int i) {
+  static_assert(NV == 1 || NV == 2 || NV == 4, "4, 8 or 16 floats per position");
+  constexpr int kShift = NV == 4 ? 1 : 2;  // log2(8 / NV)
+  return NV == 1 ? 0 : (i >> kShift) & (NV - 1);
+}
+
+// Where a CTA's staged rows lie, in the epilogue registers' shared memory (sR, 16-byte
+// aligned): slot s = (r * taps_d + jd) * taps_h + jh (output row r of the tile, taps jd, jh of
+// the phase) is wp * NV float4s from float4 s * wp * NV on; the slot table, an int per slot
+// from float off_at on, holds the input offset of the slot's row at channel cig0 and W
+// position 0, or -1 where the row lies outside the input. Thread 0 fills it once per CTA, in
+// shared memory: held in registers through the tile loop, these fields raised the kernel's
+// register peak (in the epilogue program) past 128.
+struct StagedRows {
+  StageWindow win;
+  int off_at;
+  FastDiv div_wp;  // by the positions per slot
+};
+
+// The CTA's StagedRows (a function so that only the staged form allocates it).
+template <int NV>
+__device__ __forceinline__ StagedRows& staged_rows() {
+  __shared__ StagedRows s;
+  return s;
+}
 
 template <int IN_DT, typename G>
 __device__ __forceinline__ float to_float(G v) {
@@ -828,6 +917,85 @@ __device__ __forceinline__ float to_float(G v) {
   }
 }
 
+// Staged form, once per tile, by all threads of the CTA: the slot table of the tile's rows, a
+// barrier, the copy, a barrier. The tile's W groups gt .. gt + 127 (those below M) start at
+// group tg0 of their first output row. The copy walks (slot, float4 q, position) with the
+// position fastest: consecutive lanes load consecutive W positions of each of the float4's 4
+// channels (coalesced for NCDHW inputs; a channels-last input gives each lane one 16-byte run
+// instead) and store float4s of consecutive positions, which the swizzle keeps free of bank
+// conflicts. The caller has synchronized since the last tap read of the staged rows.
+template <int IN_DT, int NV, typename GType>
+__device__ __forceinline__ void stage_tile_rows(const ConvParams& p, float* sR,
+                                                const GType* __restrict__ X, int64_t gt,
+                                                int tg0, int64_t M, const FastDiv& div_g,
+                                                const FastDiv& div_th, const FastDiv& div_td,
+                                                int G, int Th, int Td, const PhaseDim& pdd,
+                                                const PhaseDim& pdh, int cig0, int tid) {
+  const StagedRows& sx = staged_rows<NV>();
+  float4* const x = reinterpret_cast<float4*>(sR);
+  int* const off = reinterpret_cast<int*>(sR + sx.off_at);
+  const int n_dh = pdd.nT * pdh.nT;
+  const int64_t last = gt + kThreads - 1 < M ? gt + kThreads - 1 : M - 1;
+  const int n_slots = (div_g.div(tg0 + static_cast<int>(last - gt)) + 1) * n_dh;
+  const int xs1 = static_cast<int>(p.xs[1]), xs4 = static_cast<int>(p.xs[4]);
+  for (int s = tid; s < n_slots; s += kThreads) {
+    const int r = s / n_dh, jdh = s - r * n_dh;
+    const int jd = jdh / pdh.nT, jh = jdh - jd * pdh.nT;
+    int n, td, th, tg;  // the row's first W group is below M: the tile's last one is
+    split_index(gt - tg0 + static_cast<int64_t>(r) * G, M, div_g, div_th, div_td, G, Th, Td, n,
+                td, th, tg);
+    const int id = td + pdd.off0 - jd * pdd.doff, ih = th + pdh.off0 - jh * pdh.doff;
+    const bool ok = static_cast<unsigned>(id) < static_cast<unsigned>(p.Di) &&
+                    static_cast<unsigned>(ih) < static_cast<unsigned>(p.Hi);
+    off[s] = ok ? n * static_cast<int>(p.xs[0]) + cig0 * xs1 + id * static_cast<int>(p.xs[2]) +
+                      ih * static_cast<int>(p.xs[3])
+                : -1;
+  }
+  __syncthreads();
+  const int wp = sx.win.wp, cin = p.cin_g;
+  const int units = n_slots * NV * wp;
+  for (int u = tid; u < units; u += kThreads) {
+    const int sq = sx.div_wp.div(u);  // slot * NV + q
+    const int i = u - sq * wp;        // position in the slot
+    const int s = sq / NV, q = sq - s * NV;  // slot, float4 (channels 4q .. 4q + 3)
+    const int base = off[s];
+    const int iw = sx.win.lo + i;
+    const int kv = base >= 0 && static_cast<unsigned>(iw) < static_cast<unsigned>(p.Wi)
+                       ? cin - 4 * q
+                       : 0;  // of them in the input
+    const GType* src = X + (kv > 0 ? base + 4 * q * xs1 + iw * xs4 : 0);
+    float4 v;
+    v.x = kv > 0 ? to_float<IN_DT>(src[0]) : 0.0f;
+    v.y = kv > 1 ? to_float<IN_DT>(src[xs1]) : 0.0f;
+    v.z = kv > 2 ? to_float<IN_DT>(src[2 * xs1]) : 0.0f;
+    v.w = kv > 3 ? to_float<IN_DT>(src[3 * xs1]) : 0.0f;
+    x[(s * wp + i) * NV + (q ^ stage_swizzle<NV>(i))] = v;
+  }
+  __syncthreads();
+}
+
+// part[co] += xv[cc] * w[c0 + cc][co] over the channels c0 + cc < cin of a block of N, wk the
+// tap's staged weights (CO floats per channel, broadcast float4 reads). The same products in
+// the same order for both forms of the kernel.
+template <int CO, int N>
+__device__ __forceinline__ void fma_channels(float (&part)[CO], const float (&xv)[N],
+                                             const float* wk, int c0, int cin) {
+#pragma unroll
+  for (int cc = 0; cc < N; ++cc) {
+    if (c0 + cc < cin) {  // uniform
+      const float4* w4 = reinterpret_cast<const float4*>(wk + (c0 + cc) * CO);
+#pragma unroll
+      for (int v = 0; v < CO / 4; ++v) {
+        const float4 f = w4[v];
+        part[4 * v] = fmaf(xv[cc], f.x, part[4 * v]);
+        part[4 * v + 1] = fmaf(xv[cc], f.y, part[4 * v + 1]);
+        part[4 * v + 2] = fmaf(xv[cc], f.z, part[4 * v + 2]);
+        part[4 * v + 3] = fmaf(xv[cc], f.w, part[4 * v + 3]);
+      }
+    }
+  }
+}
+
 // 4 CTAs (16 warps) per multiprocessor: at most 128 registers, which sm_90 meets without
 // spills; sm_80's code for half inputs needs a few more, so 3 there.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -836,12 +1004,14 @@ __device__ __forceinline__ float to_float(G v) {
 #define CT3D_DIRECT_MIN_CTAS 4
 #endif
 
-template <int IN_DT, int CO>
-__global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
-    conv_transpose3d_direct_kernel(const __grid_constant__ ConvParams p) {
+// The body of both forms: NV = 0 the plain kernel, NV = 1, 2, 4 the staged form with NV
+// float4s per position.
+template <int IN_DT, int CO, int NV>
+__device__ __forceinline__ void direct_conv(const ConvParams& p) {
   using Cfg = Direct<CO>;
   using GType = typename std::conditional<IN_DT != kF32, uint16_t, float>::type;
   constexpr int RW = Cfg::RW, CIB = Cfg::CIB, BM = Cfg::BM, LDC = Cfg::LDC;
+  constexpr bool kStaged = NV > 0;
   static_assert(RW == 2, "the tile write below stores float2 pairs");
 
   // ---- (d, h) phase, first W group of the CTA ----
@@ -864,14 +1034,18 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
   const int cin = p.cin_g;
   const int tid = threadIdx.x;
 
+  // plain: [epilogue registers][row info][phase weights]; staged: [row info][phase weights]
+  // [epilogue registers, or the staged rows while the taps run] (sR is set below)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sR = reinterpret_cast<float*>(smem_raw);  // epilogue registers
-  int64_t* s_yoff = reinterpret_cast<int64_t*>(smem_raw + p.epi.n_regs * Cfg::kTileBytes);
+  int64_t* s_yoff = reinterpret_cast<int64_t*>(
+      smem_raw + (kStaged ? 0 : p.epi.n_regs * Cfg::kTileBytes));
   int* s_n = reinterpret_cast<int*>(s_yoff + BM);
   int* s_d = s_n + BM;
   int* s_h = s_d + BM;
   int* s_w = s_h + BM;
-  float* s_wt = reinterpret_cast<float*>(smem_raw + Cfg::weight_offset(p.epi.n_regs));
+  float* s_wt = reinterpret_cast<float*>(
+      smem_raw + (kStaged ? Cfg::kInfoBytes : Cfg::weight_offset(p.epi.n_regs)));
   // phases: d, h, then the W phase (j mod sw) of each voxel j of a thread's group
   __shared__ PhaseDim s_phase[2 + RW];
   __shared__ float s_col[kMaxSlots * CO];
@@ -889,8 +1063,17 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
   }
   load_channel_slots<CO>(p.epi, s_col, grp * p.cout_g + co0, p.cout_g - co0, tid, kThreads);
   __syncthreads();
-  const PhaseDim pdd = s_phase[0], pdh = s_phase[1];
+  const PhaseDim pdd0 = s_phase[0], pdh0 = s_phase[1];
   const int kW = p.kW;
+  if constexpr (kStaged) {
+    if (tid == 0) {  // published by the barrier after the weights
+      const PhaseDim pw[RW] = {s_phase[2], s_phase[3]};
+      StagedRows& sx = staged_rows<NV>();
+      sx.win = stage_window(pw, sw, G);
+      sx.off_at = 4 * stage_rows(G) * pdd0.nT * pdh0.nT * sx.win.wp * NV;
+      sx.div_wp = FastDiv(sx.win.wp > 0 ? sx.win.wp : 1);
+    }
+  }
   const GType* __restrict__ X = static_cast<const GType*>(p.x);
   const GType* __restrict__ Wt = static_cast<const GType*>(p.w);
 
@@ -899,11 +1082,11 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
     const int co = tid % CO;
     const bool co_ok = co0 + co < p.cout_g;
     float* dst = s_wt + tid;
-    for (int jd = 0; jd < pdd.nT; ++jd) {
-      for (int jh = 0; jh < pdh.nT; ++jh) {
+    for (int jd = 0; jd < pdd0.nT; ++jd) {
+      for (int jh = 0; jh < pdh0.nT; ++jh) {
         for (int kw = 0; kw < kW; ++kw) {
-          const GType* src = Wt + (static_cast<int64_t>(pdd.k0 + jd * pdd.kstep) * p.ws[2] +
-                                   static_cast<int64_t>(pdh.k0 + jh * pdh.kstep) * p.ws[3] +
+          const GType* src = Wt + (static_cast<int64_t>(pdd0.k0 + jd * pdd0.kstep) * p.ws[2] +
+                                   static_cast<int64_t>(pdh0.k0 + jh * pdh0.kstep) * p.ws[3] +
                                    static_cast<int64_t>(kw) * p.ws[4] +
                                    static_cast<int64_t>(cig0) * p.ws[0] +
                                    static_cast<int64_t>(co0 + co) * p.ws[1]);
@@ -918,9 +1101,9 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
   }
   __syncthreads();
 
-  PhaseDim pdw[RW];
+  PhaseDim pdw0[RW];
 #pragma unroll
-  for (int j = 0; j < RW; ++j) pdw[j] = s_phase[2 + j];
+  for (int j = 0; j < RW; ++j) pdw0[j] = s_phase[2 + j];
   const bool chan_fast = p.ys[1] == 1 && p.Cout > 1;
   // 32-bit input offsets (launch_conv checks that every offset the kernel forms fits)
   const int xs0 = static_cast<int>(p.xs[0]), xs1 = static_cast<int>(p.xs[1]);
@@ -928,9 +1111,17 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
   const int xs4 = static_cast<int>(p.xs[4]);
   const int cstep = cin * CO;  // weight floats per tap
   const FastDiv div_g(G), div_th(Th > 0 ? Th : 1), div_td(Td > 0 ? Td : 1);
+  // staged: after this phase's weights (the host sizes the largest phase's)
+  if constexpr (kStaged) sR = s_wt + pdd0.nT * pdh0.nT * kW * cstep;
   for (int t = 0; t < Cfg::kTiles; ++t) {
     const int64_t gt = g0 + static_cast<int64_t>(t) * kThreads;
     if (gt >= M) break;  // uniform
+    // the phases: the staged form reads them again from shared memory for each tile (held in
+    // registers through the tile loop, as by the plain form, they pushed it past 128 registers)
+    const PhaseDim pdd = kStaged ? s_phase[0] : pdd0, pdh = kStaged ? s_phase[1] : pdh0;
+    PhaseDim pdw[RW];
+#pragma unroll
+    for (int j = 0; j < RW; ++j) pdw[j] = kStaged ? s_phase[2 + j] : pdw0[j];
     // ---- this thread's W group: (n, td, th, tg), output voxels (od, oh, RW * tg + j) ----
     const int64_t g = gt + tid;
     const bool gok = g < M;
@@ -953,6 +1144,18 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
                      : 0;
     }
 
+    // ---- staged form: the tile's input rows into shared memory; this thread's slot row ----
+    [[maybe_unused]] const float4* x_row = nullptr;  // the thread's slots
+    if constexpr (kStaged) {
+      int tn, ttd, tth, tg0;  // the tile's first W group: group tg0 of its row
+      split_index(gt, M, div_g, div_th, div_td, G, Th, Td, tn, ttd, tth, tg0);
+      stage_tile_rows<IN_DT, NV>(p, sR, X, gt, tg0, M, div_g, div_th, div_td, G, Th, Td, pdd,
+                                 pdh, cig0, tid);
+      const int r = gok ? div_g.div(tg0 + tid) : 0;  // masked lanes read row 0, store nothing
+      x_row = reinterpret_cast<const float4*>(sR) +
+              r * pdd.nT * pdh.nT * staged_rows<NV>().win.wp * NV;
+    }
+
     // ---- accumulate: voxel j = RW * tg + j has input index tw_j + off0 - jw * doff along W
     // over the taps of its W phase (pdw[j]); the same taps for every lane ----
     float acc[RW][CO];
@@ -969,6 +1172,10 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
         const bool okdh = okd && static_cast<unsigned>(ih) < static_cast<unsigned>(p.Hi);
         const int xdh = xn + id * xs2 + ih * xs3;
         const float* wr = s_wt + (jd * pdh.nT + jh) * kW * cstep;
+        [[maybe_unused]] const float4* x_slot = nullptr;  // staged: slot (r, jd, jh)
+        if constexpr (kStaged) {
+          x_slot = x_row + (jd * pdh.nT + jh) * staged_rows<NV>().win.wp * NV;
+        }
 #pragma unroll
         for (int j = 0; j < RW; ++j) {
           const PhaseDim& pw = pdw[j];
@@ -979,29 +1186,29 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
           for (int co = 0; co < CO; ++co) part[co] = 0.0f;
           for (int jw = 0; jw < pw.nT; ++jw) {
             const int iw = tw + pw.off0 - jw * pw.doff;
-            const bool ok = okdh && static_cast<unsigned>(iw) < static_cast<unsigned>(p.Wi);
             const float* wk = wr + (pw.k0 + jw * pw.kstep) * cstep;
-            const GType* xp = X + (xdh + iw * xs4);  // channel c0 + cc of the tap's voxel
-            for (int c0 = 0; c0 < cin; c0 += CIB) {
-              float xv[CIB];
-#pragma unroll
-              for (int cc = 0; cc < CIB; ++cc) {
-                xv[cc] = (ok && c0 + cc < cin) ? to_float<IN_DT>(*xp) : 0.0f;
-                xp += xs1;
+            if constexpr (kStaged) {
+              // the voxel's channels at position iw - lo of the slot, 4 per float4, in the
+              // plain form's channel loop
+              const int i = iw - staged_rows<NV>().win.lo;
+              const float4* xp = x_slot + i * NV;
+              const int sz = stage_swizzle<NV>(i);
+              for (int c0 = 0; c0 < cin; c0 += CIB) {
+                const float4 f = xp[(c0 / CIB) ^ sz];
+                const float xv[CIB] = {f.x, f.y, f.z, f.w};
+                fma_channels<CO>(part, xv, wk, c0, cin);
               }
+            } else {
+              const bool ok = okdh && static_cast<unsigned>(iw) < static_cast<unsigned>(p.Wi);
+              const GType* xp = X + (xdh + iw * xs4);  // channel c0 + cc of the tap's voxel
+              for (int c0 = 0; c0 < cin; c0 += CIB) {
+                float xv[CIB];
 #pragma unroll
-              for (int cc = 0; cc < CIB; ++cc) {
-                if (c0 + cc < cin) {  // uniform
-                  const float4* w4 = reinterpret_cast<const float4*>(wk + (c0 + cc) * CO);
-#pragma unroll
-                  for (int v = 0; v < CO / 4; ++v) {
-                    const float4 f = w4[v];
-                    part[4 * v] = fmaf(xv[cc], f.x, part[4 * v]);
-                    part[4 * v + 1] = fmaf(xv[cc], f.y, part[4 * v + 1]);
-                    part[4 * v + 2] = fmaf(xv[cc], f.z, part[4 * v + 2]);
-                    part[4 * v + 3] = fmaf(xv[cc], f.w, part[4 * v + 3]);
-                  }
+                for (int cc = 0; cc < CIB; ++cc) {
+                  xv[cc] = (ok && c0 + cc < cin) ? to_float<IN_DT>(*xp) : 0.0f;
+                  xp += xs1;
                 }
+                fma_channels<CO>(part, xv, wk, c0, cin);
               }
             }
           }
@@ -1010,6 +1217,7 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
         }
       }
     }
+    if constexpr (kStaged) __syncthreads();  // the registers overwrite the staged rows
 
     // ---- accumulators + bias -> register 0 (row RW * tid + j, column co) ----
 #pragma unroll
@@ -1039,6 +1247,104 @@ __global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
                             chan_fast);
     __syncthreads();  // the next tile rewrites the tile registers and the row info
   }
+}
+
+template <int IN_DT, int CO>
+__global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
+    conv_transpose3d_direct_kernel(const __grid_constant__ ConvParams p) {
+  direct_conv<IN_DT, CO, 0>(p);
+}
+
+template <int IN_DT, int CO, int NV>
+__global__ void __launch_bounds__(kThreads, CT3D_DIRECT_MIN_CTAS)
+    conv_transpose3d_direct_staged_kernel(const __grid_constant__ ConvParams p) {
+  static_assert(NV == 1 || NV == 2 || NV == 4, "4, 8 or 16 floats per staged position");
+  direct_conv<IN_DT, CO, NV>(p);
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared memory of the direct kernels (host code; above the launch code, which the CPU
+// emulator's harness cannot compile, so that it calls the same functions as launch_conv).
+
+// Taps of the largest (d, h) stride phase along d (*nd) and h (*nh).
+inline void direct_max_taps(const ConvParams& p, int* nd, int* nh) {
+  *nd = *nh = 0;
+  for (int r = 0; r < p.st[0]; ++r) {
+    const int t = phase_dim(r, p.Do, p.st[0], p.pad[0], p.dil[0], p.kD).nT;
+    *nd = t > *nd ? t : *nd;
+  }
+  for (int r = 0; r < p.st[1]; ++r) {
+    const int t = phase_dim(r, p.Ho, p.st[1], p.pad[1], p.dil[1], p.kH).nT;
+    *nh = t > *nh ? t : *nh;
+  }
+}
+
+// Weight floats the direct kernel stages for its largest (d, h) phase, or -1 where it does
+// not apply (W stride above 2: the stride must divide the RW = 2 voxels of a thread).
+template <int CO>
+inline int64_t direct_weight_floats(const ConvParams& p) {
+  if (p.st[2] > 2) return -1;
+  int nd = 0, nh = 0;
+  direct_max_taps(p, &nd, &nh);
+  return static_cast<int64_t>(nd) * nh * p.kW * p.cin_g * CO;
+}
+
+// Every input offset the direct kernel forms (indices up to a kernel extent outside the
+// input, on lanes whose loads are masked off) fits in 32 bits.
+inline bool direct_offsets_fit(const ConvParams& p) {
+  const int64_t ext[5] = {p.N, p.Cin, static_cast<int64_t>(p.Di) + p.kD * p.dil[0],
+                          static_cast<int64_t>(p.Hi) + p.kH * p.dil[1],
+                          static_cast<int64_t>(p.Wi) + p.kW * p.dil[2]};
+  int64_t m = 0;
+  for (int i = 0; i < 5; ++i) m += ext[i] * (p.xs[i] < 0 ? -p.xs[i] : p.xs[i]);
+  return m < INT_MAX;
+}
+
+// Shared memory for the phase's weights (the plain form's occupancy: 4 CTAs per SM).
+constexpr int64_t kDirectMaxWeightBytes = 64 * 1024;
+
+// direct_weight_floats where the direct kernel with CO channels per CTA applies, else -1: W
+// stride 1 or 2, the phase's weights within kDirectMaxWeightBytes, grid y within CUDA's limit
+// and 32-bit input offsets.
+template <int CO>
+inline int64_t direct_fit_floats(const ConvParams& p) {
+  const int64_t wf = direct_weight_floats<CO>(p);
+  const int64_t gy = static_cast<int64_t>(p.groups) * ((p.cout_g + CO - 1) / CO);
+  const bool fits = wf >= 0 && wf * 4 <= kDirectMaxWeightBytes && gy <= 65535 &&
+                    direct_offsets_fit(p);
+  return fits ? wf : -1;
+}
+
+// Dynamic shared memory of the staged form for CO channels per CTA and w_floats weight floats
+// (direct_fit_floats; -1 where the direct kernel does not apply), or -1 where the staged form
+// does not apply: C_in/groups above 16, or more than kDirectStagedMaxSmem bytes. Bytes, for the
+// largest (d, h) phase:
+//   staged = stage_rows(G) * taps_d * taps_h * (wp * 16 NV + 4)   (slots: rows, slot table)
+//   total  = Direct<CO>::kInfoBytes + 4 w_floats + max(n_regs * Direct<CO>::kTileBytes, staged)
+// with G = ceil(W_out / 2) W groups per output row and wp the positions of stage_window.
+// kDirectStagedMaxSmem keeps the total plus the kernel's static shared memory (~1.2 KB) within
+// the 163 KB a CTA may opt into on sm_80 (227 KB on sm_90); launch_direct_staged also checks
+// the current device's limit.
+constexpr int64_t kDirectStagedMaxSmem = 160 * 1024;
+
+template <int CO>
+inline int64_t direct_staged_smem(const ConvParams& p, int64_t w_floats) {
+  using Cfg = Direct<CO>;
+  const int nv = stage_nv(p.cin_g);
+  const int sw = p.st[2];
+  const int G = (p.Wo + Cfg::RW - 1) / Cfg::RW;
+  if (nv == 0 || w_floats < 0 || sw > 2 || G < 1) return -1;
+  int nd = 0, nh = 0;
+  direct_max_taps(p, &nd, &nh);
+  PhaseDim pdw[Cfg::RW];
+  for (int j = 0; j < Cfg::RW; ++j) {
+    pdw[j] = phase_dim(j % sw, p.Wo, sw, p.pad[2], p.dil[2], p.kW);
+  }
+  const StageWindow win = stage_window(pdw, sw, G);
+  const int64_t slots = static_cast<int64_t>(stage_rows(G)) * nd * nh;
+  const int64_t staged = slots * (static_cast<int64_t>(win.wp) * 16 * nv + 4);
+  const int64_t bytes = Cfg::staged_smem_bytes(p.epi.n_regs, w_floats, staged);
+  return bytes <= kDirectStagedMaxSmem ? bytes : -1;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1077,38 +1383,17 @@ cudaError_t launch_tile(const ConvParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Weight floats the direct kernel stages for its largest (d, h) phase, or -1 where it does
-// not apply (W stride above 2: the stride must divide the RW = 2 voxels of a thread).
+// The grid of both direct forms: x = CTAs of kTiles x 128 W groups x (d, h) phases, y =
+// groups x channel tiles of CO. False (with *err set) where nothing is to be launched: an
+// empty grid (cudaSuccess) or one beyond CUDA's limits.
 template <int CO>
-inline int64_t direct_weight_floats(const ConvParams& p) {
-  if (p.st[2] > 2) return -1;
-  int nd = 0, nh = 0;
-  for (int r = 0; r < p.st[0]; ++r) {
-    const int t = phase_dim(r, p.Do, p.st[0], p.pad[0], p.dil[0], p.kD).nT;
-    nd = t > nd ? t : nd;
-  }
-  for (int r = 0; r < p.st[1]; ++r) {
-    const int t = phase_dim(r, p.Ho, p.st[1], p.pad[1], p.dil[1], p.kH).nT;
-    nh = t > nh ? t : nh;
-  }
-  return static_cast<int64_t>(nd) * nh * p.kW * p.cin_g * CO;
-}
-
-// Every input offset the direct kernel forms (indices up to a kernel extent outside the
-// input, on lanes whose loads are masked off) fits in 32 bits.
-inline bool direct_offsets_fit(const ConvParams& p) {
-  const int64_t ext[5] = {p.N, p.Cin, static_cast<int64_t>(p.Di) + p.kD * p.dil[0],
-                          static_cast<int64_t>(p.Hi) + p.kH * p.dil[1],
-                          static_cast<int64_t>(p.Wi) + p.kW * p.dil[2]};
-  int64_t m = 0;
-  for (int i = 0; i < 5; ++i) m += ext[i] * (p.xs[i] < 0 ? -p.xs[i] : p.xs[i]);
-  return m < INT_MAX;
-}
-
-template <int IN_DT, int CO>
-cudaError_t launch_direct(const ConvParams& p, cudaStream_t stream, int64_t w_floats) {
+inline bool direct_grid(const ConvParams& p, dim3* grid, cudaError_t* err) {
   using Cfg = Direct<CO>;
-  if (p.epi.n_regs < 1 || p.epi.n_regs > kMaxRegs) return cudaErrorInvalidValue;
+  *err = cudaSuccess;
+  if (p.epi.n_regs < 1 || p.epi.n_regs > kMaxRegs) {
+    *err = cudaErrorInvalidValue;
+    return false;
+  }
   const int64_t td = (p.Do + p.st[0] - 1) / p.st[0];
   const int64_t th = (p.Ho + p.st[1] - 1) / p.st[1];
   const int64_t groups_w = (p.Wo + Cfg::RW - 1) / Cfg::RW;
@@ -1116,14 +1401,48 @@ cudaError_t launch_direct(const ConvParams& p, cudaStream_t stream, int64_t w_fl
   const int64_t per_cta = static_cast<int64_t>(Cfg::kTiles) * kThreads;
   const int64_t gx = (m_max + per_cta - 1) / per_cta * p.st[0] * p.st[1];
   const int64_t gy = static_cast<int64_t>(p.groups) * ((p.cout_g + CO - 1) / CO);
-  if (gx == 0 || gy == 0) return cudaSuccess;
-  if (gx > INT_MAX || gy > 65535) return cudaErrorInvalidConfiguration;
+  if (gx == 0 || gy == 0) return false;
+  if (gx > INT_MAX || gy > 65535) {
+    *err = cudaErrorInvalidConfiguration;
+    return false;
+  }
+  *grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1);
+  return true;
+}
+
+template <int IN_DT, int CO>
+cudaError_t launch_direct(const ConvParams& p, cudaStream_t stream, int64_t w_floats) {
+  dim3 grid;
+  cudaError_t e;
+  if (!direct_grid<CO>(p, &grid, &e)) return e;
   auto kernel = conv_transpose3d_direct_kernel<IN_DT, CO>;
-  const int smem = Cfg::smem_bytes(p.epi.n_regs, static_cast<int>(w_floats));
-  const cudaError_t e = opt_in_smem(kernel, smem);
+  const int smem = Direct<CO>::smem_bytes(p.epi.n_regs, static_cast<int>(w_floats));
+  e = opt_in_smem(kernel, smem);
   if (e != cudaSuccess) return e;
-  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1), kThreads, smem,
-           stream>>>(p);
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The staged form with `smem` bytes of dynamic shared memory (direct_staged_smem), NV float4s
+// per position by C_in/groups. Sets *ran to false, launching nothing, where that plus the
+// kernel's static shared memory passes what a CTA may opt into on the current device.
+template <int IN_DT, int CO>
+cudaError_t launch_direct_staged(const ConvParams& p, cudaStream_t stream, int64_t smem,
+                                 bool* ran) {
+  const int nv = stage_nv(p.cin_g);
+  auto kernel = nv == 1   ? conv_transpose3d_direct_staged_kernel<IN_DT, CO, 1>
+                : nv == 2 ? conv_transpose3d_direct_staged_kernel<IN_DT, CO, 2>
+                          : conv_transpose3d_direct_staged_kernel<IN_DT, CO, 4>;
+  int static_bytes = 0;
+  cudaError_t e = kernel_static_smem(kernel, &static_bytes);
+  if (e != cudaSuccess) return e;
+  *ran = smem + static_bytes <= max_smem_optin();
+  if (!*ran) return cudaSuccess;
+  dim3 grid;
+  if (!direct_grid<CO>(p, &grid, &e)) return e;
+  e = opt_in_smem(kernel, static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  kernel<<<grid, kThreads, static_cast<int>(smem), stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -1135,10 +1454,9 @@ cudaError_t launch_direct(const ConvParams& p, cudaStream_t stream, int64_t w_fl
 //     and of every 16-channel tile is padding, so the GEMM loses even to FFMA);
 //   * exact FP32: also macs <= 64 (both kernels use FFMA there; the direct one wastes none).
 // FP16/BF16 MMA is twice as fast as TF32, so only the first rule applies there. Either way the
-// phase's weights must fit kDirectMaxWeightBytes of shared memory. p.algo overrides the choice
-// (kAlgoGemm / kAlgoDirect; a direct request the kernel cannot take runs the GEMM).
-constexpr int64_t kDirectMaxWeightBytes = 64 * 1024;
-
+// kernel must apply (direct_fit_floats). p.algo overrides the choice (kAlgoGemm / kAlgoDirect /
+// kAlgoDirectStaged; a direct request the kernel cannot take runs the GEMM, a staged one the
+// staged form cannot take the plain direct kernel).
 template <int IN_DT, int MODE>
 inline bool direct_pays(const ConvParams& p) {
   const double macs = static_cast<double>(p.cin_g) * p.kD * p.kH * p.kW /
@@ -1149,20 +1467,40 @@ inline bool direct_pays(const ConvParams& p) {
   return MODE == kModeFfma && macs <= 64.0;
 }
 
+// Where the automatic choice takes the staged form (p.algo == kAlgoAutoStaged: the switch
+// _cuda.DIRECT_STAGED_AUTO, off by default): where the direct kernel pays (direct_pays) with
+// 5 to 16 input channels per group. Predicted from its instruction count (docs/kernel.md,
+// Next), not yet timed: l1_72 (8 channels) ~1.7x fewer instructions; with 3 channels the
+// staging costs about what it saves (each staged element feeds ~3.4 taps there).
+template <int IN_DT, int MODE>
+inline bool direct_staged_pays(const ConvParams& p) {
+  return p.cin_g >= 5 && p.cin_g <= 16 && direct_pays<IN_DT, MODE>(p);
+}
+
 // Tile choice by output channels per group (BM * BN = 4096 outputs per CTA). *kernel is set
-// to the kernel that ran (kKernelGemm or kKernelDirect).
+// to the kernel that ran (kKernelGemm, kKernelDirect or kKernelDirectStaged).
 template <int IN_DT, int MODE>
 cudaError_t launch_conv(const ConvParams& p, cudaStream_t stream, int* kernel) {
   // SOFTMAX runs in the GEMM, whose tile holds up to 64 channels (kMaxSoftmaxChannels); the
   // direct kernel does not run it (ct3d_epilogue.cuh run_program)
   if (p.algo != kAlgoGemm && !epilogue_spans_channels(p.epi)) {
     const bool narrow = p.cout_g <= 8;
-    const int64_t wf = narrow ? direct_weight_floats<8>(p) : direct_weight_floats<16>(p);
-    const int64_t gy = static_cast<int64_t>(p.groups) * ((p.cout_g + (narrow ? 7 : 15)) /
-                                                        (narrow ? 8 : 16));
-    const bool fits = wf >= 0 && wf * 4 <= kDirectMaxWeightBytes && gy <= 65535 &&
-                      direct_offsets_fit(p);
-    if (fits && (p.algo == kAlgoDirect || direct_pays<IN_DT, MODE>(p))) {
+    const int64_t wf = narrow ? direct_fit_floats<8>(p) : direct_fit_floats<16>(p);
+    const bool forced = p.algo == kAlgoDirect || p.algo == kAlgoDirectStaged;
+    if (wf >= 0 && (forced || direct_pays<IN_DT, MODE>(p))) {
+      if (p.algo == kAlgoDirectStaged ||
+          (p.algo == kAlgoAutoStaged && direct_staged_pays<IN_DT, MODE>(p))) {
+        const int64_t smem = narrow ? direct_staged_smem<8>(p, wf) : direct_staged_smem<16>(p, wf);
+        if (smem >= 0) {
+          bool ran = false;
+          const cudaError_t e = narrow ? launch_direct_staged<IN_DT, 8>(p, stream, smem, &ran)
+                                       : launch_direct_staged<IN_DT, 16>(p, stream, smem, &ran);
+          if (e != cudaSuccess || ran) {
+            *kernel = kKernelDirectStaged;
+            return e;
+          }
+        }
+      }
       *kernel = kKernelDirect;
       return narrow ? launch_direct<IN_DT, 8>(p, stream, wf)
                     : launch_direct<IN_DT, 16>(p, stream, wf);

@@ -10,9 +10,9 @@
 namespace ct3d {
 
 // Each launches the fused kernel for `p` on `stream`, sets *kernel to the kernel that ran
-// (kKernelGemm, or kKernelDirect: FP32 FFMA in every precision, for few input channels) and
-// returns the launch status (cudaErrorInvalidConfiguration when the grid would exceed CUDA's
-// limits).
+// (kKernelGemm, or kKernelDirect / kKernelDirectStaged: FP32 FFMA in every precision, for few
+// input channels) and returns the launch status (cudaErrorInvalidConfiguration when the grid
+// would exceed CUDA's limits).
 cudaError_t launch_f32_ffma(const ConvParams& p, cudaStream_t stream, int* kernel);  // exact FP32
 cudaError_t launch_f32_tf32(const ConvParams& p, cudaStream_t stream, int* kernel);  // TF32 MMA
 cudaError_t launch_f16_tc(const ConvParams& p, cudaStream_t stream, int* kernel);    // FP16 MMA
@@ -53,19 +53,26 @@ cudaError_t igemm_wgmmas(const ConvParams& p, const IgemmGeom& g, int config, cu
 
 // Runs tile configuration `config` (ids in ct3d_igemm.cuh and ct3d_wgmma.cuh): a wgmma
 // configuration whose patch does not fit (or off sm_90) falls back to its box configuration, a
-// box configuration that does not fit to its row tile. Sets *wgmma (when given) to whether the
-// wgmma kernel ran. cudaErrorInvalidValue for an unknown id.
+// box configuration that does not fit to its row tile. Sets *wgmma (when given) to 1 when the
+// wgmma kernel ran, 2 when its bulk-copy form (27, 28) ran, 0 for the mma.sync kernels, and -1
+// when a bulk configuration could not run (nothing launched: its blocked weight fits no other
+// kernel; the caller repacks and runs another configuration). cudaErrorInvalidValue for an
+// unknown id.
 template <int IN_DT>
 cudaError_t launch_igemm_any(const ConvParams& p, const IgemmGeom& g, int config,
                              cudaStream_t stream, int* wgmma = nullptr) {
   if (wgmma != nullptr) *wgmma = 0;
-  if (config >= 19 && config <= 24) {
+  if ((config >= 19 && config <= 24) || config == 27 || config == 28) {
     bool fits = false;
     int fallback = config;
     const cudaError_t e = igemm_wgmmas<IN_DT>(p, g, config, stream, &fits, &fallback);
     if (e != cudaSuccess) return e;
     if (fits) {
-      if (wgmma != nullptr) *wgmma = 1;
+      if (wgmma != nullptr) *wgmma = config >= 27 ? 2 : 1;
+      return e;
+    }
+    if (fallback < 0) {  // a bulk configuration (blocked weight) that cannot run: nothing ran
+      if (wgmma != nullptr) *wgmma = -1;
       return e;
     }
     config = fallback;

@@ -35,9 +35,17 @@ enum DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 enum Mode : int32_t { kModeFfma = 0, kModeTensorCore = 1 };
 
 // Kernel choice (ConvParams.algo): kAlgoAuto lets launch_conv (ct3d_conv.cuh) pick by shape;
-// the others force one kernel (tests, timing). The launch reports the kernel that ran.
-enum Algo : int32_t { kAlgoAuto = 0, kAlgoGemm = 1, kAlgoDirect = 2 };
-enum Kernel : int32_t { kKernelGemm = 0, kKernelDirect = 1 };
+// kAlgoAutoStaged too, and may pick the direct kernel's staged-input form (direct_staged_pays;
+// Python: _cuda.DIRECT_STAGED_AUTO); the others force one kernel (tests, timing). The launch
+// reports the kernel that ran.
+enum Algo : int32_t {
+  kAlgoAuto = 0,
+  kAlgoGemm = 1,
+  kAlgoDirect = 2,
+  kAlgoDirectStaged = 3,
+  kAlgoAutoStaged = 4
+};
+enum Kernel : int32_t { kKernelGemm = 0, kKernelDirect = 1, kKernelDirectStaged = 2 };
 
 // Opcodes: the numbers of ct3d_fx.ops.Opcode (the Python side checks they agree).
 enum OpCode : int32_t {

@@ -173,6 +173,9 @@ struct WgBox {
   using GType = typename std::conditional<IN_DT == kF32, float, uint16_t>::type;
   static constexpr int kElem = static_cast<int>(sizeof(GType));
   static constexpr int BK = BKB / kElem;  // channels per chunk
+  static constexpr int BKB_ = BKB;
+  static constexpr int kInDt = IN_DT;
+  static constexpr int kBN = BN;
   static constexpr int CH = BKB / 16;     // planes (16-byte pieces) per chunk
   static constexpr int kBStage = BN * BKB;
   static constexpr int LDC = BM + 4;
@@ -190,6 +193,108 @@ struct WgBox {
   }
 };
 
+// Shared memory and row bookkeeping of a wgmma box CTA (both kernels below). Dynamic shared
+// memory: the patch (p_max rows in CH planes), the B ring after it, the epilogue's tile
+// registers aliasing both; then each row's output offset and phase coordinates and the patch
+// rows' offsets in xp.
+struct WgBoxState {
+  PhaseDim pdd, pdh, pdw;
+  int taps, EH, EW, p_rows;
+  unsigned char* sB;
+  float* sR;
+  int64_t* s_yoff;
+  int *s_n, *s_td, *s_th, *s_tw, *s_prow;
+};
+
+// Fills `st` for the box (td0, th0, tw0) of batch element n in the phase of `to`: the rows'
+// bookkeeping (a row is stored only when inside the phase and `store`: a cluster's padding CTA
+// runs the pipeline on a valid box and stores nothing) and the patch row offsets. No barrier:
+// the caller synchronizes before anything reads them.
+template <class Cfg>
+__device__ __forceinline__ void wg_box_setup(const ConvParams& p, const IgemmGeom& g, int p_max,
+                                             unsigned char* smem_raw, const TileOrigin& to,
+                                             int td0, int th0, int tw0, int n, bool store,
+                                             WgBoxState& st) {
+  constexpr int BM = Cfg::BM, SPW = Cfg::MT, kThreads = Cfg::kThreads;
+  const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
+  st.sB = smem_raw + p_max * Cfg::BKB_;
+  st.sR = reinterpret_cast<float*>(smem_raw);  // epilogue registers, alias patch and ring
+  st.s_yoff = reinterpret_cast<int64_t*>(smem_raw + Cfg::union_bytes(p.epi.n_regs, p_max));
+  st.s_n = reinterpret_cast<int*>(st.s_yoff + BM);
+  st.s_td = st.s_n + BM;
+  st.s_th = st.s_td + BM;
+  st.s_tw = st.s_th + BM;
+  st.s_prow = st.s_tw + BM;
+  const int tid = threadIdx.x;
+  for (int r = tid; r < BM; r += kThreads) {
+    // epilogue row r = v * 16 SPW + j * 16 + l (v: warp of the CTA, j: its warpgroup's slice):
+    // row 16 (v % 4) + l of slice b = (v / 4) SPW + j
+    const int v = r / (16 * SPW), j = (r / 16) % SPW, l = r % 16;
+    const int td = td0 + (v / 4) * SPW + j, th = th0 + 2 * (v % 4) + l / 8, tw = tw0 + l % 8;
+    const bool ok = store && td < to.Td && th < to.Th && tw < to.Tw;
+    st.s_n[r] = ok ? n : -1;
+    st.s_td[r] = td;
+    st.s_th[r] = th;
+    st.s_tw[r] = tw;
+    st.s_yoff[r] = ok ? static_cast<int64_t>(n) * p.ys[0] +
+                            static_cast<int64_t>(to.rd + sd * td) * p.ys[2] +
+                            static_cast<int64_t>(to.rh + sh * th) * p.ys[3] +
+                            static_cast<int64_t>(to.rw + sw * tw) * p.ys[4]
+                      : 0;
+  }
+  st.pdd = tab_phase(g, 0, to.rd);
+  st.pdh = tab_phase(g, 1, to.rh);
+  st.pdw = tab_phase(g, 2, to.rw);
+  st.taps = st.pdd.nT * st.pdh.nT * st.pdw.nT;
+  const int ED = patch_extent(st.pdd, Cfg::BD);
+  st.EH = patch_extent(st.pdh, Cfg::BH);
+  st.EW = patch_extent(st.pdw, Cfg::BW);
+  st.p_rows = ED * st.EH * st.EW;  // <= p_max
+  if (st.taps > 0) {
+    box_patch_offsets(g, st.pdd, st.pdh, st.pdw, td0, th0, tw0, n, st.EH, st.EW, st.p_rows,
+                      Cfg::kElem, st.s_prow, tid, kThreads);
+  }
+}
+
+// Copies chunk `ch` of the patch rows (byte offsets s_prow in xp) into the patch planes:
+// cp.async by every thread of the CTA (the caller commits, waits and fences).
+template <class Cfg>
+__device__ __forceinline__ void wg_load_patch(uint32_t sP0, int p_plane, const char* Xp,
+                                              const int* s_prow, int p_rows, int ch, int tid) {
+  constexpr int CH = Cfg::CH;
+  for (int i = tid; i < p_rows * CH; i += Cfg::kThreads) {
+    const int r = i / CH, piece = i % CH;
+    cp_async_16(sP0 + piece * p_plane + r * 16, Xp + (s_prow[r] + ch * Cfg::BKB_ + piece * 16));
+  }
+}
+
+// First patch row tap kc reads (the phase's last tap reads from row 0).
+__device__ __forceinline__ int wg_tap_row(const PhaseDim& pdd, const PhaseDim& pdh,
+                                          const PhaseDim& pdw, const KIter& kc, int EH, int EW) {
+  return ((pdd.nT - 1 - kc.jd) * pdd.doff * EH + (pdh.nT - 1 - kc.jh) * pdh.doff) * EW +
+         (pdw.nT - 1 - kc.jw) * pdw.doff;
+}
+
+// One tap of one K chunk for this warpgroup's SPW slices: A = the patch planes from byte
+// address a0 (the slice's first row at this tap), B = the stage at b0; issued and committed as
+// one wgmma group.
+template <class Cfg>
+__device__ __forceinline__ void wg_tap_mma(float (&acc)[Cfg::MT][Cfg::NT][4], uint32_t a0,
+                                           uint32_t b0, int p_plane, int EH, int EW) {
+  constexpr int BN = Cfg::NT * 8;
+  wg_fence();
+#pragma unroll
+  for (int s = 0; s < Cfg::BKB_ / 32; ++s) {
+    const uint64_t db = wg_desc(b0 + 2 * s * (BN * 16), BN * 16, 128);
+#pragma unroll
+    for (int j = 0; j < Cfg::MT; ++j) {
+      const uint64_t da = wg_desc(a0 + j * (EH * EW * 16) + 2 * s * p_plane, p_plane, EW * 16);
+      wgmma_step<Cfg::kInDt, BN>(acc[j], da, db);
+    }
+  }
+  wg_commit();
+}
+
 template <int IN_DT, int SPW, int WGS, int BN, int BKB, int STAGES, int MIN_CTAS>
 __global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
     conv_transpose3d_igemm_wgmma_kernel(const __grid_constant__ ConvParams p,
@@ -198,7 +303,6 @@ __global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
   using Cfg = WgBox<IN_DT, SPW, WGS, BN, BKB, STAGES>;
   constexpr int BD = Cfg::BD, BH = Cfg::BH, BW = Cfg::BW, BM = Cfg::BM;
   constexpr int kThreads = Cfg::kThreads, MT = Cfg::MT, NT = Cfg::NT, CH = Cfg::CH;
-  const int sd = p.st[0], sh = p.st[1], sw = p.st[2];
 
   // ---- phase and box (as the mma.sync box kernel) ----
   TileOrigin to;
@@ -207,43 +311,15 @@ __global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
   const int co0 = blockIdx.y * BN;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int p_plane = p_max * 16;  // bytes of one plane of the patch
-  unsigned char* sB = smem_raw + p_max * BKB;
-  float* sR = reinterpret_cast<float*>(smem_raw);  // epilogue registers, alias patch and ring
-  int64_t* s_yoff =
-      reinterpret_cast<int64_t*>(smem_raw + Cfg::union_bytes(p.epi.n_regs, p_max));
-  int* s_n = reinterpret_cast<int*>(s_yoff + BM);
-  int* s_td = s_n + BM;
-  int* s_th = s_td + BM;
-  int* s_tw = s_th + BM;
-  int* s_prow = s_tw + BM;
-
   const int tid = threadIdx.x;
-  for (int r = tid; r < BM; r += kThreads) {
-    // epilogue row r = v * 16 SPW + j * 16 + l (v: warp of the CTA, j: its warpgroup's slice):
-    // row 16 (v % 4) + l of slice b = (v / 4) SPW + j
-    const int v = r / (16 * SPW), j = (r / 16) % SPW, l = r % 16;
-    const int td = td0 + (v / 4) * SPW + j, th = th0 + 2 * (v % 4) + l / 8, tw = tw0 + l % 8;
-    const bool ok = td < to.Td && th < to.Th && tw < to.Tw;
-    s_n[r] = ok ? n : -1;
-    s_td[r] = td;
-    s_th[r] = th;
-    s_tw[r] = tw;
-    s_yoff[r] = ok ? static_cast<int64_t>(n) * p.ys[0] +
-                         static_cast<int64_t>(to.rd + sd * td) * p.ys[2] +
-                         static_cast<int64_t>(to.rh + sh * th) * p.ys[3] +
-                         static_cast<int64_t>(to.rw + sw * tw) * p.ys[4]
-                   : 0;
-  }
-  const PhaseDim pdd = tab_phase(g, 0, to.rd), pdh = tab_phase(g, 1, to.rh),
-                 pdw = tab_phase(g, 2, to.rw);
-  const int taps = pdd.nT * pdh.nT * pdw.nT;
-  const int ED = patch_extent(pdd, BD), EH = patch_extent(pdh, BH), EW = patch_extent(pdw, BW);
-  const int p_rows = ED * EH * EW;  // <= p_max
-  if (taps > 0) {
-    box_patch_offsets(g, pdd, pdh, pdw, td0, th0, tw0, n, EH, EW, p_rows, Cfg::kElem, s_prow,
-                      tid, kThreads);
-  }
+  WgBoxState st;
+  wg_box_setup<Cfg>(p, g, p_max, smem_raw, to, td0, th0, tw0, n, true, st);
+  const PhaseDim pdd = st.pdd, pdh = st.pdh, pdw = st.pdw;
+  const int taps = st.taps, EH = st.EH, EW = st.EW;
+  const int p_plane = p_max * 16;  // bytes of one plane of the patch
+  const int* s_prow = st.s_prow;
+  const int p_rows = st.p_rows;
+  unsigned char* sB = st.sB;
   __syncthreads();
 
   const uint32_t sP0 = smem_u32(smem_raw), sB0 = smem_u32(sB);
@@ -275,10 +351,7 @@ __global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
         wg_fence_acc(acc);
         __syncthreads();  // the previous chunk's MMAs are done: patch and ring are free
       }
-      for (int i = tid; i < p_rows * CH; i += kThreads) {
-        const int r = i / CH, piece = i % CH;
-        cp_async_16(sP0 + piece * p_plane + r * 16, Xp + (s_prow[r] + ch * BKB + piece * 16));
-      }
+      wg_load_patch<Cfg>(sP0, p_plane, Xp, s_prow, p_rows, ch, tid);
       KIter kl{0, 0, 0, 0};  // tap of the next B load
       const int ch_bytes = ch * BKB;
       int loaded = 0;
@@ -303,24 +376,8 @@ __global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
           ++loaded;
         }
         cp_async_commit();
-        // patch rows of this tap: the phase's last tap reads from row 0
-        const int toff = ((pdd.nT - 1 - kc.jd) * pdd.doff * EH + (pdh.nT - 1 - kc.jh) * pdh.doff) *
-                             EW +
-                         (pdw.nT - 1 - kc.jw) * pdw.doff;
-        const uint32_t a0 = sP0 + (slice0 * EH * EW + toff) * 16;
-        const uint32_t b0 = sB0 + (it % STAGES) * Cfg::kBStage;
-        wg_fence();
-#pragma unroll
-        for (int s = 0; s < BKB / 32; ++s) {
-          const uint64_t db = wg_desc(b0 + 2 * s * (BN * 16), BN * 16, 128);
-#pragma unroll
-          for (int j = 0; j < SPW; ++j) {
-            const uint64_t da =
-                wg_desc(a0 + j * (EH * EW * 16) + 2 * s * p_plane, p_plane, EW * 16);
-            wgmma_step<IN_DT, BN>(acc[j], da, db);
-          }
-        }
-        wg_commit();
+        wg_tap_mma<Cfg>(acc, sP0 + (slice0 * EH * EW + wg_tap_row(pdd, pdh, pdw, kc, EH, EW)) * 16,
+                        sB0 + (it % STAGES) * Cfg::kBStage, p_plane, EH, EW);
         kc.next(1, pdw.nT, pdh.nT);
       }
       cp_async_wait<0>();
@@ -331,7 +388,183 @@ __global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
   __syncthreads();  // the epilogue tiles alias the patch and the ring
 
   gemm_epilogue<IN_DT, BM, BN, Cfg::LDC, 16 * SPW, BN, MT, NT, kThreads>(
-      p, acc, sR, to, s_n, s_td, s_th, s_tw, s_yoff, 0, co0, tid >> 5, 0, tid);
+      p, acc, st.sR, to, st.s_n, st.s_td, st.s_th, st.s_tw, st.s_yoff, 0, co0, tid >> 5, 0, tid);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// The B ring by the bulk-copy engine (v24). The kernel above has every thread copy 16-byte
+// pieces of each tap's B tile with cp.async and the whole CTA meet at a barrier per tap. Here:
+//   * the weight is packed blocked (`_cuda._packed_weight_wgmma_bulk`): within a tap, the
+//     BN x BKB bytes of one (K chunk, channel block) are contiguous and already in the stage's
+//     plane order, so one cp.async.bulk by one thread copies a stage;
+//   * each stage has a "full" mbarrier (the copy's bytes, completed by the copy engine) and an
+//     "empty" one (one arrival per warpgroup once its MMAs of the stage are done); the
+//     warpgroups wait on barriers, not on each other: no CTA barrier per tap, only at a K
+//     chunk's patch reload;
+//   * thread 0 is the producer and issues the copies PF = STAGES - 2 steps ahead (a step is one
+//     (K chunk, tap) pair, counted across chunks, so the ring runs on through a chunk's patch
+//     reload); the patch stays a cp.async copy by every thread at each chunk start.
+// Measured (H200, v24): what pays is the deeper stage, not the copy engine: with 128-byte
+// chunks and BN 128 (configuration 28) a step carries twice the MMAs of configuration 24's, and
+// l2_61 / l2_77 ran 1.35-1.47x faster; with 64-byte chunks and BN 128 the bulk ring ran no faster
+// than 24's cp.async ring at 4 or 8 stages. Clusters of two CTAs multicasting each B tile
+// (halving its L2 reads) ran 1.5-1.7x slower than without: the remote releases lengthen every
+// step's critical path, and the kernel is not bound by L2 bandwidth.
+
+// mbarrier and bulk-copy primitives (sm_90). Addresses are shared-memory window addresses.
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+#if CT3D_HAS_WGMMA
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, int bytes) {
+#if CT3D_HAS_WGMMA
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+#if CT3D_HAS_WGMMA
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+// Waits until the barrier's phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#if CT3D_HAS_WGMMA
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], "
+        "%2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+#endif
+}
+// `bytes` (a multiple of 16) from global src to shared dst, completing on the barrier at bar.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, int bytes, uint32_t bar) {
+#if CT3D_HAS_WGMMA
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
+      "[%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+#endif
+}
+
+template <int IN_DT, int SPW, int WGS, int BN, int BKB, int STAGES, int MIN_CTAS>
+__global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
+    conv_transpose3d_igemm_wgmma_bulk_kernel(const __grid_constant__ ConvParams p,
+                                             const __grid_constant__ IgemmGeom g, int p_max) {
+#if CT3D_HAS_WGMMA
+  using Cfg = WgBox<IN_DT, SPW, WGS, BN, BKB, STAGES>;
+  constexpr int BD = Cfg::BD, BH = Cfg::BH, BW = Cfg::BW, BM = Cfg::BM;
+  constexpr int kThreads = Cfg::kThreads, MT = Cfg::MT, NT = Cfg::NT;
+  constexpr int PF = STAGES - 2;  // steps of B issued ahead
+
+  // ---- phase and box (as the mma.sync box kernel) ----
+  TileOrigin to;
+  int td0, th0, tw0, n;
+  if (!box_origin<BD, BH, BW>(p, to, td0, th0, tw0, n)) return;  // uniform, before any barrier
+  const int co0 = blockIdx.y * BN;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t s_full[STAGES], s_empty[STAGES];
+  const int tid = threadIdx.x;
+  WgBoxState st;
+  wg_box_setup<Cfg>(p, g, p_max, smem_raw, to, td0, th0, tw0, n, true, st);
+  const PhaseDim pdd = st.pdd, pdh = st.pdh, pdw = st.pdw;
+  const int EH = st.EH, EW = st.EW;
+  const int p_plane = p_max * 16;
+  const uint32_t full0 = smem_u32(s_full), empty0 = smem_u32(s_empty);
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(full0 + 8 * s, 1);
+      mbar_init(empty0 + 8 * s, WGS);
+    }
+  }
+  __syncthreads();
+
+  const uint32_t sP0 = smem_u32(smem_raw), sB0 = smem_u32(st.sB);
+  const char* __restrict__ Xp = static_cast<const char*>(g.xp);
+  const char* __restrict__ Wp = static_cast<const char*>(g.wp);
+  const int taps = st.taps;
+  const int total = (g.Cp / Cfg::BK) * taps;  // steps: K chunks x taps
+  const int tap_bytes = g.CoutP * g.Cp * Cfg::kElem;
+  const int n_cob = g.CoutP / BN;
+
+  // producer (thread 0): step q's B tile, the blob (chunk, blockIdx.y) of its tap, into stage
+  // q % STAGES once every consumer has released the stage's previous use
+  KIter kl{0, 0, 0, 0};
+  int lch = 0;
+  auto issue = [&](int q) {
+    const int s = q % STAGES;
+    if (q >= STAGES) mbar_wait(empty0 + 8 * s, ((q / STAGES) + 1) & 1);
+    const int kd = pdd.k0 + kl.jd * pdd.kstep, kh = pdh.k0 + kl.jh * pdh.kstep,
+              kw = pdw.k0 + kl.jw * pdw.kstep;
+    const char* src = Wp + (((kd * p.kH + kh) * p.kW + kw) * tap_bytes +
+                            (lch * n_cob + static_cast<int>(blockIdx.y)) * Cfg::kBStage);
+    const uint32_t bar = full0 + 8 * s, dst = sB0 + s * Cfg::kBStage;
+    mbar_expect_tx(bar, Cfg::kBStage);
+    bulk_copy(dst, src, Cfg::kBStage, bar);
+    kl.next(1, pdw.nT, pdh.nT);
+    if (kl.jd == pdd.nT) {
+      kl = KIter{0, 0, 0, 0};
+      ++lch;
+    }
+  };
+  // warpgroup release of stage s (its MMAs reading the stage are done)
+  auto release = [&](int s) {
+    if ((tid & 127) == 0) mbar_arrive(empty0 + 8 * s);
+  };
+
+  const int slice0 = (tid >> 7) * SPW;  // this warpgroup's first slice
+  float acc[MT][NT][4];
+  zero_acc(acc);
+  wg_fence_acc(acc);
+
+  if (tid == 0) {
+    for (int q = 0; q < PF && q < total; ++q) issue(q);
+  }
+  KIter kc{0, 0, 0, 0};  // tap being multiplied
+  int ch = 0;
+  for (int q = 0; q < total; ++q) {
+    if (kc.jd == 0 && kc.jh == 0 && kc.jw == 0) {  // a K chunk starts: reload the patch
+      if (q > 0) {
+        wg_wait<0>();
+        wg_fence_acc(acc);
+        release((q - 1) % STAGES);
+      }
+      __syncthreads();  // every warpgroup's MMAs of the last chunk are done: the patch is free
+      wg_load_patch<Cfg>(sP0, p_plane, Xp, st.s_prow, st.p_rows, ch, tid);
+      cp_async_commit();
+      cp_async_wait<0>();
+      fence_proxy_async();
+      __syncthreads();
+    }
+    if (tid == 0 && q + PF < total) issue(q + PF);
+    const int s = q % STAGES;
+    mbar_wait(full0 + 8 * s, (q / STAGES) & 1);
+    wg_tap_mma<Cfg>(acc, sP0 + (slice0 * EH * EW + wg_tap_row(pdd, pdh, pdw, kc, EH, EW)) * 16,
+                    sB0 + s * Cfg::kBStage, p_plane, EH, EW);
+    if (q > 0 && !(kc.jd == 0 && kc.jh == 0 && kc.jw == 0)) {
+      wg_wait<1>();  // step q - 1's MMAs are done: release its stage
+      release((q - 1) % STAGES);
+    }
+    kc.next(1, pdw.nT, pdh.nT);
+    if (kc.jd == pdd.nT) {
+      kc = KIter{0, 0, 0, 0};
+      ++ch;
+    }
+  }
+  wg_wait<0>();
+  wg_fence_acc(acc);
+  __syncthreads();  // the epilogue tiles alias the patch and the ring
+
+  gemm_epilogue<IN_DT, BM, BN, Cfg::LDC, 16 * SPW, BN, MT, NT, kThreads>(
+      p, acc, st.sR, to, st.s_n, st.s_td, st.s_th, st.s_tw, st.s_yoff, 0, co0, tid >> 5, 0, tid);
 #endif
 }
 
@@ -343,43 +576,78 @@ inline bool device_has_wgmma() {
          minor == 0;
 }
 
-// wgmma box launch. Sets `fits` to false and launches nothing where the kernel cannot run:
-// not a compute capability 9.0 device, split-K, or the largest phase's patch does not fit in
-// shared memory; the caller then runs the mma.sync box configuration of the same K step and BN.
-template <int IN_DT, int SPW, int WGS, int BN, int BKB, int STAGES, int MIN_CTAS>
-cudaError_t launch_igemm_wgmma(const ConvParams& p, const IgemmGeom& g, cudaStream_t stream,
-                               bool& fits) {
-  using Cfg = WgBox<IN_DT, SPW, WGS, BN, BKB, STAGES>;
+// wgmma box launches. Each sets `fits` to false and launches nothing where its kernel cannot
+// run: not a compute capability 9.0 device, split-K, or the largest phase's patch does not fit
+// in shared memory; the caller then runs a configuration of the same K step and BN
+// (ct3d_launch.h launch_igemm_any).
+// wgmma_prepare: the checks, shared memory and grid of `kernel` (a Cfg box kernel), then the
+// input pack. Returns with fits false, or gx == 0, where nothing is to be launched.
+template <class Cfg, class Kernel>
+cudaError_t wgmma_prepare(const ConvParams& p, const IgemmGeom& g, cudaStream_t stream,
+                          Kernel kernel, bool& fits, int& p_max, int& smem, int64_t& gx,
+                          int64_t& gy) {
   using T = typename Cfg::GType;
   fits = false;
+  gx = gy = 0;
   if (g.splits != 1 || !device_has_wgmma()) return cudaSuccess;
   if (p.epi.n_regs < 1 || p.epi.n_regs > kMaxRegs) return cudaErrorInvalidValue;
-  if (p.groups != 1 || g.Cp % Cfg::BK != 0 || g.CoutP % BN != 0) return cudaErrorInvalidValue;
+  if (p.groups != 1 || g.Cp % Cfg::BK != 0 || g.CoutP % Cfg::kBN != 0) {
+    return cudaErrorInvalidValue;
+  }
   if (p.st[0] > kMaxStride || p.st[1] > kMaxStride || p.st[2] > kMaxStride) {
     return cudaErrorInvalidValue;
   }
-  auto kernel = conv_transpose3d_igemm_wgmma_kernel<IN_DT, SPW, WGS, BN, BKB, STAGES, MIN_CTAS>;
   // (the descriptors' 14-bit fields hold offsets up to 256 KB, more than shared memory)
-  const int p_max = box_patch_rows(p, Cfg::BD, Cfg::BH, Cfg::BW);
-  const int smem = Cfg::smem_bytes(p.epi.n_regs, p_max);
+  p_max = box_patch_rows(p, Cfg::BD, Cfg::BH, Cfg::BW);
+  smem = Cfg::smem_bytes(p.epi.n_regs, p_max);
   int static_bytes = 0;
   cudaError_t e = kernel_static_smem(kernel, &static_bytes);
   if (e != cudaSuccess) return e;
   if (smem + static_bytes > max_smem_optin()) return cudaSuccess;
   fits = true;
   if (static_cast<int64_t>(p.N) * g.Dp * g.Hp * g.Wp == 0) return cudaSuccess;
-  e = pack_input<T, IN_DT == kF32>(p, g, stream);
+  e = pack_input<T, Cfg::kInDt == kF32>(p, g, stream);
   if (e != cudaSuccess) return e;
   const int64_t nbd = ((p.Do + p.st[0] - 1) / p.st[0] + Cfg::BD - 1) / Cfg::BD;
   const int64_t nbh = ((p.Ho + p.st[1] - 1) / p.st[1] + Cfg::BH - 1) / Cfg::BH;
   const int64_t nbw = ((p.Wo + p.st[2] - 1) / p.st[2] + Cfg::BW - 1) / Cfg::BW;
   const int64_t n_phase = static_cast<int64_t>(p.st[0]) * p.st[1] * p.st[2];
-  const int64_t gx = static_cast<int64_t>(p.N) * nbd * nbh * nbw * n_phase;
-  const int64_t gy = g.CoutP / BN;
-  if (gx == 0 || gy == 0) return cudaSuccess;
+  gx = static_cast<int64_t>(p.N) * nbd * nbh * nbw * n_phase;
+  gy = g.CoutP / Cfg::kBN;
+  if (gx == 0 || gy == 0) {
+    gx = 0;
+    return cudaSuccess;
+  }
   if (gx > INT_MAX || gy > 65535) return cudaErrorInvalidConfiguration;
-  e = opt_in_smem(kernel, smem);
-  if (e != cudaSuccess) return e;
+  return opt_in_smem(kernel, smem);
+}
+
+template <int IN_DT, int SPW, int WGS, int BN, int BKB, int STAGES, int MIN_CTAS>
+cudaError_t launch_igemm_wgmma(const ConvParams& p, const IgemmGeom& g, cudaStream_t stream,
+                               bool& fits) {
+  using Cfg = WgBox<IN_DT, SPW, WGS, BN, BKB, STAGES>;
+  auto kernel = conv_transpose3d_igemm_wgmma_kernel<IN_DT, SPW, WGS, BN, BKB, STAGES, MIN_CTAS>;
+  int p_max = 0, smem = 0;
+  int64_t gx = 0, gy = 0;
+  const cudaError_t e = wgmma_prepare<Cfg>(p, g, stream, kernel, fits, p_max, smem, gx, gy);
+  if (e != cudaSuccess || !fits || gx == 0) return e;
+  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1), Cfg::kThreads, smem,
+           stream>>>(p, g, p_max);
+  return cudaGetLastError();
+}
+
+// The bulk-copy B ring (v24); the packed weight must be blocked (_cuda.py
+// _packed_weight_wgmma_bulk).
+template <int IN_DT, int SPW, int WGS, int BN, int BKB, int STAGES, int MIN_CTAS>
+cudaError_t launch_igemm_wgmma_bulk(const ConvParams& p, const IgemmGeom& g, cudaStream_t stream,
+                                    bool& fits) {
+  using Cfg = WgBox<IN_DT, SPW, WGS, BN, BKB, STAGES>;
+  auto kernel =
+      conv_transpose3d_igemm_wgmma_bulk_kernel<IN_DT, SPW, WGS, BN, BKB, STAGES, MIN_CTAS>;
+  int p_max = 0, smem = 0;
+  int64_t gx = 0, gy = 0;
+  const cudaError_t e = wgmma_prepare<Cfg>(p, g, stream, kernel, fits, p_max, smem, gx, gy);
+  if (e != cudaSuccess || !fits || gx == 0) return e;
   kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1), Cfg::kThreads, smem,
            stream>>>(p, g, p_max);
   return cudaGetLastError();
@@ -394,14 +662,19 @@ cudaError_t launch_igemm_wgmma(const ConvParams& p, const IgemmGeom& g, cudaStre
 //   22   4 x 8 x 8, 2 warpgroups, BN 64, 64-byte chunks, 6 stages (13)
 //   23   4 x 8 x 8, 2 warpgroups, BN 64, 128-byte chunks, 4 stages (11)
 //   24   4 x 8 x 8, 2 warpgroups, BN 128, 64-byte chunks, 4 stages (16)
+// and with the bulk-copy B ring (v24; blocked weight, no fallback), 4 x 8 x 8, 2 warpgroups:
+//   27   BN 64, 64-byte chunks, 8 stages, 2 CTAs per SM
+//   28   BN 128, 128-byte chunks, 4 stages
 // *fits false (nothing launched) when the configuration's patch does not fit in shared memory
 // or the device is not sm_90: the caller then runs *fallback (the id in parentheses above;
-// ct3d_launch.h launch_igemm_any).
+// ct3d_launch.h launch_igemm_any), or, for the bulk configurations (*fallback -1), reports
+// that nothing ran: their weight layout is theirs alone.
 template <int IN_DT>
 cudaError_t igemm_wgmmas(const ConvParams& p, const IgemmGeom& g, int config, cudaStream_t stream,
                          bool* fits, int* fallback) {
   bool f = false;
   cudaError_t e = cudaErrorInvalidValue;
+  *fallback = -1;
   switch (config) {
     case 19:
       e = launch_igemm_wgmma<IN_DT, 2, 1, 64, 64, 4, 3>(p, g, stream, f);
@@ -426,6 +699,13 @@ cudaError_t igemm_wgmmas(const ConvParams& p, const IgemmGeom& g, int config, cu
     case 24:
       e = launch_igemm_wgmma<IN_DT, 2, 2, 128, 64, 4, 1>(p, g, stream, f);
       *fallback = 16;
+      break;
+    // the bulk-copy B ring (blocked weight: no fallback, *fallback = -1)
+    case 27:
+      e = launch_igemm_wgmma_bulk<IN_DT, 2, 2, 64, 64, 8, 2>(p, g, stream, f);
+      break;
+    case 28:
+      e = launch_igemm_wgmma_bulk<IN_DT, 2, 2, 128, 128, 4, 1>(p, g, stream, f);
       break;
     default: break;
   }

@@ -19,7 +19,9 @@ False: exact FP32 FFMA); float16/bfloat16 use tensor cores; all accumulate in FP
 epilogue in FP32 registers, rounding once to the result dtype. Shapes with few input channels
 per group (e.g. C_in = 3; W stride 1 or 2; the rule is csrc/ct3d_conv.cuh ``direct_pays``) run
 a direct kernel instead, exact FP32 FFMA in every precision (inputs converted to float): there
-the tensor cores would mostly multiply padding (``ALGO`` selects the kernel for tests).
+the tensor cores would mostly multiply padding (``ALGO`` selects the kernel for tests). Its
+staged-input form (each tile's input rows copied to shared memory first) runs only where forced
+(``ALGO = "direct_staged"``) or where ``DIRECT_STAGED_AUTO`` lets "auto" pick it: not yet timed.
 
 Limitations (these calls run the reference, ``ops.reference``):
     * the extension is unavailable (see ``_build.why_not()``);
@@ -69,11 +71,19 @@ POISON_OUTPUT = False
 #: for groups == 1 on tensor cores unless the direct kernel's rule holds; otherwise
 #: csrc/ct3d_conv.cuh launch_conv picks the direct FP32 kernel for few input channels per group
 #: or the strided-input implicit GEMM), "igemm" (wherever it applies: tensor cores, groups ==
-#: 1, 32-bit offsets), "gemm" or "direct" (where the direct kernel applies: W stride 1 or 2,
-#: the phase's weights within 64 KB; else the GEMM). Tests and timing scripts set it; the
-#: environment variable CT3D_FX_ALGO gives the default.
+#: 1, 32-bit offsets), "gemm", "direct" (where the direct kernel applies: W stride 1 or 2,
+#: the phase's weights within 64 KB; else the GEMM) or "direct_staged" (the direct kernel's
+#: staged-input form where it applies: C_in/groups <= 16, its shared memory within 160 KB;
+#: else as "direct"). Tests and timing scripts set it; the environment variable CT3D_FX_ALGO
+#: gives the default.
 ALGO = os.environ.get("CT3D_FX_ALGO", "auto")
-_ALGO_CODE = {"auto": 0, "gemm": 1, "direct": 2, "igemm": 0}
+_ALGO_CODE = {"auto": 0, "gemm": 1, "direct": 2, "igemm": 0, "direct_staged": 3}
+#: Whether "auto" may pick the direct kernel's staged-input form (csrc/ct3d_conv.cuh
+#: ``direct_staged_pays``: 5 to 16 input channels per group where the direct kernel is picked).
+#: Off until the form has been timed on a GPU; the environment variable CT3D_FX_DIRECT_STAGED=1
+#: turns it on. Read at each launch.
+DIRECT_STAGED_AUTO = os.environ.get("CT3D_FX_DIRECT_STAGED", "0") == "1"
+_ALGO_AUTO_STAGED = 4  # csrc/ct3d_params.h kAlgoAutoStaged
 
 #: Tile configurations of the channels-last implicit GEMM, by id: (bytes per K step, BM, BN,
 #: warps). Mirrors csrc/ct3d_igemm.cuh ``launch_igemm``: 0-10 tile BM consecutive voxels of a
@@ -92,6 +102,7 @@ IGEMM_CONFIGS = {
     19: (64, 128, 64, 4), 20: (64, 128, 128, 4), 21: (128, 128, 64, 4),
     22: (64, 256, 64, 8), 23: (128, 256, 64, 8), 24: (64, 256, 128, 8),
     25: (128, 64, 64, 4), 26: (64, 64, 64, 4),
+    27: (64, 256, 64, 8), 28: (128, 256, 128, 8),
 }
 IGEMM_BOX_CONFIGS = tuple(range(11, 18))
 #: Box tiles on Hopper's warpgroup MMA (csrc/ct3d_wgmma.cuh, sm_90a): a 2 x 8 x 8 (19-21, one
@@ -99,7 +110,18 @@ IGEMM_BOX_CONFIGS = tuple(range(11, 18))
 #: straight from shared memory. On a device other than compute capability 9.0 each runs the
 #: mma.sync box configuration of the same K step and BN (19, 22 -> 13; 20, 24 -> 16;
 #: 21, 23 -> 11).
-IGEMM_WGMMA_CONFIGS = (19, 20, 21, 22, 23, 24)
+IGEMM_WGMMA_CONFIGS = (19, 20, 21, 22, 23, 24, 27, 28)
+#: The wgmma boxes with the bulk-copy B ring (v24, csrc/ct3d_wgmma.cuh
+#: conv_transpose3d_igemm_wgmma_bulk_kernel; 4 x 8 x 8 boxes on two warpgroups): each K chunk's B
+#: tile of a tap is one cp.async.bulk copy of a blocked weight (``_packed_weight_wgmma_bulk``)
+#: completing on an mbarrier, the warpgroups synchronized by mbarriers instead of a CTA barrier
+#: per tap. 27: BN 64, 64-byte chunks, 8 stages, 2 CTAs per multiprocessor; 28: BN 128,
+#: 128-byte chunks, 4 stages. Their blocked weight fits no other kernel, so where one cannot run
+#: (off compute capability 9.0, split-K, a patch or epilogue too large for shared memory) nothing
+#: is launched and the call repacks the weight and runs ``_BULK_FALLBACK``'s configuration (same
+#: K step and BN) from then on.
+IGEMM_WGMMA_BULK_CONFIGS = (27, 28)
+_BULK_FALLBACK = {27: 22, 28: 6}
 #: W-line tiles (csrc/ct3d_igemm.cuh conv_transpose3d_igemm_wline_kernel): 64 voxels of each W
 #: phase (W stride 1 or 2) x 64 channels, whole W lines of the output in one tile; the only
 #: configurations that run a LAYER_NORM over W. BM in ``IGEMM_CONFIGS`` is the rows per phase.
@@ -109,7 +131,7 @@ WLINE_MAX_ROWS = 64
 #: The row-tile configuration of the same K step and BN as each box configuration (the
 #: fallback of csrc/ct3d_igemm.cuh launch_igemm; split-K runs on row tiles).
 _BOX_FALLBACK = {11: 0, 12: 4, 13: 3, 14: 0, 15: 5, 16: 8, 17: 1, 19: 3, 20: 8, 21: 0, 22: 3,
-                 23: 0, 24: 8}
+                 23: 0, 24: 8, 27: 3, 28: 6}
 #: Split-K override for the channels-last implicit GEMM's row tiles (None: by shape,
 #: ``_igemm_splits``). Read when a call signature is first planned. For tests.
 IGEMM_SPLITS: Optional[int] = None
@@ -120,11 +142,13 @@ _IGEMM_MAX_STRIDE = 8  # csrc/ct3d_params.h kMaxStride: the kernel tabulates the
 #: scripts.
 IGEMM_CONFIG: Optional[int] = None
 
-#: The kernel the last launch ran: "gemm", "direct", or None (nothing launched yet, or an
-#: empty output). For tests.
+#: The kernel the last launch ran: "gemm", "direct", "direct_staged", "igemm", or None
+#: (nothing launched yet, or an empty output). For tests.
 LAST_KERNEL: Optional[str] = None
 #: Whether the last channels-last GEMM launch ran the sm_90a wgmma kernel. For tests.
 LAST_WGMMA: bool = False
+#: Whether that was the bulk-copy form (``IGEMM_WGMMA_BULK_CONFIGS``). For tests.
+LAST_WGMMA_BULK: bool = False
 
 MAX_INSTR = 48  # csrc/ct3d_params.h kMaxInstr
 MAX_SLOTS = 16  # csrc/ct3d_params.h kMaxSlots
@@ -290,7 +314,8 @@ def _make_plan(input, weight, bias, stride, padding, output_padding, dilation, g
     plan.conv = [*st, *pa, *di, int(groups)]
     streams = bool(plan.slot_strides[:, [0, 2, 3, 4]].any())  # a slot beyond per-channel
     plan.igemm_ok, plan.igemm_auto, plan.igemm_tiles = _igemm_rule(input, weight, conv_shape,
-                                                                   st, pa, di, groups, streams)
+                                                                   st, pa, di, groups, streams,
+                                                                   n_regs)
     # the pass's tiles hold 32 channels: below _PASS_MIN_CHANNELS most of each tile is idle (the
     # GAN's 1-channel last layer would use 1/32 of it)
     plan.passable = (not spans and not any(program[i] == Opcode.LAYER_NORM
@@ -441,8 +466,28 @@ def _phase_halo(n_in: int, n_out: int, s: int, pad: int, dil: int, k: int) -> Tu
     return -lo_idx, hi_idx - (n_in - 1)
 
 
+#: Shared memory a CTA may opt into on compute capability 9.0 (bytes), and what the bulk-copy
+#: wgmma kernels hold statically (per-channel slots and barriers, at most; ptxas reports 8.3 KB).
+_SMEM_OPTIN_SM90 = 232448
+_BULK_STATIC_SMEM = 8448
+
+
+def _bulk_fits(config: int, patch_rows: int, n_regs: int) -> bool:
+    """Whether bulk-copy wgmma configuration ``config`` fits in shared memory with a patch of
+    ``patch_rows`` rows and ``n_regs`` epilogue tile registers: the mirror of csrc/ct3d_wgmma.cuh
+    WgBox::smem_bytes (patch and B ring, or the tile registers that alias them, then the rows'
+    bookkeeping), so that the rule picks it only where it runs."""
+    kbytes, bm, bn, _ = IGEMM_CONFIGS[config]
+    stages = {27: 8, 28: 4}[config]
+    main = patch_rows * kbytes + stages * bn * kbytes
+    regs = n_regs * bn * (bm + 4) * 4
+    total = max(main, regs) + bm * 24 + patch_rows * 4 + _BULK_STATIC_SMEM
+    return total <= _SMEM_OPTIN_SM90
+
+
 def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool, taps: int,
-                  streams: bool = False, wgmma: bool = False) -> int:
+                  streams: bool = False, wgmma: bool = False, patch_rows: int = 0,
+                  n_regs: int = 1) -> int:
     """The channels-last implicit GEMM's tile configuration (an ``IGEMM_CONFIGS`` id) by shape,
     from the H200 sweeps in docs/kernel.md (v9 row tiles, v10 box tiles).
 
@@ -462,13 +507,24 @@ def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool, ta
     output channels when C_in has at least 128 bytes (l2_61, l2_77), else BN 64 with 128-byte
     K chunks when C_in fills them in float32 (l1_68), 64-byte chunks otherwise (l1_61; every
     such half-precision shape: l1_68, l2_13 in bf16); float32 with C_in under 128 bytes (l2_13)
-    keeps the mma.sync box (H200 sweeps, docs/kernel.md v11)."""
+    keeps the mma.sync box (H200 sweeps, docs/kernel.md v11).
+
+    The bulk-copy wgmma boxes (v24) replace two of those where they fit in shared memory
+    (``patch_rows``: the 4 x 8 x 8 box's input patch rows; ``n_regs``: epilogue tile registers):
+    BN 128 with 128-byte chunks (28) above 64 output channels when C_in fills 128-byte chunks
+    (l2_61, l2_77: 1.35-1.47x in TF32 and bf16), BN 64 with 64-byte chunks at 2 CTAs per
+    multiprocessor (27) up to 64 output channels when C_in has at most 64 bytes (l2_13: 1.19x;
+    l1_68 in bf16)."""
     fills_128 = (cin * elem) % 128 == 0
     if streams and not stride1 and 32 < cout <= 64 and fills_128:
         return 18
     if stride1 and wgmma and cout > 32:
         if cout > 64 and cin * elem >= 128:
+            if fills_128 and _bulk_fits(28, patch_rows, n_regs):
+                return 28
             return 24
+        if cout <= 64 and cin * elem <= 64 and _bulk_fits(27, patch_rows, n_regs):
+            return 27
         if cout <= 64 and (elem == 2 or cin * elem >= 128):
             return 23 if elem == 4 and fills_128 else 22
     if stride1:
@@ -484,8 +540,9 @@ def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool, ta
     return 3
 
 
-def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False):
-    """(applies, picked by "auto", tiles) for the channels-last implicit GEMM."""
+def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False, n_regs=1):
+    """(applies, picked by "auto", tiles) for the channels-last implicit GEMM; ``n_regs``: the
+    epilogue program's tile registers."""
     if groups != 1 or max(st) > _IGEMM_MAX_STRIDE:
         return False, False, None
     cin, cout = weight.size(0), weight.size(1)
@@ -493,8 +550,10 @@ def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False):
     elem = input.element_size()
     macs = cin * math.prod(ks) / (st[0] * st[1] * st[2])
     stride1 = all(v == 1 for v in st)
+    # the wgmma box's (4 x 8 x 8) input patch at stride 1
+    patch_rows = math.prod(b + d * (k - 1) for b, d, k in zip((4, 8, 8), di, ks))
     config = (_igemm_config(cin, cout, elem, macs, stride1, math.prod(ks), streams,
-                            _has_wgmma(input.device))
+                            _has_wgmma(input.device), patch_rows, n_regs)
               if IGEMM_CONFIG is None else IGEMM_CONFIG)
     if config in IGEMM_WLINE_CONFIGS:  # forced (timing scripts): where the W lines fit
         if _wline_reason(input, conv_shape, st, groups) is not None:
@@ -1240,7 +1299,7 @@ def _cached_copy(weight: torch.Tensor, tag: tuple, make) -> torch.Tensor:
         if hit is not None and hit[0]() is weight:
             return hit[1]
     copy = make(weight)
-    if key is not None and not torch.cuda.is_current_stream_capturing():
+    if key is not None and not (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
         if len(_packed) >= _PACKED_MAX:
             _packed.clear()
         _packed[key] = (weakref.ref(weight), copy)
@@ -1278,6 +1337,21 @@ def _packed_weight_igemm(weight: torch.Tensor, ck: int, bn: int) -> torch.Tensor
     return _cached_copy(weight, ("igemm", ck, bn), make)
 
 
+def _packed_weight_wgmma_bulk(weight: torch.Tensor, ck: int, bn: int) -> torch.Tensor:
+    """``_packed_weight_igemm``'s weight with each tap's bytes blocked for the bulk-copy wgmma
+    configurations: per tap, (K chunk, block of bn output channels, 16-byte piece of the chunk,
+    channel of the block, the piece's values), so that one chunk's B tile of one channel block
+    is bn x (ck x element size) contiguous bytes in the shared-memory stage's plane order. Same
+    shape and dtype as the unblocked weight; cached like it."""
+    def make(weight):
+        wp = _packed_weight_igemm(weight, ck, bn)
+        kd, kh, kw, cout_p, cp = wp.shape
+        per = 16 // wp.element_size()  # values per 16-byte piece
+        v = wp.reshape(kd * kh * kw, cout_p // bn, bn, cp // ck, ck // per, per)
+        return v.permute(0, 3, 1, 4, 2, 5).contiguous().reshape(wp.shape)
+    return _cached_copy(weight, ("igemm_bulk", ck, bn), make)
+
+
 def _run_fused(ext, plan, input, weight, bias, extras, mode):
     out = torch.empty_strided(plan.shape, plan.stride, dtype=plan.dtype, device=input.device)
     if out.numel() == 0:
@@ -1289,21 +1363,34 @@ def _run_fused(ext, plan, input, weight, bias, extras, mode):
         raise ValueError(f"ct3d_fx._cuda.ALGO must be one of {sorted(_ALGO_CODE)}, got {ALGO!r}")
     bias_c = None if bias is None else bias.contiguous()
     slots = [extras[i] for i in plan.slot_extras]
-    global LAST_KERNEL, LAST_WGMMA
+    global LAST_KERNEL, LAST_WGMMA, LAST_WGMMA_BULK
     if plan.wline or (mode == _MODE_TENSOR_CORE and plan.igemm_ok
                       and (ALGO == "igemm" or (ALGO == "auto" and plan.igemm_auto))):
         ck, bn, config, bm, splits = plan.igemm_tiles
-        wpk = _packed_weight_igemm(weight, ck, bn)
+        bulk = config in IGEMM_WGMMA_BULK_CONFIGS
+        wpk = (_packed_weight_wgmma_bulk(weight, ck, bn) if bulk
+               else _packed_weight_igemm(weight, ck, bn))
         ran = ext.launch_igemm(input, weight, bias_c, out, slots, plan.slot_strides,
                                plan.prog_i, prog_f, plan.regs, plan.conv, wpk, ck, bn, config,
                                bm, splits)
-        LAST_WGMMA = ran == 3
+        if ran == 4:  # the bulk configuration cannot run here: its fallback, from now on
+            fb = _BULK_FALLBACK[config]
+            plan.igemm_tiles = (ck, bn, fb, IGEMM_CONFIGS[fb][1], splits)
+            ran = ext.launch_igemm(input, weight, bias_c, out, slots, plan.slot_strides,
+                                   plan.prog_i, prog_f, plan.regs, plan.conv,
+                                   _packed_weight_igemm(weight, ck, bn), ck, bn, fb,
+                                   IGEMM_CONFIGS[fb][1], splits)
+        LAST_WGMMA = ran in (3, 5)
+        LAST_WGMMA_BULK = ran == 5
         LAST_KERNEL = "igemm"
         return out
     wp = _packed_weight(weight)
+    algo = _ALGO_CODE[ALGO]
+    if algo == 0 and DIRECT_STAGED_AUTO:
+        algo = _ALGO_AUTO_STAGED
     kernel = ext.launch(input, wp, bias_c, out, slots, plan.slot_strides, plan.prog_i,
-                        prog_f, plan.regs, plan.conv, mode, _ALGO_CODE[ALGO])
-    LAST_KERNEL = {0: "gemm", 1: "direct"}.get(kernel)
+                        prog_f, plan.regs, plan.conv, mode, algo)
+    LAST_KERNEL = {0: "gemm", 1: "direct", 2: "direct_staged"}.get(kernel)
     return out
 
 

@@ -115,7 +115,9 @@ ABOUT = ("ct3d_fx benchmark (python -m ct3d_fx.bench). Times in ms: median of ru
          "(max_rel_err_vs_fp64; eager_ and compile_max_rel_err_vs_fp64 are PyTorch's own). "
          "fused: the fused chains; sites: the rewrite report; autotune: the implementation "
          "the per-shape autotune chose for each fused call (fused, reference, "
-         "cudnn_channels_last, cudnn_channels_last_pass, cudnn_pass); errors: "
+         "cudnn_channels_last, cudnn_channels_last_pass, cudnn_pass, subpixel) and "
+         "autotune_ms each decision's candidate medians (ms per call, the autotune's own "
+         "timer: CUDA events around bursts of calls, no L2 flush); errors: "
          "{stage: message} of "
          "failed stages. Inputs uniform in [0, 1), eval mode, random BatchNorm statistics. "
          "Compare ratios measured in one run; absolute times vary between machines.")
@@ -849,6 +851,10 @@ def _measure(case: Case, opts, ceilings: dict, device: torch.device, log) -> dic
             keys = {_cuda._key(*a) for f, a, k in fused_calls if not k and len(a) == 11}
             row["autotune"] = [v for (key, _), v in _cuda.autotune_choices().items()
                                if key in keys]
+            # and the candidates' medians it decided by (ms per call, its own timer)
+            row["autotune_ms"] = [{c: round(m, 4) for c, m in v.items()}
+                                  for (key, _), v in _cuda.autotune_timings().items()
+                                  if key in keys]
 
             # the fused kernel itself: no per-shape autotune choice of cuDNN + PyTorch ops
             tuned, _cuda.AUTOTUNE = _cuda.AUTOTUNE, False

@@ -41,6 +41,10 @@
 #   pool      tests/test_pool_tail.py and memcheck over its kernel tests
 #   pass      tests/test_epilogue_pass.py and tests/test_cuda_autotune.py, memcheck over the
 #             epilogue pass's kernel tests
+#   bulk      the bulk-copy wgmma configurations 27 and 28 (csrc/ct3d_wgmma.cuh, v24): a 60 s
+#             smoke run of each (scripts/bulk_smoke.py), their tests, memcheck over some of them,
+#             and the fused op on the stride-1 suite rows with each forced (CT3D_BULK_ONLY,
+#             CT3D_BULK_ALGOS): LOGDIR/bulk_time_fp32.json, LOGDIR/bulk_time_bf16.json
 #   passlite  scripts/pass_time.py: the pass alone on suite output shapes, its vector kernels
 #             (csrc/ct3d_pass_lite.cuh) on and off, against PyTorch's copy; LOGDIR/pass_time.json
 #   passprof  Nsight Compute on two launches of the epilogue pass (bf16 NCDHW in place, float32
@@ -54,6 +58,11 @@
 #             pass alone and the candidates that use it)
 #   dirprof   Nsight Compute on one direct-kernel launch (l1_72's shape, TF32): speed of light,
 #             warp states, instruction mix; per source line LOGDIR/dirprof_source.csv
+#   staged    the direct kernel's staged-input form (ALGO "direct_staged"): pytest -k "direct or
+#             staged" over tests/test_cuda_kernel.py, memcheck over its 20 forced-shape tests,
+#             and the fused op on the nine direct-kernel suite rows with ALGO direct and
+#             direct_staged (scripts/time_kernels.py) in TF32, bf16 and exact FP32:
+#             LOGDIR/staged_time_fp32.json, staged_time_bf16.json, staged_time_fp32-exact.json
 #   subpixel  tests/test_subpixel.py and tests/test_cuda_autotune.py, then the GAN generator:
 #             host_time --sites at TF32 batch 1 / 8 and bf16 batch 2 / 8 (subpixel_ms per site),
 #             and its bench rows (LOGDIR/gan_tf32.json, LOGDIR/gan_bf16.json)
@@ -370,6 +379,28 @@ step_pass() {  # the epilogue pass: its tests, the autotune's, and memcheck over
     -k "(matches and bias and not nobias and (case0 or case2 or case3) and (relu or side_input or broadcast)) or in_place or float32_output or batch_one"
 }
 
+step_bulk() {  # the bulk-copy wgmma configurations (27, 28): a 60 s smoke run of each (a
+  # pipeline that deadlocks shows here, not as a hung step), their tests, memcheck over the
+  # bulk-shape tests, then the fused op on the stride-1 suite rows with each configuration forced
+  # (LOGDIR/bulk_time_fp32.json, LOGDIR/bulk_time_bf16.json)
+  local c rc=0
+  for c in 27 28; do
+    timeout 60 "$PY" scripts/bulk_smoke.py "$c" || { echo "smoke: config $c failed or hung"; return 1; }
+  done
+  "$PY" -m pytest -p no:cacheprovider -q -rfE --maxfail=5 tests/test_cuda_kernel.py \
+    -k "wgmma or bulk or igemm_configs" || rc=1
+  compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+    --report-api-errors no "$PY" -m pytest -p no:cacheprovider -q tests/test_cuda_kernel.py \
+    -k "bulk_shapes and tf32" || rc=1
+  local only=${CT3D_BULK_ONLY:-'^(l1_61|l1_68|l2_13|l2_61|l2_77|l1_58|l1_70)$'}
+  local algos=${CT3D_BULK_ALGOS:-auto,igemm:22,igemm:23,igemm:24,igemm:27,igemm:28}
+  "$PY" scripts/time_kernels.py --algos "$algos" --only "$only" --dtype fp32 \
+    --json "$LOG/bulk_time_fp32.json" || rc=1
+  "$PY" scripts/time_kernels.py --algos "$algos" --only "$only" --dtype bf16 \
+    --json "$LOG/bulk_time_bf16.json" || rc=1
+  return $rc
+}
+
 step_passlite() {  # the epilogue pass alone on suite output shapes: the vector kernels on / off
   # and PyTorch's layout copy (scripts/pass_time.py; LOGDIR/pass_time.json)
   "$PY" scripts/pass_time.py --json "$LOG/pass_time.json"
@@ -488,10 +519,30 @@ PROF
     "$PY" /tmp/ct3d_dirprof.py >"$LOG/dirprof_source.csv" 2>"$LOG/dirprof_source.err"
   echo "source-level profile: exit $? ($(wc -l <"$LOG/dirprof_source.csv") lines)"
 }
+
+step_staged() {  # the direct kernel's staged-input form (csrc/ct3d_conv.cuh, forced only): its
+  # tests with the direct kernel's, memcheck over its forced-shape tests (CPU float64 reference,
+  # no cuDNN under the sanitizer), then the fused op alone on the direct-kernel suite rows with
+  # each form forced, in TF32, bf16 and exact FP32 (time_kernels.py: do_bench medians, L2 flushed;
+  # short warmup / repeats to keep the step near 4 minutes)
+  local rc=0 dt
+  "$PY" -m pytest -p no:cacheprovider -q -rfE tests/test_cuda_kernel.py -k "direct or staged" \
+    || rc=1
+  compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+    --report-api-errors no "$PY" -m pytest -p no:cacheprovider -q tests/test_cuda_kernel.py \
+    -k "direct_staged_forced" || rc=1
+  for dt in fp32 bf16 fp32-exact; do
+    "$PY" scripts/time_kernels.py --algos direct,direct_staged --dtype "$dt" \
+      --only '^(l1_72|l2_50|l2_58|l2_60|l2_72|l2_89|l2_96|l2_15|l2_74)$' \
+      --warmup-ms 10 --rep-ms 40 --json "$LOG/staged_time_$dt.json" || rc=1
+  done
+  return $rc
+}
+export -f step_staged
 export -f step_spatial step_install step_build step_test step_sanitize step_example step_time step_profile \
   step_bench step_igemm step_sweep step_probe step_wgmma step_suite step_results step_results_low \
   step_pack step_host step_pool step_pass step_rows step_passprof step_gan step_passtime \
-  step_dirprof step_subpixel step_passlite
+  step_dirprof step_subpixel step_passlite step_bulk
 for s in $STEPS; do
   case $s in
     install) run_step install 300 ;;
@@ -501,6 +552,7 @@ for s in $STEPS; do
     igemm) run_step igemm 400 ;;
     probe) run_step probe 120 ;;
     wgmma) run_step wgmma 300 ;;
+    bulk) run_step bulk 560 ;;
     sweep) run_step sweep 500 ;;
     example) run_step example 120 ;;
     time) run_step time 420 ;;
@@ -520,6 +572,7 @@ for s in $STEPS; do
     passtime) run_step passtime 240 ;;
     passlite) run_step passlite 240 ;;
     dirprof) run_step dirprof 240 ;;
+    staged) run_step staged 360 ;;
     subpixel) run_step subpixel 420 ;;
     *) echo "unknown step $s"; FAILED=1 ;;
   esac

@@ -1,7 +1,8 @@
 """Times the fused op's kernels on the benchmark suite, one call per kernel choice.
 
     python scripts/time_kernels.py [--dtype fp32|fp32-exact|bf16|fp16] [--only REGEX]
-                                   [--algos auto,gemm,direct] [--json PATH] [--bare]
+                                   [--algos auto,gemm,direct,direct_staged] [--json PATH]
+                                   [--bare]
 
 For each suite problem (benchmarks/suite.json, the published sizes) this builds the model the
 way ``python -m ct3d_fx.bench`` does, optimizes it, captures the calls of the fused op during
@@ -9,8 +10,9 @@ one forward, and times those calls (``ct3d_fx.bench.time_ms``: triton's do_bench
 flushed) with the per-shape autotune off and ``ct3d_fx._cuda.ALGO`` set to each of ``--algos``
 ("auto": the kernel _cuda.py and launch_conv pick; "gemm": the strided-input implicit GEMM;
 "igemm" or "igemm:N": the channels-last implicit GEMM, with tile configuration N of
-``_cuda.IGEMM_CONFIGS``; "direct": the direct FP32 kernel where it applies); a choice that runs a kernel already timed for the problem reuses
-that time. ``--bare`` also times the first choice with each call's epilogue program
+``_cuda.IGEMM_CONFIGS``; "direct": the direct FP32 kernel where it applies; "direct_staged":
+its staged-input form where that applies, else as "direct"); a choice that runs a kernel already
+timed for the problem reuses that time. ``--bare`` also times the first choice with each call's epilogue program
 removed (convolution plus bias only, column ``bare_ms``): the difference is what the
 epilogue costs inside the fused kernel. Every choice's output is compared with the first one's (relative
 L2 difference) so a broken kernel cannot time well unnoticed.

@@ -689,6 +689,45 @@ def direct_applies(case: Case) -> bool:
             and case.groups * -(-case.cout_g // co) <= 65535)
 
 
+DIRECT_STAGED_MAX_SMEM = 160 * 1024  # csrc/ct3d_conv.cuh kDirectStagedMaxSmem
+
+
+def direct_staged_smem(case: Case, n_regs: int) -> int:
+    """Mirror of csrc/ct3d_conv.cuh direct_staged_smem on top of direct_applies: the staged
+    form's dynamic shared memory in bytes, -1 where launch_conv does not take it (the device's
+    opt-in limit aside). ``n_regs``: the epilogue's tile registers (``plan.regs[0]``)."""
+    if not direct_applies(case) or case.cin_g > 16:
+        return -1
+    nv = 1 if case.cin_g <= 4 else 2 if case.cin_g <= 8 else 4
+    co = 8 if case.cout_g <= 8 else 16
+    out = case.out_spatial()
+    nd, nh = [max(phase_dim(r, out[i], case.stride[i], case.padding[i], case.dilation[i],
+                            case.kernel[i])[2] for r in range(case.stride[i])) for i in range(2)]
+    w_floats = nd * nh * case.kernel[2] * case.cin_g * co
+    sw, groups_w = case.stride[2], -(-out[2] // 2)  # RW = 2 voxels per W group
+    lo, hi = None, None  # stage_window: input W positions a tile's taps read
+    for j in range(2):
+        _, _, n_taps, _, off0, doff = phase_dim(j % sw, out[2], sw, case.padding[2],
+                                                case.dilation[2], case.kernel[2])
+        if n_taps:
+            first = off0 - (n_taps - 1) * doff  # phase index 0, last tap
+            last = ((2 * (groups_w - 1) + j) >> (sw - 1)) + off0  # last phase index, tap 0
+            lo = first if lo is None else min(lo, first)
+            hi = last if hi is None else max(hi, last)
+    wp = 0 if lo is None else hi - lo + 1
+    rows = (groups_w + 126) // groups_w + 1  # stage_rows: output rows a 128-group tile touches
+    staged = rows * nd * nh * (wp * 16 * nv + 4)
+    info, tile = 256 * 24, co * 260 * 4  # Direct<CO>::kInfoBytes, kTileBytes
+    total = info + 4 * w_floats + max(n_regs * tile, staged)
+    return total if total <= DIRECT_STAGED_MAX_SMEM else -1
+
+
+def direct_staged_applies(case: Case, n_regs: int) -> bool:
+    """Whether ALGO = "direct_staged" runs the staged form (else the plain direct kernel, or
+    the GEMM where that does not apply either); mirror of launch_conv."""
+    return direct_staged_smem(case, n_regs) >= 0
+
+
 # Both kernels on the same configurations, each forced through _cuda.ALGO and checked like the
 # sweep (every 6th sweep seed; W strides of 3 become 2 so the direct kernel applies).
 @cuda_test
@@ -703,6 +742,180 @@ def test_both_kernels(seed, algo, ext, poison, monkeypatch):
     _check_case(case, build_args(case, "cuda"), record=False)
     want = "direct" if algo == "direct" and direct_applies(case) else "gemm"
     assert _cuda.LAST_KERNEL == want, f"{case}: ran {_cuda.LAST_KERNEL}, expected {want}"
+
+
+# ------------------------------------------------------------------------------------------
+# The direct kernel's staged-input form (ALGO = "direct_staged"): where launch_conv takes it
+# (direct_staged_applies) it must run and give the plain direct kernel's output bit for bit (the
+# same products in the same order); elsewhere the plain direct kernel or the GEMM runs.
+
+
+def _cap_w_stride(case: Case) -> Case:
+    """W strides of 3 become 2, so that the direct kernel applies (as test_both_kernels)."""
+    if case.stride[2] > 2:
+        case.stride[2] = 2
+        case.output_padding[2] = min(case.output_padding[2], max(2, case.dilation[2]) - 1)
+    return case
+
+
+def _staged_want(case: Case, args) -> str:
+    n_regs = _cuda._make_plan(*args).regs[0]
+    if direct_staged_applies(case, n_regs):
+        return "direct_staged"
+    return "direct" if direct_applies(case) else "gemm"
+
+
+def _check_same_as_plain(case: Case, args, out, monkeypatch):
+    """The plain direct kernel forced on the same call gives ``out`` bit for bit."""
+    monkeypatch.setattr(_cuda, "ALGO", "direct")
+    with _precision(case.precision):
+        plain = OP(*args)
+    assert _cuda.LAST_KERNEL == "direct", f"{case}: ran {_cuda.LAST_KERNEL}"
+    assert bitwise_equal(out, plain), f"{case}: the staged form differs from the plain kernel"
+
+
+@cuda_test
+@pytest.mark.parametrize("seed", range(0, SWEEP, 6))
+def test_direct_staged_sweep(seed, ext, poison, monkeypatch):
+    case = _cap_w_stride(make_case(seed))
+    args = build_args(case, "cuda")
+    monkeypatch.setattr(_cuda, "ALGO", "direct_staged")
+    _check_case(case, args, record=False)
+    want = _staged_want(case, args)
+    assert _cuda.LAST_KERNEL == want, f"{case}: ran {_cuda.LAST_KERNEL}, expected {want}"
+    if want == "direct_staged":
+        with _precision(case.precision):
+            out = OP(*args)
+        _check_same_as_plain(case, args, out, monkeypatch)
+
+
+# Shapes the staged form takes, partial tiles at the edges, each in every precision (CPU
+# float64 reference only, so that no cuDNN kernel runs under scripts/gpu_check.sh's memcheck):
+# (N, cin_g, cout_g, groups, spatial, kernel, stride, padding, out_pad, dilation, x_layout, n_ops)
+STAGED_SHAPES = {
+    # l1_72's layer, smaller: groups 4, 8 channels per group (NV = 2), stride 2, 8 channels out
+    "l1_72": (1, 8, 8, 4, [3, 5, 12], [3, 5, 7], [2, 2, 2], [1, 2, 3], [1, 1, 1], [1, 1, 1],
+              "contiguous", 2),
+    # 16 channels (NV = 4), 20 out (CO = 16, two channel tiles), stride 1, channels-last input
+    # (a 1 x 3 x 3 kernel and W_out = 40: with 3 x 3 x 3 and W_out = 9 the 27 rows x 9 slots a
+    # tile touches need 172 KB, past the staged form's limit, and the plain kernel runs)
+    "c16_s1": (2, 16, 20, 1, [3, 4, 40], [1, 3, 3], [1, 1, 1], [0, 1, 1], [0, 0, 0], [1, 1, 1],
+               "channels_last", 3),
+    # 3 channels (NV = 1), strides (1, 2, 2), every other element along W
+    "c3_s2": (2, 3, 16, 1, [4, 6, 10], [3, 3, 3], [1, 2, 2], [1, 1, 1], [0, 1, 1], [1, 1, 1],
+              "sliced", 4),
+    # 5 channels (NV = 2, 3 of them zeros), groups 2, W stride 1 with dilation 2, odd W_out
+    "c5_g2": (1, 5, 3, 2, [5, 3, 7], [2, 3, 4], [2, 1, 1], [0, 1, 2], [1, 0, 0], [1, 1, 2],
+              "permuted", 5),
+    # W_out = 1 (one W group per output row: a tile spans 128 rows), 12 channels
+    "w1": (3, 12, 8, 1, [6, 5, 1], [3, 3, 1], [1, 2, 1], [1, 1, 0], [0, 1, 0], [1, 1, 1],
+           "contiguous", 1),
+}
+
+
+@cuda_test
+@pytest.mark.parametrize("precision", ["tf32", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", list(STAGED_SHAPES))
+def test_direct_staged_forced(shape, precision, ext, poison, monkeypatch):
+    N, cin_g, cout_g, groups, sp, k, s, p, op, d, layout, n_ops = STAGED_SHAPES[shape]
+    case = Case(0, precision, N, cin_g, cout_g, groups, list(sp), list(k), list(s), list(p),
+                list(op), list(d), True, layout, "contiguous", n_ops)
+    args = build_args(case, "cuda")
+    assert _staged_want(case, args) == "direct_staged"
+    monkeypatch.setattr(_cuda, "ALGO", "direct_staged")
+    with _precision(precision):
+        assert _cuda.fallback_reason(*args) is None
+        out = OP(*args)
+    assert _cuda.LAST_KERNEL == "direct_staged", f"{case}: ran {_cuda.LAST_KERNEL}"
+    cpu_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    cpu_args[10] = [t.cpu() for t in args[10]]
+    ref = reference64(cpu_args)
+    assert not torch.isnan(out).any(), f"{case}: unwritten outputs"
+    err = rel_err(out.cpu(), ref)
+    bound = {"fp32": 1e-5, "tf32": 2e-3, "fp16": 5e-3, "bf16": 3e-2}[precision]
+    assert err <= bound, f"{case}: rel L2 error {err:.3g} > {bound}"
+    _check_same_as_plain(case, args, out, monkeypatch)
+
+
+@cuda_test
+@pytest.mark.parametrize("switch", [False, True])
+@pytest.mark.parametrize("precision", ["tf32", "fp32", "bf16"])
+def test_direct_staged_auto_switch(precision, switch, ext, poison, monkeypatch):
+    """Under "auto" the staged form runs only with _cuda.DIRECT_STAGED_AUTO, and then only where
+    launch_conv picks the direct kernel with 5 to 16 input channels per group
+    (direct_staged_pays): l1_72's 8 channels in TF32 / exact FP32 (bf16: the GEMM), never
+    C_in = 3."""
+    monkeypatch.setattr(_cuda, "DIRECT_STAGED_AUTO", switch)
+    for cin, k, want in ((8, [3, 5, 7], {"tf32": "direct", "fp32": "direct", "bf16": "gemm"}),
+                         (3, [3, 3, 3], {"tf32": "direct", "fp32": "direct", "bf16": "direct"})):
+        draw = _Draw(11 + cin, "cuda", DTYPES[precision])
+        x, w = draw.normal((2, cin, 4, 6, 8)), draw.normal((cin, 8, *k), 0.1)
+        args = (x, w, None, [2] * 3, [1, 1, 1], [1] * 3, [1, 1, 1], 1, [], [], [])
+        with _precision(precision):
+            out = OP(*args)
+        expect = want[precision]
+        if switch and expect == "direct" and cin >= 5:
+            expect = "direct_staged"
+        assert _cuda.LAST_KERNEL == expect, f"C_in {cin}: ran {_cuda.LAST_KERNEL}"
+        bound = {"fp32": 1e-5, "tf32": 2e-3, "bf16": 1e-2}[precision]
+        assert rel_err(out, reference64(args)) <= bound
+
+
+def test_direct_staged_rule_mirror(tmp_path):
+    """The tests' mirror of launch_conv's size rules (direct_applies, direct_staged_smem)
+    against the C++ functions themselves (scripts/emulate/direct_rule_harness.cpp, g++) on the
+    sweep's configurations and a few chosen ones; l1_72's staged form needs 56160 bytes: row
+    info 6144 + weights 10752 + 4 rows x 6 (d, h) taps x (51 positions x 32 bytes + 4)."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    cuda_inc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+    if shutil.which("g++") is None or not os.path.exists(os.path.join(cuda_inc, "cuda_fp16.h")):
+        pytest.skip("needs g++ and CUDA's include folder")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    emu = os.path.join(root, "scripts", "emulate")
+    spec = importlib.util.spec_from_file_location("ct3d_emulate", os.path.join(emu, "emulate.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.cut_header(tmp_path)
+    exe = tmp_path / "rule"
+    subprocess.run(["g++", "-std=c++20", "-O0", "-w", f"-I{cuda_inc}",
+                    f"-I{os.path.join(root, 'csrc')}", f"-I{emu}", f"-I{tmp_path}",
+                    os.path.join(emu, "direct_rule_harness.cpp"), "-o", str(exe)], check=True)
+    l1_72 = Case(0, "tf32", 8, 8, 8, 4, [12, 24, 48], [3, 5, 7], [2, 2, 2], [1, 2, 3],
+                 [1, 1, 1], [1, 1, 1], False, "contiguous", "contiguous", 0)
+    chosen = [(l1_72, 1)]
+    for shape in STAGED_SHAPES.values():
+        N, cin_g, cout_g, groups, sp, k, s, p, op, d, layout, n_ops = shape
+        chosen.append((Case(0, "fp32", N, cin_g, cout_g, groups, list(sp), list(k), list(s),
+                            list(p), list(op), list(d), True, layout, "contiguous", n_ops), 2))
+    # the direct kernel applies, its staged form not: 2 rows x 9 taps of 902 positions x 64 B
+    wide = Case(0, "fp32", 1, 16, 16, 1, [4, 4, 900], [3, 3, 3], [1, 1, 1], [1, 1, 1],
+                [0, 0, 0], [1, 1, 1], False, "contiguous", "contiguous", 0)
+    chosen.append((wide, 6))
+    cases = chosen + [(_cap_w_stride(make_case(seed)) if seed % 2 else make_case(seed),
+                       (seed % 6) + 1) for seed in range(120)]
+    lines = []
+    for case, n_regs in cases:
+        out = case.out_spatial()
+        lines.append(" ".join(map(str, [case.N, case.cin_g * case.groups, *case.spatial,
+                                        *case.kernel, case.cout_g * case.groups, *out,
+                                        case.groups, *case.stride, *case.padding,
+                                        *case.dilation, n_regs])))
+    res = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True,
+                         text=True, check=True, timeout=60).stdout.split("\n")
+    wrong = []
+    for (case, n_regs), line in zip(cases, res):
+        wf, smem = map(int, line.split())
+        if (wf >= 0) != direct_applies(case) or smem != direct_staged_smem(case, n_regs):
+            wrong.append((str(case), n_regs, line, direct_applies(case),
+                          direct_staged_smem(case, n_regs)))
+    assert not wrong, wrong
+    assert direct_staged_smem(l1_72, 1) == 56160
+    assert direct_applies(wide) and direct_staged_smem(wide, 6) == -1
+    taken = sum(direct_staged_smem(c, r) >= 0 for c, r in cases)
+    assert 40 <= taken < len(cases), taken  # both outcomes are exercised
 
 
 def _check_forced_igemm(case, monkeypatch, config, splits=None):
@@ -807,6 +1020,52 @@ def test_igemm_wgmma_runs(config, precision, kernel, stride, spatial, ext, poiso
     _check_forced_igemm(case, monkeypatch, config, splits=1)
     assert _cuda.LAST_KERNEL == "igemm", f"{case}: ran {_cuda.LAST_KERNEL}"
     assert _cuda.LAST_WGMMA == _wgmma_device(), f"{case}: wgmma ran: {_cuda.LAST_WGMMA}"
+    bulk = _wgmma_device() and config in _cuda.IGEMM_WGMMA_BULK_CONFIGS
+    assert _cuda.LAST_WGMMA_BULK == bulk, f"{case}: bulk ran: {_cuda.LAST_WGMMA_BULK}"
+
+
+# The bulk-copy configurations' blocked weight (no GPU needed): each (tap, K chunk, channel
+# block) is one contiguous run of bn x (chunk bytes) in the kernel's stage order (16-byte piece,
+# then output channel), the same values as the unblocked packed weight.
+@pytest.mark.parametrize("dtype,ck,bn", [(torch.float32, 32, 128), (torch.float32, 16, 64),
+                                         (torch.bfloat16, 64, 128), (torch.bfloat16, 32, 64)])
+def test_packed_weight_wgmma_bulk_layout(dtype, ck, bn):
+    w = torch.randn(70, 100, 2, 3, 1).to(dtype)
+    plain = _cuda._packed_weight_igemm(w, ck, bn)
+    blk = _cuda._packed_weight_wgmma_bulk(w, ck, bn)
+    assert blk.shape == plain.shape and blk.dtype == plain.dtype and blk.is_contiguous()
+    kd, kh, kw, cout_p, cp = plain.shape
+    per = 16 // plain.element_size()
+    n_cob, n_ch = cout_p // bn, cp // ck
+    flat = blk.reshape(-1)
+    gen = random.Random(0)
+    for _ in range(500):
+        tap, co, ci = gen.randrange(kd * kh * kw), gen.randrange(cout_p), gen.randrange(cp)
+        ch, piece, e = ci // ck, (ci % ck) // per, ci % per
+        cob, row = co // bn, co % bn
+        at = (tap * cout_p * cp + (ch * n_cob + cob) * bn * ck + piece * bn * per + row * per
+              + e)
+        assert torch.equal(flat[at], plain.reshape(-1, cout_p, cp)[tap, co, ci]), (tap, co, ci)
+
+
+# The bulk-copy wgmma configurations on a box count that is not even (batch 1, three boxes in
+# D) and on a K of several chunks with a 1-tap kernel, where every step starts a chunk (the
+# patch reload between two steps of the B ring).
+@cuda_test
+@pytest.mark.parametrize("config", _cuda.IGEMM_WGMMA_BULK_CONFIGS)
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("n,kernel,spatial", [
+    (1, [3, 3, 3], [10, 5, 7]),
+    (3, [1, 1, 1], [5, 9, 11]),
+])
+def test_igemm_wgmma_bulk_shapes(config, precision, n, kernel, spatial, ext, poison,
+                                 monkeypatch):
+    n_ops = 0 if _cuda.IGEMM_CONFIGS[config][2] == 128 else 2
+    case = Case(0, precision, n, 72, 40, 1, list(spatial), list(kernel), [1, 1, 1],
+                [k // 2 for k in kernel], [0, 0, 0], [1, 1, 1], True, "contiguous",
+                "contiguous", n_ops)
+    _check_forced_igemm(case, monkeypatch, config, splits=1)
+    assert _cuda.LAST_WGMMA_BULK == _wgmma_device(), f"{case}: bulk ran: {_cuda.LAST_WGMMA_BULK}"
 
 
 # Split-K on the row tiles: each tile's K steps divided among 2-5 CTAs (more than a phase has
@@ -862,20 +1121,29 @@ def test_igemm_config_rule_wgmma():
     channels take the two-warpgroup wgmma boxes the H200 sweeps measured fastest; elsewhere, and
     off Hopper, the mma.sync choices stay."""
     rule = _cuda._igemm_config
-    # (cin, cout, elem, kernel taps) -> (config with wgmma, config without)
-    for cin, cout, elem, taps, want, before in [
-        (64, 128, 4, 27, 24, 11),   # l2_61
-        (64, 128, 4, 125, 24, 13),  # l2_77
-        (32, 64, 4, 75, 23, 13),    # l1_68
-        (48, 48, 4, 27, 22, 13),    # l1_61
-        (16, 64, 4, 27, 13, 13),    # l2_13 (float32: C_in under 128 bytes keeps mma.sync)
-        (16, 64, 2, 27, 22, 13),    # l2_13 in bf16
-        (32, 16, 4, 105, 15, 15),   # l1_58: 16 output channels
-        (48, 24, 4, 27, 12, 12),    # l1_70
+    # (cin, cout, elem, kernel, epilogue registers) -> (config with wgmma, config without)
+    for cin, cout, elem, ks, regs, want, before in [
+        ((64, 128, 4, (3, 3, 3), 1, 28, 11)),   # l2_61: the bulk-copy box, BN 128
+        ((64, 128, 2, (3, 3, 3), 1, 28, 11)),   # l2_61 in bf16
+        ((64, 128, 4, (3, 3, 3), 2, 24, 11)),   # two tile registers: 28's do not fit
+        ((64, 128, 4, (5, 5, 5), 1, 28, 13)),   # l2_77 (its patch just fits)
+        ((64, 128, 4, (7, 7, 7), 1, 24, 13)),   # a patch too large for 28
+        ((80, 128, 4, (3, 3, 3), 1, 24, 13)),   # C_in not a multiple of 128 bytes
+        ((32, 64, 4, (3, 5, 5), 1, 23, 13)),    # l1_68
+        ((32, 64, 2, (3, 5, 5), 1, 27, 13)),    # l1_68 in bf16: the bulk-copy box, BN 64
+        ((48, 48, 4, (3, 3, 3), 1, 22, 13)),    # l1_61
+        ((16, 64, 4, (3, 3, 3), 1, 27, 13)),    # l2_13
+        ((16, 64, 2, (3, 3, 3), 1, 27, 13)),    # l2_13 in bf16
+        ((32, 16, 4, (3, 5, 7), 1, 15, 15)),    # l1_58: 16 output channels
+        ((48, 24, 4, (3, 3, 3), 1, 12, 12)),    # l1_70
     ]:
+        taps = math.prod(ks)
         macs = cin * taps
-        assert rule(cin, cout, elem, macs, True, taps, wgmma=True) == want, (cin, cout, elem)
-        assert rule(cin, cout, elem, macs, True, taps, wgmma=False) == before, (cin, cout, elem)
+        rows = math.prod(b + k - 1 for b, k in zip((4, 8, 8), ks))
+        assert rule(cin, cout, elem, macs, True, taps, wgmma=True, patch_rows=rows,
+                    n_regs=regs) == want, (cin, cout, elem, ks, regs)
+        assert rule(cin, cout, elem, macs, True, taps, wgmma=False, patch_rows=rows,
+                    n_regs=regs) == before, (cin, cout, elem, ks, regs)
     # strided shapes do not change: l2_100, l2_3
     assert rule(64, 128, 4, 216, False, 27, wgmma=True) == rule(64, 128, 4, 216, False, 27) == 10
     assert rule(32, 64, 4, 108, False, 27, wgmma=True) == rule(32, 64, 4, 108, False, 27) == 10
@@ -996,6 +1264,28 @@ def test_edge_tiles(idx, ext, poison):
     ref = reference64(cpu_args)
     assert not torch.isnan(out).any(), f"{case}: unwritten outputs"
     err = rel_err(out.cpu(), ref)
+    bound = {"fp32": 1e-5, "tf32": 2e-3, "fp16": 5e-3, "bf16": 3e-2}[prec]
+    assert err <= bound, f"{case}: rel L2 error {err:.3g} > {bound}"
+
+
+@cuda_test
+@pytest.mark.parametrize("idx", range(len(EDGE)))
+def test_direct_staged_edge_tiles(idx, ext, poison, monkeypatch):
+    """The edge-tile configurations (W strides of 3 as 2) with the staged form forced."""
+    prec, N, cin_g, cout_g, groups, sp, k, s, p, op, d, layout, n_ops = EDGE[idx]
+    case = _cap_w_stride(Case(idx, prec, N, cin_g, cout_g, groups, list(sp), list(k), list(s),
+                              list(p), list(op), list(d), True, layout, "contiguous", n_ops))
+    args = build_args(case, "cuda")
+    monkeypatch.setattr(_cuda, "ALGO", "direct_staged")
+    with _precision(prec):
+        assert _cuda.fallback_reason(*args) is None
+        out = OP(*args)
+    want = _staged_want(case, args)
+    assert _cuda.LAST_KERNEL == want, f"{case}: ran {_cuda.LAST_KERNEL}, expected {want}"
+    cpu_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    cpu_args[10] = [t.cpu() for t in args[10]]
+    assert not torch.isnan(out).any(), f"{case}: unwritten outputs"
+    err = rel_err(out.cpu(), reference64(cpu_args))
     bound = {"fp32": 1e-5, "tf32": 2e-3, "fp16": 5e-3, "bf16": 3e-2}[prec]
     assert err <= bound, f"{case}: rel L2 error {err:.3g} > {bound}"
 

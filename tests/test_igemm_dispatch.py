@@ -22,6 +22,7 @@ INVALID = 1  # cudaErrorInvalidValue
 
 # the tables as the kernel headers state them
 WGMMA_FALLBACK = {19: 13, 20: 16, 21: 11, 22: 13, 23: 11, 24: 16}
+WGMMA_BULK = (27, 28)  # blocked weight: no fallback, *wgmma -1 when it cannot run
 BOX_FALLBACK = {11: 0, 12: 4, 13: 3, 14: 0, 15: 5, 16: 8, 17: 1}
 
 
@@ -38,6 +39,8 @@ def _family(config):
 def _expected(config, wgmma_fits, box_fits):
     """(calls, status, wgmma) as the dispatch before the split into families behaved."""
     calls = []
+    if config in WGMMA_BULK:
+        return [f"wgmma:{config}"], 0, 2 if wgmma_fits else -1
     if config in WGMMA_FALLBACK:
         calls.append(f"wgmma:{config}")
         if wgmma_fits:
@@ -74,7 +77,7 @@ def dispatch_lines(tmp_path_factory):
 
 
 def test_every_case_calls_the_families_of_the_id_tables(dispatch_lines):
-    assert len(dispatch_lines) == 29 * 4  # ids -1..27, both fits flags
+    assert len(dispatch_lines) == 34 * 4  # ids -1..32, both fits flags
     wrong = {k: (v, _expected(*k)) for k, v in dispatch_lines.items()
              if v != _expected(k[0], bool(k[1]), bool(k[2]))}
     assert not wrong, wrong
@@ -106,6 +109,7 @@ def test_the_stand_ins_follow_the_kernel_headers():
             function, [c for c in range(27) if _family(c) == function[6:].replace("lines", "line")])
         assert ids == want, (function, ids)
     body, ids = _cases(wgmma, "igemm_wgmmas")
-    assert ids == sorted(WGMMA_FALLBACK)
+    assert ids == sorted(WGMMA_FALLBACK) + list(WGMMA_BULK)
     fallbacks = [int(f) for f in re.findall(r"\*fallback = (\d+);", body)]
     assert dict(zip(ids, fallbacks)) == WGMMA_FALLBACK
+    assert tuple(_cuda.IGEMM_WGMMA_BULK_CONFIGS) == WGMMA_BULK

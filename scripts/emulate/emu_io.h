@@ -10,6 +10,10 @@
 
 #include "ct3d_params.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
+
 inline std::vector<char> slurp(const char* path) {
   FILE* f = std::fopen(path, "rb");
   if (!f) std::abort();
@@ -49,8 +53,9 @@ struct Reader {
   }
 };
 
-// One CTA at a time, THREADS host threads each, shared memory NaN-poisoned before each CTA;
-// gridDim is set for kernels that read it.
+// One CTA at a time, THREADS host threads each, shared memory NaN-poisoned before each CTA
+// (under AddressSanitizer, dynamic shared memory past emu_smem_bytes unaddressable); gridDim is
+// set for kernels that read it.
 template <int THREADS, class F>
 void run_grid(int64_t gx, int64_t gy, F kernel) {
   std::barrier<> bar(THREADS);
@@ -58,9 +63,15 @@ void run_grid(int64_t gx, int64_t gy, F kernel) {
   emu_grid_dim.x = static_cast<unsigned>(gx);
   emu_grid_dim.y = static_cast<unsigned>(gy);
   emu_grid_dim.z = 1;
+#if defined(__SANITIZE_ADDRESS__)
+  const size_t used = (emu_smem_bytes + 7) / 8 * 8;  // ASan's 8-byte granules
+  if (used < sizeof(emu_smem)) ASAN_POISON_MEMORY_REGION(emu_smem + used, sizeof(emu_smem) - used);
+#else
+  const size_t used = sizeof(emu_smem);
+#endif
   for (int64_t by = 0; by < gy; ++by) {
     for (int64_t bx = 0; bx < gx; ++bx) {
-      std::memset(emu_smem, 0xff, sizeof(emu_smem));
+      std::memset(emu_smem, 0xff, used < sizeof(emu_smem) ? used : sizeof(emu_smem));
       std::vector<std::thread> ts;
       for (int t = 0; t < THREADS; ++t) {
         ts.emplace_back([&, t] {
@@ -73,6 +84,9 @@ void run_grid(int64_t gx, int64_t gy, F kernel) {
       for (auto& t : ts) t.join();
     }
   }
+#if defined(__SANITIZE_ADDRESS__)
+  ASAN_UNPOISON_MEMORY_REGION(emu_smem, sizeof(emu_smem));
+#endif
 }
 
 // The decoded program as the case file stores it: count, registers, result register, then per

@@ -65,6 +65,10 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
   return r;
 }
 alignas(16) inline unsigned char emu_smem[232448];
+// Dynamic shared memory the launch asked for: run_grid (emu_io.h) marks the rest of emu_smem
+// unaddressable for AddressSanitizer, so a read or write past the kernel's dynamic shared
+// memory fails as it would on the GPU under compute-sanitizer. The harness sets it per launch.
+inline size_t emu_smem_bytes = sizeof(emu_smem);
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __fdiv_rn(float a, float b) { return a / b; }  // IEEE division, round to nearest

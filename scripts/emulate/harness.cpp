@@ -1,8 +1,10 @@
 // Runs one convolution, described by a binary case file (scripts/emulate/emulate.py writes it),
-// through the direct kernel or the FFMA GEMM of csrc/ct3d_conv.cuh on the CPU, CTA by CTA, and
-// writes the output storage (float32) to a file.
+// through the direct kernel (plain or staged form) or the FFMA GEMM of csrc/ct3d_conv.cuh on the
+// CPU, CTA by CTA, and writes the output storage (float32) to a file.
 //
-//   harness CASE OUT      (the case names the kernel: CO 8 / 16 = direct, 0 = GEMM)
+//   harness CASE OUT      (the case names the kernel: CO 8 / 16 = direct, 0 = GEMM; its last
+//                          int 1 = the staged form, which runs only where launch_conv would
+//                          take it: the harness prints "staged taken SMEM" or "staged not_taken")
 #include <cstdio>
 #include <cstdlib>
 
@@ -25,18 +27,58 @@ void run_gemm(const ConvParams& p) {
 }
 
 template <int CO>
-void run_direct(const ConvParams& p, int in_dt) {
+void direct_grid(const ConvParams& p, int64_t* gx, int64_t* gy) {
   using Cfg = Direct<CO>;
   const int64_t td = (p.Do + p.st[0] - 1) / p.st[0], th = (p.Ho + p.st[1] - 1) / p.st[1];
   const int64_t groups_w = (p.Wo + Cfg::RW - 1) / Cfg::RW;
   const int64_t m_max = static_cast<int64_t>(p.N) * td * th * groups_w;
   const int64_t per = static_cast<int64_t>(Cfg::kTiles) * kThreads;
-  const int64_t gx = (m_max + per - 1) / per * p.st[0] * p.st[1];
-  const int64_t gy = static_cast<int64_t>(p.groups) * ((p.cout_g + CO - 1) / CO);
+  *gx = (m_max + per - 1) / per * p.st[0] * p.st[1];
+  *gy = static_cast<int64_t>(p.groups) * ((p.cout_g + CO - 1) / CO);
+}
+
+template <int CO>
+void run_direct(const ConvParams& p, int in_dt) {
+  int64_t gx, gy;
+  direct_grid<CO>(p, &gx, &gy);
+  emu_smem_bytes = Direct<CO>::smem_bytes(p.epi.n_regs,
+                                          static_cast<int>(direct_weight_floats<CO>(p)));
   if (in_dt == kF32) {
     run_grid<kThreads>(gx, gy, [&] { conv_transpose3d_direct_kernel<kF32, CO>(p); });
   } else {
     run_grid<kThreads>(gx, gy, [&] { conv_transpose3d_direct_kernel<kBF16, CO>(p); });
+  }
+}
+
+template <int IN_DT, int CO>
+void run_staged_nv(const ConvParams& p, int64_t gx, int64_t gy) {
+  const int nv = stage_nv(p.cin_g);
+  if (nv == 1) {
+    run_grid<kThreads>(gx, gy, [&] { conv_transpose3d_direct_staged_kernel<IN_DT, CO, 1>(p); });
+  } else if (nv == 2) {
+    run_grid<kThreads>(gx, gy, [&] { conv_transpose3d_direct_staged_kernel<IN_DT, CO, 2>(p); });
+  } else {
+    run_grid<kThreads>(gx, gy, [&] { conv_transpose3d_direct_staged_kernel<IN_DT, CO, 4>(p); });
+  }
+}
+
+// The staged form where launch_conv would run it (p.algo = kAlgoDirectStaged; the device's
+// opt-in limit aside), with exactly its dynamic shared memory addressable.
+template <int CO>
+void run_direct_staged(const ConvParams& p, int in_dt) {
+  const int64_t smem = direct_staged_smem<CO>(p, direct_fit_floats<CO>(p));
+  if (smem < 0) {
+    std::printf("staged not_taken\n");
+    return;
+  }
+  std::printf("staged taken %lld\n", static_cast<long long>(smem));
+  int64_t gx, gy;
+  direct_grid<CO>(p, &gx, &gy);
+  emu_smem_bytes = static_cast<size_t>(smem);
+  if (in_dt == kF32) {
+    run_staged_nv<kF32, CO>(p, gx, gy);
+  } else {
+    run_staged_nv<kBF16, CO>(p, gx, gy);
   }
 }
 
@@ -95,10 +137,11 @@ int main(int argc, char** argv) {
   }
   read_program(r, p.epi);
   const int co = r.get<int32_t>();
+  const int staged = r.get<int32_t>();
   if (co == 8) {
-    run_direct<8>(p, in_dt);
+    staged ? run_direct_staged<8>(p, in_dt) : run_direct<8>(p, in_dt);
   } else if (co == 16) {
-    run_direct<16>(p, in_dt);
+    staged ? run_direct_staged<16>(p, in_dt) : run_direct<16>(p, in_dt);
   } else if (p.cout_g <= 16) {
     run_gemm<256, 16, 4, 1>(p);
   } else if (p.cout_g <= 32) {

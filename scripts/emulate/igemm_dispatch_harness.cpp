@@ -1,7 +1,7 @@
 // Runs ct3d_launch.h's launch_igemm_any (the channels-last GEMM's configuration id -> family
 // dispatch, with the wgmma -> box -> row-tile fallbacks) on the CPU against recording stand-ins
 // for the five families (a fake dtype id, so no kernel is compiled). For every configuration id
-// from -1 to 27 and every combination of "the wgmma patch fits" and "the box patch fits" it
+// from -1 to 32 and every combination of "the wgmma patch fits" and "the box patch fits" it
 // prints one line: id, wgmma fits, box fits, the families called with their ids, the returned
 // status and *wgmma. tests/test_igemm_dispatch.py builds it with g++ and checks the lines.
 #include <cstdio>
@@ -48,7 +48,7 @@ cudaError_t igemm_wgmmas<kFake>(const ConvParams&, const IgemmGeom&, int config,
                                 bool* fits, int* fallback) {
   note("wgmma", config);
   constexpr int kFallback[6] = {13, 16, 11, 13, 11, 16};  // ct3d_wgmma.cuh's table
-  *fallback = kFallback[config - 19];
+  *fallback = config <= 24 ? kFallback[config - 19] : -1;  // 27-31: bulk, no fallback
   *fits = wgmma_fits;
   return cudaSuccess;
 }
@@ -57,7 +57,7 @@ cudaError_t igemm_wgmmas<kFake>(const ConvParams&, const IgemmGeom&, int config,
 int main() {
   ct3d::ConvParams p{};
   ct3d::IgemmGeom g{};
-  for (int config = -1; config <= 27; ++config) {
+  for (int config = -1; config <= 32; ++config) {
     for (int wf = 0; wf < 2; ++wf) {
       for (int bf = 0; bf < 2; ++bf) {
         ct3d::calls.clear();
