@@ -21,7 +21,8 @@ per group (e.g. C_in = 3; W stride 1 or 2; the rule is csrc/ct3d_conv.cuh ``dire
 a direct kernel instead, exact FP32 FFMA in every precision (inputs converted to float): there
 the tensor cores would mostly multiply padding (``ALGO`` selects the kernel for tests). Its
 staged-input form (each tile's input rows copied to shared memory first) runs only where forced
-(``ALGO = "direct_staged"``) or where ``DIRECT_STAGED_AUTO`` lets "auto" pick it: not yet timed.
+(``ALGO = "direct_staged"``) or where ``DIRECT_STAGED_AUTO`` lets "auto" pick it (H200, v24:
+l1_72 0.574 -> 0.547 ms in TF32, so off by default).
 
 Limitations (these calls run the reference, ``ops.reference``):
     * the extension is unavailable (see ``_build.why_not()``);
@@ -80,7 +81,8 @@ ALGO = os.environ.get("CT3D_FX_ALGO", "auto")
 _ALGO_CODE = {"auto": 0, "gemm": 1, "direct": 2, "igemm": 0, "direct_staged": 3}
 #: Whether "auto" may pick the direct kernel's staged-input form (csrc/ct3d_conv.cuh
 #: ``direct_staged_pays``: 5 to 16 input channels per group where the direct kernel is picked).
-#: Off until the form has been timed on a GPU; the environment variable CT3D_FX_DIRECT_STAGED=1
+#: Off by default (its first H200 timing, v24: l1_72 5% faster in TF32, slower on the C_in = 3
+#: rows it does not take; docs/kernel.md, Next); the environment variable CT3D_FX_DIRECT_STAGED=1
 #: turns it on. Read at each launch.
 DIRECT_STAGED_AUTO = os.environ.get("CT3D_FX_DIRECT_STAGED", "0") == "1"
 _ALGO_AUTO_STAGED = 4  # csrc/ct3d_params.h kAlgoAutoStaged
