@@ -29,7 +29,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -110,6 +109,7 @@ def pack_case(args, co: int, bf16: bool, staged: bool = False) -> tuple:
 
 def _harness(exe: Path, workdir: Path, blob: bytes, y_numel: int):
     """Runs the harness on one case file: (its output storage, what it printed)."""
+    import numpy as np  # (the emulator runs need numpy; importing this file and cut_header do not)
     (workdir / "case.bin").write_bytes(blob)
     (workdir / "out.bin").unlink(missing_ok=True)
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0")
@@ -125,6 +125,7 @@ def run_case(exe: Path, workdir: Path, case, kernel: str, bf16: bool, softmax: b
     total; for the staged form also ``taken`` (launch_conv's rule took it; else nothing else
     is set), ``mirror`` (the tests' direct_staged_applies says it is taken) and ``bitwise``
     (its output storage bit for bit the plain direct kernel's)."""
+    import numpy as np
     args = T.build_args(case, "cpu")
     if softmax:  # the case's epilogue replaced by (log_)softmax over the channels
         args = args[:8] + (*T.softmax_program(bool(case.seed % 2), bool(case.seed // 2 % 2)),
