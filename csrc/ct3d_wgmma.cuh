@@ -207,9 +207,9 @@ struct WgBoxState {
 };
 
 // Fills `st` for the box (td0, th0, tw0) of batch element n in the phase of `to`: the rows'
-// bookkeeping (a row is stored only when inside the phase and `store`: a cluster's padding CTA
-// runs the pipeline on a valid box and stores nothing) and the patch row offsets. No barrier:
-// the caller synchronizes before anything reads them.
+// bookkeeping (a row is stored only when inside the phase and `store`; both kernels pass true:
+// false served the removed 2-CTA cluster form, whose padding CTA stored nothing) and the patch
+// row offsets. No barrier: the caller synchronizes before anything reads them.
 template <class Cfg>
 __device__ __forceinline__ void wg_box_setup(const ConvParams& p, const IgemmGeom& g, int p_max,
                                              unsigned char* smem_raw, const TileOrigin& to,
