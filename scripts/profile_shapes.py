@@ -3,10 +3,16 @@
     ncu --clock-control none -k regex:conv_transpose3d_ \
         python scripts/profile_shapes.py [ID:ALGO ...]
 
+    python scripts/profile_shapes.py --site [ID:ALGO ...]
+
 ID is a suite problem (benchmarks/suite.json; the convolution alone, float32, TF32 as PyTorch
 defaults), ALGO one of auto, gemm, direct, igemm (``ct3d_fx._cuda.ALGO``), optionally followed by
-``:N``, an ``IGEMM_CONFIGS`` id for igemm. Default: l2_58 and l2_20 with both kernels. Prints the
-kernel that ran for each launch.
+``:N``, an ``IGEMM_CONFIGS`` id for igemm. With ``--site`` each launch is the problem's own fused
+call instead (its epilogue program included: the suite model optimized, the fused op's calls
+captured during one forward, as scripts/time_kernels.py does), run once, then again between
+cudaProfilerStart and cudaProfilerStop (``ncu --profile-from-start off`` profiles only those). Default: l2_58 and l2_20 with
+both kernels. Prints the kernel that ran for each launch and whether it ran the program at the
+store (``_cuda.LAST_IN_STORE``; ``CT3D_FX_EPILOGUE_IN_STORE=0`` turns that off).
 """
 from __future__ import annotations
 
@@ -23,11 +29,51 @@ from ct3d_fx import _cuda, bench  # noqa: E402
 OP = torch.ops.ct3d.conv_transpose3d_epilogue.default
 
 
-def main(specs) -> None:
+def _site_calls(entry: dict) -> list:
+    """The fused op's calls of suite problem ``entry``'s optimized model during one forward."""
+    import copy
+
+    import ct3d_fx
+
+    seed = bench._seed_for(0, entry["id"])
+    torch.manual_seed(seed)
+    model, shapes = bench.build_problem(entry)
+    model = model.to("cuda")
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(seed)
+    inputs = [torch.rand(s, generator=gen, device="cuda") for s in shapes]
+    with torch.no_grad():
+        opt = ct3d_fx.optimize(copy.deepcopy(model), tuple(inputs),
+                               config=ct3d_fx.Config(verify=False))
+        with bench._CaptureFused() as cap:
+            opt(*inputs)
+    return cap.calls
+
+
+def main(specs, site: bool = False) -> None:
     problems = {p["id"]: p for p in bench.load_suite()["problems"]}
     _cuda.AUTOTUNE = False
     for spec in specs:
         pid, algo, *cfg = spec.split(":")
+        if site:
+            calls = _site_calls(problems[pid])
+            _cuda.ALGO = algo
+            _cuda.IGEMM_CONFIG = int(cfg[0]) if cfg else None
+            _cuda._plans.clear()
+            with torch.no_grad():
+                for f, a, k in calls:  # plans the calls and packs the weights
+                    f(*a, **k)
+                torch.cuda.synchronize()
+                # only these launches when ncu runs with --profile-from-start off
+                torch.cuda.cudart().cudaProfilerStart()
+                for f, a, k in calls:
+                    f(*a, **k)
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaProfilerStop()
+            print(f"{pid}:{algo} site ran {_cuda.LAST_KERNEL}, program at the store: "
+                  f"{_cuda.LAST_IN_STORE}", flush=True)
+            del calls
+            continue
         ct = problems[pid]["ct"]
         xs = problems[pid]["x"]
         k = ct["k"] if isinstance(ct["k"], list) else [ct["k"]] * 3
@@ -48,4 +94,7 @@ def main(specs) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["l2_58:direct", "l2_58:gemm", "l2_20:direct", "l2_20:gemm"])
+    argv = sys.argv[1:]
+    site = "--site" in argv
+    argv = [a for a in argv if a != "--site"]
+    main(argv or ["l2_58:direct", "l2_58:gemm", "l2_20:direct", "l2_20:gemm"], site)

@@ -745,6 +745,105 @@ def test_both_kernels(seed, algo, ext, poison, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------
+# The epilogue program in registers at the store (csrc/ct3d_conv.cuh store_tile_program,
+# Epilogue::in_store, _cuda.EPILOGUE_IN_STORE): on every kernel that runs it, the output must be
+# that of the same kernel with the program over the shared-memory tile registers, bit for bit.
+
+# Decoded opcodes registers_program_ok lets through without a tensor operand (ct3d_params.h).
+_IN_STORE_PLAIN_OPS = {int(o) for o in (
+    Opcode.LOAD_SCALAR, Opcode.ADD, Opcode.SUB, Opcode.MUL, Opcode.DIV, Opcode.NEG, Opcode.ABS,
+    Opcode.SQUARE, Opcode.RELU, Opcode.LEAKY_RELU, Opcode.ELU, Opcode.CELU, Opcode.SELU,
+    Opcode.GELU, Opcode.SILU, Opcode.MISH, Opcode.HARDSWISH, Opcode.HARDSIGMOID, Opcode.HARDTANH,
+    Opcode.SIGMOID, Opcode.TANH, Opcode.SOFTPLUS, Opcode.CLAMP)}
+
+
+def registers_program_ok(plan) -> bool:
+    """Mirror of csrc/ct3d_params.h registers_program_ok (with the binding's n_instr > 0) on the
+    decoded program of ``plan``: whether the kernels may run it in registers at the store."""
+    n_regs, out_reg = plan.regs
+    rows = plan.prog_i.tolist()
+    if not rows or n_regs > 2 or not 0 <= out_reg <= 1:
+        return False
+    ss = plan.slot_strides.tolist()
+
+    def per_channel(i):
+        return 0 <= i < len(ss) and ss[i][0] == 0 and ss[i][2:] == [0, 0, 0]
+
+    for op, a, b, c, d in rows:
+        if not 0 <= d <= 1 or a > 1 or b > 1:
+            return False
+        if op == Opcode.LOAD_TENSOR:
+            ok = per_channel(c) or (0 <= c < len(ss) and ss[c] == list(plan.stride))
+        elif op == Opcode.PRELU:
+            ok = per_channel(c)
+        elif op == Opcode.BATCH_NORM:
+            ok = all(per_channel(c + j) for j in range(4 if b else 2))
+        else:
+            ok = op in _IN_STORE_PLAIN_OPS
+        if not ok:
+            return False
+    return True
+
+
+def in_store_expected(plan, kernel: str, config: Optional[int]) -> bool:
+    """Mirror of csrc/binding.cpp (registers_program_ok, store_runs_program): whether the kernel
+    that ran (``_cuda.LAST_KERNEL``, the igemm in tile configuration ``config``) runs the
+    decoded program of ``plan`` at its store."""
+    if kernel not in ("gemm", "direct", "igemm") or config in _cuda.IGEMM_WLINE_CONFIGS:
+        return False
+    if plan.stride[1] == 1 and plan.shape[1] > 1:  # channels-last output: the other store
+        return False
+    return registers_program_ok(plan)
+
+
+# Every 4th sweep configuration (W strides of 3 become 2 so that the direct kernel applies) on
+# the GEMM, the plain direct kernel, and the channels-last implicit GEMM's row (3), box (13),
+# wgmma box (22) and bulk-copy wgmma (28) tiles: run with the program at the store and without,
+# outputs poisoned, compared bit for bit; LAST_IN_STORE must say the store ran the program
+# exactly where the mirror says it can, and it must have done so on a good share of the cases.
+@cuda_test
+@pytest.mark.parametrize("algo,config", [("gemm", None), ("direct", None), ("igemm", 3),
+                                         ("igemm", 13), ("igemm", 22), ("igemm", 28)],
+                         ids=["gemm", "direct", "row3", "box13", "wgmma22", "bulk28"])
+def test_epilogue_in_store_bitwise(algo, config, ext, poison, monkeypatch):
+    monkeypatch.setattr(_cuda, "ALGO", algo)
+    monkeypatch.setattr(_cuda, "IGEMM_CONFIG", config)
+    monkeypatch.setattr(_cuda, "IGEMM_SPLITS", 1 if config in (22, 28) else None)
+    ran, cases = 0, 0
+    for seed in range(0, SWEEP, 4):
+        case = _cap_w_stride(make_case(seed))
+        if min(case.out_spatial()) <= 0:  # the capped W stride left no output
+            continue
+        args = build_args(case, "cuda")
+        outs, took = [], []
+        for on in (False, True):
+            monkeypatch.setattr(_cuda, "EPILOGUE_IN_STORE", on)
+            monkeypatch.setattr(_cuda, "_plans", {})
+            _cuda.LAST_IN_STORE = None
+            with _precision(case.precision):
+                if _cuda.fallback_reason(*args) is not None:
+                    break
+                outs.append(OP(*args))
+            took.append(_cuda.LAST_IN_STORE)
+        if not outs:
+            continue
+        cases += 1
+        assert took[0] is False, f"{case}: the program ran at the store with it switched off"
+        with _precision(case.precision):
+            plan = _cuda._get_plan(*args)
+        want = in_store_expected(plan, _cuda.LAST_KERNEL, config)
+        assert took[1] is want, (f"{case}: ran {_cuda.LAST_KERNEL}, program at the store: "
+                                 f"{took[1]}, expected {want}; program "
+                                 f"{ops.describe_program(args[8], args[9])}")
+        assert not torch.isnan(outs[1]).all(), f"{case}: nothing written"
+        assert bitwise_equal(outs[0], outs[1]), (
+            f"{case}: the program at the store differs from the tile program; program "
+            f"{ops.describe_program(args[8], args[9])}")
+        ran += took[1]
+    assert cases >= 50 and ran >= cases // 5, (cases, ran)
+
+
+# ------------------------------------------------------------------------------------------
 # The direct kernel's staged-input form (ALGO = "direct_staged"): where launch_conv takes it
 # (direct_staged_applies) it must run and give the plain direct kernel's output bit for bit (the
 # same products in the same order); elsewhere the plain direct kernel or the GEMM runs.
