@@ -80,8 +80,7 @@ void fill_epilogue(ct3d::Epilogue& E, const at::Device& dev, const int64_t* ys,
     E.slot[i].dtype = dtype_code(t.scalar_type(), "epilogue tensor");
   }
   E.n_slots = static_cast<int32_t>(n_slots);
-  TORCH_CHECK(regs.size() == 2 || regs.size() == 3, "ct3d: regs must hold 2 or 3 ints (count, "
-              "result register[, 1 to let the fused kernels run the program at the store]), got ",
+  TORCH_CHECK(regs.size() == 2, "ct3d: regs must hold 2 ints (count, result register), got ",
               regs.size());
   const int64_t n_regs = regs[0];
   TORCH_CHECK(n_regs >= 1 && n_regs <= ct3d::kMaxRegs, "ct3d: the program must use 1 to ",
@@ -137,22 +136,17 @@ void fill_epilogue(ct3d::Epilogue& E, const at::Device& dev, const int64_t* ys,
   E.n_regs = static_cast<int32_t>(n_regs);
   E.out_reg = static_cast<int32_t>(regs[1]);
   E.n_instr = static_cast<int32_t>(n_instr);
-  // the program in registers at the store where it can run there (a program of no instruction
-  // gains nothing from it)
-  E.in_store = regs.size() == 3 && regs[2] != 0 && n_instr > 0 && ct3d::registers_program_ok(E);
 }
 
 // x: (N, C_in, D, H, W); w: (C_in, C_out/groups, kD, kH, kW), any strides; bias: (C_out,)
 // contiguous or None; y: (N, C_out, D_out, H_out, W_out) preallocated; slots: the epilogue's
 // device tensors; slot_strides: CPU int64 (len(slots), 5), strides of each slot expanded to
 // y's shape; prog_i: CPU int32 (n_instr, 5) = op, a, b, c, d; prog_f: CPU float32 (n_instr, 2);
-// regs: (registers the program uses, register of the result[, 1 to let the kernels run the
-// program in registers as they store: Epilogue::in_store]); conv: stride(3), padding(3),
+// regs: (registers the program uses, register of the result); conv: stride(3), padding(3),
 // dilation(3), groups; mode: 0 exact FP32, 1 tensor cores; algo: 0 the kernel launch_conv picks,
 // 1 the implicit GEMM, 2 the direct kernel (where it applies), 3 its staged-input form (where
 // it applies, else as 2), 4 as 0 but the choice may take the staged form (ct3d::Algo). Returns
-// the kernel that ran (0 implicit GEMM, 1 direct, 2 direct staged) plus kRanInStore where it ran
-// the program at its store, -1 when the output is empty.
+// the kernel that ran (0 implicit GEMM, 1 direct, 2 direct staged), -1 when the output is empty.
 ct3d::ConvParams prepare(const at::Tensor& x, const at::Tensor& w,
                          const c10::optional<at::Tensor>& bias, at::Tensor& y,
                          const std::vector<at::Tensor>& slots, const at::Tensor& slot_strides,
@@ -245,17 +239,6 @@ ct3d::ConvParams prepare(const at::Tensor& x, const at::Tensor& w,
   return p;
 }
 
-// Added to launch's and launch_igemm's result when the kernel that ran applied the epilogue
-// program in registers at its store (Epilogue::in_store on an NCDHW output, in the GEMM
-// kernels' gemm_epilogue or the plain direct kernel; not the staged direct form, not the W-line
-// tiles): for tests and A/B timing (_cuda.LAST_IN_STORE).
-constexpr int64_t kRanInStore = 16;
-
-bool store_runs_program(const ct3d::ConvParams& p) {
-  const bool chan_fast = p.ys[1] == 1 && p.Cout > 1;  // as gemm_epilogue and direct_conv
-  return p.epi.in_store != 0 && !chan_fast;
-}
-
 int64_t launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                at::Tensor& y, const std::vector<at::Tensor>& slots,
                const at::Tensor& slot_strides, const at::Tensor& prog_i,
@@ -282,7 +265,7 @@ int64_t launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at:
   }
   TORCH_CHECK(err == cudaSuccess, "ct3d: fused conv_transpose3d kernel launch failed: ",
               cudaGetErrorString(err));
-  return kernel + ((kernel == 0 || kernel == 1) && store_runs_program(p) ? kRanInStore : 0);
+  return kernel;
 }
 
 // The channels-last implicit GEMM (csrc/ct3d_igemm.cuh): tensor cores, groups == 1. Same
@@ -296,8 +279,7 @@ int64_t launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at:
 // sm_90a wgmma kernel ran (configurations 19-24 on compute capability 9.0), 5 when its
 // bulk-copy form ran (27, 28: wpk blocked, _cuda.py _packed_weight_wgmma_bulk), 4 when a bulk
 // configuration could not run here (nothing launched; the caller repacks the weight and runs
-// another configuration), 2 for the mma.sync kernels, -1 for an empty output; plus kRanInStore
-// where the program ran at the store.
+// another configuration), 2 for the mma.sync kernels, -1 for an empty output.
 int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
                      const c10::optional<at::Tensor>& bias, at::Tensor& y,
                      const std::vector<at::Tensor>& slots, const at::Tensor& slot_strides,
@@ -382,9 +364,7 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
   }
   TORCH_CHECK(err == cudaSuccess, "ct3d: fused conv_transpose3d (implicit GEMM) launch failed: ",
               cudaGetErrorString(err));
-  if (wgmma < 0) return 4;
-  const int64_t in_store = cfg != 25 && cfg != 26 && store_runs_program(p) ? kRanInStore : 0;
-  return (wgmma == 2 ? 5 : wgmma == 1 ? 3 : 2) + in_store;
+  return wgmma == 2 ? 5 : wgmma == 1 ? 3 : wgmma < 0 ? 4 : 2;
 }
 
 // x: contiguous (N, C, *spatial) float32/float16/bfloat16 with N * C > 0; out: contiguous, x's

@@ -284,82 +284,6 @@ __device__ __forceinline__ void store_tile(const ConvParams& p, const float* out
   }
 }
 
-// Tensor operands of reg_program at store_tile_program's 8 elements (channels j * CSTEP
-// apart, output offsets j * ystep apart from yoff): per-channel values from the tile's
-// load_channel_slots copy (colv: this batch's first channel of slot 0, PITCH floats per slot),
-// a side input laid out like the output read at the elements' offsets (the first nvalid).
-template <int CSTEP, int PITCH>
-struct StoreSrc {
-  const Slot* slot;
-  const float* colv;
-  int64_t yoff, ystep;
-  int nvalid;
-  __device__ __forceinline__ float chan(int s, int j) const { return colv[s * PITCH + j * CSTEP]; }
-  __device__ __forceinline__ void side(int s, float (&v)[kLiteE]) const {
-    const Slot& sl = slot[s];
-#pragma unroll
-    for (int j = 0; j < kLiteE; ++j)
-      v[j] = j < nvalid ? load_as_float(sl.ptr, yoff + j * ystep, sl.dtype) : 0.0f;
-  }
-};
-
-// store_tile's NCDHW store with the program run on the way (Epilogue::in_store): a thread
-// keeps its rows and walks their channels 8 at a time (kLiteE), reads the 8 conv outputs plus
-// bias from tile register 0 (reg0), runs the program on them in registers (reg_program:
-// per-channel operands from colv, the tile's load_channel_slots values, COLS floats per slot)
-// and stores the 8 results. Lanes walk rows, so each store instruction still writes 32
-// consecutive voxels of one channel. No tile register is written: the program costs no
-// shared-memory pass per instruction (run_program's tile interpreter moves 8 bytes per element
-// and instruction through shared memory). Results are bitwise run_program's.
-template <int BM, int BN, int LDC, int COLS, int kThreads = ::ct3d::kThreads>
-__device__ __forceinline__ void store_tile_program(const ConvParams& p, const float* reg0,
-                                                   const float* colv, const int* s_n,
-                                                   const int64_t* s_yoff, int co0, int grp,
-                                                   int tid) {
-  constexpr int kRows = BM >= kThreads ? BM / kThreads : 1;      // rows per thread
-  constexpr int kColStep = BM >= kThreads ? 1 : kThreads / BM;  // threads per row
-  static_assert(BM >= kThreads ? BM % kThreads == 0 : kThreads % BM == 0, "tile rows");
-  static_assert((BN / kColStep) % kLiteE == 0, "a thread's channels in whole batches of 8");
-  const int64_t ys1 = p.ys[1];
-  const int cmax = (p.cout_g - co0) < BN ? (p.cout_g - co0) : BN;
-  const int cog0 = grp * p.cout_g + co0;
-  const int c_first = BM >= kThreads ? 0 : tid / BM;
-  const int64_t step = ys1 * kColStep;
-  const int y_dtype = p.y_dtype;
-#pragma unroll 1
-  for (int r = 0; r < kRows; ++r) {
-    const int m = (BM >= kThreads ? tid : tid % BM) + r * kThreads;
-    if (s_n[m] < 0) continue;
-    int64_t off = s_yoff[m] + static_cast<int64_t>(cog0 + c_first) * ys1;
-#pragma unroll 1
-    for (int c = c_first; c < cmax; c += kLiteE * kColStep) {
-      const int left = (cmax - c + kColStep - 1) / kColStep;
-      const int nvalid = left < kLiteE ? left : kLiteE;
-      float v[kLiteE];
-#pragma unroll
-      for (int j = 0; j < kLiteE; ++j) v[j] = reg0[(c + j * kColStep) * LDC + m];
-      reg_program(p.epi, v, StoreSrc<kColStep, COLS>{p.epi.slot, colv + c, off, step, nvalid});
-      if (y_dtype == kF16) {
-        __half* y = static_cast<__half*>(p.y) + off;
-#pragma unroll
-        for (int j = 0; j < kLiteE; ++j)
-          if (j < nvalid) y[j * step] = __float2half_rn(v[j]);
-      } else if (y_dtype == kBF16) {
-        __nv_bfloat16* y = static_cast<__nv_bfloat16*>(p.y) + off;
-#pragma unroll
-        for (int j = 0; j < kLiteE; ++j)
-          if (j < nvalid) y[j * step] = __float2bfloat16_rn(v[j]);
-      } else {
-        float* y = static_cast<float*>(p.y) + off;
-#pragma unroll
-        for (int j = 0; j < kLiteE; ++j)
-          if (j < nvalid) y[j * step] = v[j];
-      }
-      off += kLiteE * step;
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------
 // Pieces shared by both GEMM kernels (strided-input and channels-last, ct3d_igemm.cuh).
 
@@ -505,12 +429,9 @@ __device__ __forceinline__ void gemm_epilogue(const ConvParams& p, const float (
     const int ncols = p.cout_g - co0 < BN ? p.cout_g - co0 : BN;
     return TileRows{BM, LDC, ncols, p.groups == 1 && co0 == 0 && p.cout_g <= BN, tid, THREADS};
   };
-  const bool chan_fast = p.ys[1] == 1 && p.Cout > 1;
-  if (p.epi.in_store && !chan_fast) {
-    store_tile_program<BM, BN, LDC, BN, THREADS>(p, sR, s_col, s_n, s_yoff, co0, grp, tid);
-    return;
-  }
   run_program<BM * BN / THREADS>(p.epi, sR, kTileFloats, pos, s_col, BN, rows);
+
+  const bool chan_fast = p.ys[1] == 1 && p.Cout > 1;
   if (chan_fast) __syncthreads();  // the store walks the tile in the other element order
   store_tile<BM, BN, LDC, THREADS>(p, sR + p.epi.out_reg * kTileFloats, s_n, s_yoff, co0, grp,
                                    tid, chan_fast);
@@ -1319,16 +1240,11 @@ __device__ __forceinline__ void direct_conv(const ConvParams& p) {
       q.w = s_w[m];
       return q;
     };
-    // (not in the staged form: at its 128-register cap the store's program spilled)
-    if (!kStaged && p.epi.in_store && !chan_fast) {
-      store_tile_program<BM, CO, LDC, CO>(p, sR, s_col, s_n, s_yoff, co0, grp, tid);
-    } else {
-      run_program<Cfg::kPer, decltype(pos), 4, false>(p.epi, sR, Cfg::kTileFloats, pos, s_col,
-                                                      CO, [] { return TileRows{}; });
-      if (chan_fast) __syncthreads();
-      store_tile<BM, CO, LDC>(p, sR + p.epi.out_reg * Cfg::kTileFloats, s_n, s_yoff, co0, grp,
-                              tid, chan_fast);
-    }
+    run_program<Cfg::kPer, decltype(pos), 4, false>(p.epi, sR, Cfg::kTileFloats, pos, s_col, CO,
+                                                    [] { return TileRows{}; });
+    if (chan_fast) __syncthreads();
+    store_tile<BM, CO, LDC>(p, sR + p.epi.out_reg * Cfg::kTileFloats, s_n, s_yoff, co0, grp, tid,
+                            chan_fast);
     __syncthreads();  // the next tile rewrites the tile registers and the row info
   }
 }

@@ -64,6 +64,12 @@ struct ElemPos {
   int64_t yoff;       // offset of the element in y (elements; valid where ok)
 };
 
+// A slot whose value depends on the channel alone (per-channel vectors, BatchNorm statistics,
+// PReLU weights, 0-d and one-element tensors): its expanded view has stride 0 in n, d, h, w.
+__host__ __device__ __forceinline__ bool slot_per_channel(const Slot& s) {
+  return s.s[0] == 0 && s.s[2] == 0 && s.s[3] == 0 && s.s[4] == 0;
+}
+
 // Reads every per-channel slot once per CTA, for the COLS output channels chan0 .. chan0 +
 // COLS - 1 of the tile (columns at or past `ncols` are outside the group: 0), into
 // colv[slot * COLS + col]. The program then reads these values from shared memory instead
@@ -648,112 +654,5 @@ __device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int t
 #undef CT3D_EACH
 #undef CT3D_MAP1
 #undef CT3D_MAP2
-
-// The program (registers_program_ok) on kLiteE elements held in registers: r0 holds their conv
-// output plus bias and receives the result. The tensor operands come from `src`:
-// `src.chan(slot, j)` is per-channel slot `slot` at element j's channel, `src.side(slot, v)`
-// fills v with slot `slot` (laid out like the output) at the elements' output offsets. Same
-// arithmetic as run_program, through the same op_* functions, so either form gives the same
-// bits. Used by the epilogue pass's vector kernels (ct3d_pass_lite.cuh) and by the fused
-// kernels' store (store_tile_program, ct3d_conv.cuh).
-template <class Src>
-__device__ __forceinline__ void reg_program(const Epilogue& E, float (&r0)[kLiteE],
-                                            const Src& src) {
-  float r1[kLiteE];
-#pragma unroll
-  for (int j = 0; j < kLiteE; ++j) r1[j] = 0.0f;
-  const int count = E.n_instr;
-#pragma unroll 1
-  for (int k = 0; k < count; ++k) {
-    const Instr I = E.ins[k];
-    const float f0 = I.f0, f1 = I.f1;
-    float x[kLiteE], y[kLiteE], res[kLiteE];
-#pragma unroll
-    for (int j = 0; j < kLiteE; ++j) {
-      x[j] = I.a < 0 ? f0 : (I.a == 1 ? r1[j] : r0[j]);
-      y[j] = I.b < 0 ? f1 : (I.b == 1 ? r1[j] : r0[j]);
-    }
-#define CT3D_REG(...)                                  \
-  _Pragma("unroll") for (int j = 0; j < kLiteE; ++j) { \
-    const float xv = x[j], yv = y[j];                  \
-    (void)xv;                                          \
-    (void)yv;                                          \
-    res[j] = (__VA_ARGS__);                            \
-  }
-    switch (I.op) {
-      case OP_LOAD_SCALAR:
-        CT3D_REG(f0);
-        break;
-      case OP_LOAD_TENSOR:
-        if (E.slot[I.c].like_y) {
-          src.side(I.c, res);
-        } else {
-#pragma unroll
-          for (int j = 0; j < kLiteE; ++j) res[j] = src.chan(I.c, j);
-        }
-        break;
-      case OP_ADD: CT3D_REG(xv + yv); break;
-      case OP_SUB: CT3D_REG(xv - yv); break;
-      case OP_MUL: CT3D_REG(xv * yv); break;
-      case OP_DIV:
-        if (I.b < 0) {  // a scalar divisor: times its reciprocal, as run_program
-          const float inv = __fdiv_rn(1.0f, f1);
-          CT3D_REG(xv * inv);
-        } else {
-          CT3D_REG(xv / yv);
-        }
-        break;
-      case OP_NEG: CT3D_REG(-xv); break;
-      case OP_ABS: CT3D_REG(fabsf(xv)); break;
-      case OP_SQUARE: CT3D_REG(xv * xv); break;
-      case OP_RELU: CT3D_REG(op_relu(xv)); break;
-      case OP_LEAKY_RELU: CT3D_REG(op_leaky_relu(xv, f0)); break;
-      case OP_PRELU:
-#pragma unroll
-        for (int j = 0; j < kLiteE; ++j) res[j] = op_prelu(x[j], src.chan(I.c, j));
-        break;
-      case OP_ELU: CT3D_REG(op_elu(xv, f0)); break;
-      case OP_CELU: CT3D_REG(op_celu(xv, f0)); break;
-      case OP_SELU: CT3D_REG(op_selu(xv)); break;
-      case OP_GELU:
-        if (I.b) {
-          CT3D_REG(op_gelu_tanh(xv));
-        } else {
-          CT3D_REG(op_gelu_erf(xv));
-        }
-        break;
-      case OP_SILU: CT3D_REG(op_silu(xv)); break;
-      case OP_MISH: CT3D_REG(op_mish(xv)); break;
-      case OP_HARDSWISH: CT3D_REG(op_hardswish(xv)); break;
-      case OP_HARDSIGMOID: CT3D_REG(op_hardsigmoid(xv)); break;
-      case OP_HARDTANH: CT3D_REG(op_hardtanh(xv, f0, f1)); break;
-      case OP_SIGMOID: CT3D_REG(op_sigmoid(xv)); break;
-      case OP_TANH: CT3D_REG(tanhf(xv)); break;
-      case OP_SOFTPLUS: CT3D_REG(op_softplus(xv, f0, f1)); break;
-      case OP_CLAMP: CT3D_REG(clamp_keep_nan(xv, f0, f1)); break;
-      case OP_BATCH_NORM:
-#pragma unroll
-        for (int j = 0; j < kLiteE; ++j) {
-          const float wt = I.b ? src.chan(I.c + 2, j) : 1.0f;
-          const float bs = I.b ? src.chan(I.c + 3, j) : 0.0f;
-          res[j] = op_batch_norm(x[j], src.chan(I.c, j), src.chan(I.c + 1, j), wt, bs, f0, I.b);
-        }
-        break;
-      default:  // registers_program_ok lets no other opcode through: poison, not garbage
-        CT3D_REG(__int_as_float(0x7fc00000));
-        break;
-    }
-#undef CT3D_REG
-#pragma unroll
-    for (int j = 0; j < kLiteE; ++j) {
-      r0[j] = I.d == 0 ? res[j] : r0[j];
-      r1[j] = I.d == 1 ? res[j] : r1[j];
-    }
-  }
-  if (E.out_reg == 1) {
-#pragma unroll
-    for (int j = 0; j < kLiteE; ++j) r0[j] = r1[j];
-  }
-}
 
 }  // namespace ct3d

@@ -54,7 +54,7 @@ cudaError_t igemm_wgmmas(const ConvParams& p, const IgemmGeom& g, int config, cu
 // Runs tile configuration `config` (ids in ct3d_igemm.cuh and ct3d_wgmma.cuh): a wgmma
 // configuration whose patch does not fit (or off sm_90) falls back to its box configuration, a
 // box configuration that does not fit to its row tile. Sets *wgmma (when given) to 1 when the
-// wgmma kernel ran, 2 when its bulk-copy form (27-31) ran, 0 for the mma.sync kernels, and -1
+// wgmma kernel ran, 2 when its bulk-copy form (27, 28) ran, 0 for the mma.sync kernels, and -1
 // when a bulk configuration could not run (nothing launched: its blocked weight fits no other
 // kernel; the caller repacks and runs another configuration). cudaErrorInvalidValue for an
 // unknown id.
@@ -62,7 +62,7 @@ template <int IN_DT>
 cudaError_t launch_igemm_any(const ConvParams& p, const IgemmGeom& g, int config,
                              cudaStream_t stream, int* wgmma = nullptr) {
   if (wgmma != nullptr) *wgmma = 0;
-  if ((config >= 19 && config <= 24) || (config >= 27 && config <= 31)) {
+  if ((config >= 19 && config <= 24) || config == 27 || config == 28) {
     bool fits = false;
     int fallback = config;
     const cudaError_t e = igemm_wgmmas<IN_DT>(p, g, config, stream, &fits, &fallback);

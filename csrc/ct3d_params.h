@@ -17,13 +17,6 @@
 
 #include <stdint.h>
 
-// Functions both the binding (g++) and the kernels (nvcc) call.
-#ifdef __CUDACC__
-#define CT3D_HD __host__ __device__ __forceinline__
-#else
-#define CT3D_HD inline
-#endif
-
 namespace ct3d {
 
 constexpr int kMaxInstr = 48;  // epilogue instructions per program (Python: _cuda.MAX_INSTR)
@@ -129,57 +122,9 @@ struct Epilogue {
   int32_t n_slots;
   int32_t n_regs;   // tile registers the program uses (>= 1)
   int32_t out_reg;  // register holding the result
-  // 1: the fused kernels run the program in registers as they store each element
-  // (ct3d_epilogue.cuh reg_program) instead of over the shared-memory tile registers
-  // (run_program); the binding sets it where registers_program_ok holds and the caller allows
-  // it. Results are bitwise the same either way.
-  int32_t in_store;
   Instr ins[kMaxInstr];
   Slot slot[kMaxSlots];
 };
-
-// A slot whose value depends on the channel alone (per-channel vectors, BatchNorm statistics,
-// PReLU weights, 0-d and one-element tensors): its expanded view has stride 0 in n, d, h, w.
-CT3D_HD bool slot_per_channel(const Slot& s) {
-  return s.s[0] == 0 && s.s[2] == 0 && s.s[3] == 0 && s.s[4] == 0;
-}
-
-// Whether the program runs on a few elements held in registers (ct3d_epilogue.cuh
-// reg_program: the epilogue pass's vector kernels, and the fused kernels' store with
-// Epilogue::in_store): at most two registers, elementwise opcodes only, and every tensor operand
-// per-channel or laid out like the output (Slot.like_y).
-CT3D_HD bool registers_program_ok(const Epilogue& E) {
-  if (E.n_regs > 2 || E.out_reg < 0 || E.out_reg > 1) return false;
-  for (int k = 0; k < E.n_instr; ++k) {
-    const Instr& I = E.ins[k];
-    if (I.d < 0 || I.d > 1 || I.a > 1 || I.b > 1) return false;
-    const bool c0 = I.c >= 0 && I.c < E.n_slots;
-    switch (I.op) {
-      case OP_LOAD_TENSOR:
-        if (!c0 || (!slot_per_channel(E.slot[I.c]) && E.slot[I.c].like_y == 0)) return false;
-        break;
-      case OP_PRELU:
-        if (!c0 || !slot_per_channel(E.slot[I.c])) return false;
-        break;
-      case OP_BATCH_NORM: {
-        const int n = I.b ? 4 : 2;
-        if (I.c < 0 || I.c + n > E.n_slots) return false;
-        for (int j = 0; j < n; ++j)
-          if (!slot_per_channel(E.slot[I.c + j])) return false;
-        break;
-      }
-      case OP_LOAD_SCALAR: case OP_ADD: case OP_SUB: case OP_MUL: case OP_DIV: case OP_NEG:
-      case OP_ABS: case OP_SQUARE: case OP_RELU: case OP_LEAKY_RELU: case OP_ELU: case OP_CELU:
-      case OP_SELU: case OP_GELU: case OP_SILU: case OP_MISH: case OP_HARDSWISH:
-      case OP_HARDSIGMOID: case OP_HARDTANH: case OP_SIGMOID: case OP_TANH: case OP_SOFTPLUS:
-      case OP_CLAMP:
-        break;
-      default:
-        return false;
-    }
-  }
-  return true;
-}
 
 // Whether the program has an instruction that combines the channels of a voxel (SOFTMAX): the
 // kernel's tile must then hold all of them (host code: the launchers check it).
@@ -319,7 +264,7 @@ struct EpiPassParams {
   // The vector kernels (csrc/ct3d_pass_lite.cuh LiteMode): 0 off, 1 same layout, 2
   // channels_last_3d -> NCDHW, 3 the same with scalar output stores (S or the output's
   // strides not multiples of 8); the binding sets it where the tensors allow 8-element 16-byte
-  // vectors, the launch where the program allows it too (registers_program_ok)
+  // vectors, the launch where the program allows it too (lite_program_ok)
   int32_t lite;
   Epilogue epi;
 };

@@ -16,10 +16,10 @@
 //     s sits at chunk q ^ g(s), g(s) = (s & 3) | (bit 3 of s) << 2, so the write (8 lanes: two
 //     rows x four 8-channel vectors) and the VEC_OUT read (a warp: 16 channels x two 8-position
 //     runs) touch 32 distinct banks per phase (the scalar-store read: 2-way conflicts).
-// What the program may hold (registers_program_ok, ct3d_params.h): at most two registers,
-// elementwise opcodes only, and slots that are per-channel or laid out like the output (like_y).
-// Anything else, and tensors whose fast extent, strides or pointers do not allow these vectors,
-// take the staged or plain kernel (the binding decides: EpiPassParams.lite).
+// What the program may hold (lite_program_ok, host side): at most two registers, elementwise
+// opcodes only, and slots that are per-channel or laid out like the output (like_y). Anything
+// else, and tensors whose fast extent, strides or pointers do not allow these vectors, take
+// the staged or plain kernel (the binding decides: EpiPassParams.lite).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -36,6 +36,39 @@ namespace ct3d {
 constexpr int kLiteThreads = 256;
 constexpr int kLiteTS = 128;  // positions per transpose tile
 constexpr int kLiteTC = 32;   // channels per transpose tile
+
+// Whether the lite kernels run this program: <= 2 registers, elementwise opcodes, and every
+// tensor operand per-channel or laid out like the output.
+inline bool lite_program_ok(const Epilogue& E) {
+  if (E.n_regs > 2 || E.out_reg < 0 || E.out_reg > 1) return false;
+  auto chan = [&](int i) { return i >= 0 && i < E.n_slots && slot_per_channel(E.slot[i]); };
+  for (int k = 0; k < E.n_instr; ++k) {
+    const Instr& I = E.ins[k];
+    if (I.d < 0 || I.d > 1 || I.a > 1 || I.b > 1) return false;
+    switch (I.op) {
+      case OP_LOAD_TENSOR:
+        if (I.c < 0 || I.c >= E.n_slots) return false;
+        if (!chan(I.c) && E.slot[I.c].like_y == 0) return false;
+        break;
+      case OP_PRELU:
+        if (!chan(I.c)) return false;
+        break;
+      case OP_BATCH_NORM:
+        if (!chan(I.c) || !chan(I.c + 1) || (I.b && (!chan(I.c + 2) || !chan(I.c + 3))))
+          return false;
+        break;
+      case OP_LOAD_SCALAR: case OP_ADD: case OP_SUB: case OP_MUL: case OP_DIV: case OP_NEG:
+      case OP_ABS: case OP_SQUARE: case OP_RELU: case OP_LEAKY_RELU: case OP_ELU: case OP_CELU:
+      case OP_SELU: case OP_GELU: case OP_SILU: case OP_MISH: case OP_HARDSWISH:
+      case OP_HARDSIGMOID: case OP_HARDTANH: case OP_SIGMOID: case OP_TANH: case OP_SOFTPLUS:
+      case OP_CLAMP:
+        break;
+      default:
+        return false;
+    }
+  }
+  return true;
+}
 
 // 8 consecutive elements of T at ptr (16-byte aligned) -> float.
 template <typename T>
@@ -92,35 +125,120 @@ __device__ __forceinline__ float lite_chan(const Slot& s, int c) {
   return load_as_float(s.ptr, static_cast<int64_t>(c) * s.s[1], s.dtype);
 }
 
-// The program (registers_program_ok) on 8 elements in r0 (conv output + bias; receives the
-// result): element j has channel c + j * CSTEP and output offset yoff + j * YSTEP; with YSTEP >
-// 1 only the first `nvalid` elements are inside the output (the others' slot operands are not
-// read). Tensor operands are read from global memory (reg_program, ct3d_epilogue.cuh).
-template <int CSTEP, int YSTEP>
-struct LiteSrc {
-  const Epilogue& E;
-  int c;
-  int64_t yoff;
-  int nvalid;
-  __device__ __forceinline__ float chan(int slot, int j) const {
-    return lite_chan(E.slot[slot], c + j * CSTEP);
-  }
-  __device__ __forceinline__ void side(int slot, float (&v)[kLiteE]) const {
-    const Slot& s = E.slot[slot];
-    if constexpr (YSTEP == 1) {
-      lite_load_slot8(s, yoff, v);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kLiteE; ++j)
-        v[j] = j < nvalid ? load_as_float(s.ptr, yoff + j * YSTEP, s.dtype) : 0.0f;
-    }
-  }
-};
-
+// The program (lite_program_ok) on 8 elements in r0 (conv output + bias): element j has channel
+// c + j * CSTEP and output offset yoff + j * YSTEP; with YSTEP > 1 only the first `nvalid`
+// elements are inside the output (the others' slot operands are not read). The result is
+// left in r0. Same arithmetic as run_program (ct3d_epilogue.cuh), through the same op_*
+// functions.
 template <int CSTEP, int YSTEP = 1>
 __device__ __forceinline__ void lite_program(const Epilogue& E, float (&r0)[kLiteE], int c,
                                              int64_t yoff, int nvalid = kLiteE) {
-  reg_program(E, r0, LiteSrc<CSTEP, YSTEP>{E, c, yoff, nvalid});
+  float r1[kLiteE];
+#pragma unroll
+  for (int j = 0; j < kLiteE; ++j) r1[j] = 0.0f;
+  const int count = E.n_instr;
+#pragma unroll 1
+  for (int k = 0; k < count; ++k) {
+    const Instr I = E.ins[k];
+    const float f0 = I.f0, f1 = I.f1;
+    float x[kLiteE], y[kLiteE], res[kLiteE];
+#pragma unroll
+    for (int j = 0; j < kLiteE; ++j) {
+      x[j] = I.a < 0 ? f0 : (I.a == 1 ? r1[j] : r0[j]);
+      y[j] = I.b < 0 ? f1 : (I.b == 1 ? r1[j] : r0[j]);
+    }
+#define CT3D_LITE(...)                          \
+  _Pragma("unroll") for (int j = 0; j < kLiteE; ++j) { \
+    const float xv = x[j], yv = y[j];          \
+    (void)xv;                                  \
+    (void)yv;                                  \
+    res[j] = (__VA_ARGS__);                    \
+  }
+    switch (I.op) {
+      case OP_LOAD_SCALAR:
+        CT3D_LITE(f0);
+        break;
+      case OP_LOAD_TENSOR: {
+        const Slot& s = E.slot[I.c];
+        if (s.like_y && YSTEP == 1) {
+          lite_load_slot8(s, yoff, res);
+        } else if (s.like_y) {
+#pragma unroll
+          for (int j = 0; j < kLiteE; ++j)
+            res[j] = j < nvalid ? load_as_float(s.ptr, yoff + j * YSTEP, s.dtype) : 0.0f;
+        } else {
+#pragma unroll
+          for (int j = 0; j < kLiteE; ++j) res[j] = lite_chan(s, c + j * CSTEP);
+        }
+        break;
+      }
+      case OP_ADD: CT3D_LITE(xv + yv); break;
+      case OP_SUB: CT3D_LITE(xv - yv); break;
+      case OP_MUL: CT3D_LITE(xv * yv); break;
+      case OP_DIV:
+        if (I.b < 0) {  // a scalar divisor: times its reciprocal, as run_program
+          const float inv = __fdiv_rn(1.0f, f1);
+          CT3D_LITE(xv * inv);
+        } else {
+          CT3D_LITE(xv / yv);
+        }
+        break;
+      case OP_NEG: CT3D_LITE(-xv); break;
+      case OP_ABS: CT3D_LITE(fabsf(xv)); break;
+      case OP_SQUARE: CT3D_LITE(xv * xv); break;
+      case OP_RELU: CT3D_LITE(op_relu(xv)); break;
+      case OP_LEAKY_RELU: CT3D_LITE(op_leaky_relu(xv, f0)); break;
+      case OP_PRELU: {
+        const Slot& s = E.slot[I.c];
+#pragma unroll
+        for (int j = 0; j < kLiteE; ++j) res[j] = op_prelu(x[j], lite_chan(s, c + j * CSTEP));
+        break;
+      }
+      case OP_ELU: CT3D_LITE(op_elu(xv, f0)); break;
+      case OP_CELU: CT3D_LITE(op_celu(xv, f0)); break;
+      case OP_SELU: CT3D_LITE(op_selu(xv)); break;
+      case OP_GELU:
+        if (I.b) {
+          CT3D_LITE(op_gelu_tanh(xv));
+        } else {
+          CT3D_LITE(op_gelu_erf(xv));
+        }
+        break;
+      case OP_SILU: CT3D_LITE(op_silu(xv)); break;
+      case OP_MISH: CT3D_LITE(op_mish(xv)); break;
+      case OP_HARDSWISH: CT3D_LITE(op_hardswish(xv)); break;
+      case OP_HARDSIGMOID: CT3D_LITE(op_hardsigmoid(xv)); break;
+      case OP_HARDTANH: CT3D_LITE(op_hardtanh(xv, f0, f1)); break;
+      case OP_SIGMOID: CT3D_LITE(op_sigmoid(xv)); break;
+      case OP_TANH: CT3D_LITE(tanhf(xv)); break;
+      case OP_SOFTPLUS: CT3D_LITE(op_softplus(xv, f0, f1)); break;
+      case OP_CLAMP: CT3D_LITE(clamp_keep_nan(xv, f0, f1)); break;
+      case OP_BATCH_NORM: {
+        const Slot &sm = E.slot[I.c], &sv = E.slot[I.c + 1];
+#pragma unroll
+        for (int j = 0; j < kLiteE; ++j) {
+          const int cj = c + j * CSTEP;
+          const float wt = I.b ? lite_chan(E.slot[I.c + 2], cj) : 1.0f;
+          const float bs = I.b ? lite_chan(E.slot[I.c + 3], cj) : 0.0f;
+          res[j] = op_batch_norm(x[j], lite_chan(sm, cj), lite_chan(sv, cj), wt, bs, f0, I.b);
+        }
+        break;
+      }
+      default:  // lite_program_ok lets no other opcode through: poison, not garbage
+        CT3D_LITE(__int_as_float(0x7fc00000));
+        break;
+    }
+#undef CT3D_LITE
+#pragma unroll
+    for (int j = 0; j < kLiteE; ++j) {
+      r0[j] = I.d == 0 ? res[j] : r0[j];
+      r1[j] = I.d == 1 ? res[j] : r1[j];
+    }
+  }
+  if (E.out_reg == 1) {
+#pragma unroll
+    for (int j = 0; j < kLiteE; ++j) r0[j] = r1[j];
+  }
 }
 
 // r[j] += bias of element j's channel (c + j * CSTEP).

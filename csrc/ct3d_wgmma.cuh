@@ -402,11 +402,9 @@ __global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
 //     "empty" one (one arrival per warpgroup once its MMAs of the stage are done); the
 //     warpgroups wait on barriers, not on each other: no CTA barrier per tap, only at a K
 //     chunk's patch reload;
-//   * thread 0 is the producer and issues the copies PF = STAGES - 1 - WAIT steps ahead (a step
-//     is one (K chunk, tap) pair, counted across chunks, so the ring runs on through a chunk's
-//     patch reload); the patch stays a cp.async copy by every thread at each chunk start;
-//   * a warpgroup keeps WAIT wgmma groups (steps) in flight: after issuing step q it waits until
-//     step q - WAIT's MMAs are done and releases that step's stage (27, 28: WAIT 1).
+//   * thread 0 is the producer and issues the copies PF = STAGES - 2 steps ahead (a step is one
+//     (K chunk, tap) pair, counted across chunks, so the ring runs on through a chunk's patch
+//     reload); the patch stays a cp.async copy by every thread at each chunk start.
 // Measured (H200, v24): what pays is the deeper stage, not the copy engine: with 128-byte
 // chunks and BN 128 (configuration 28) a step carries twice the MMAs of configuration 24's, and
 // l2_61 / l2_77 ran 1.35-1.47x faster; with 64-byte chunks and BN 128 the bulk ring ran no faster
@@ -456,7 +454,7 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, int byt
 #endif
 }
 
-template <int IN_DT, int SPW, int WGS, int BN, int BKB, int STAGES, int MIN_CTAS, int WAIT>
+template <int IN_DT, int SPW, int WGS, int BN, int BKB, int STAGES, int MIN_CTAS>
 __global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
     conv_transpose3d_igemm_wgmma_bulk_kernel(const __grid_constant__ ConvParams p,
                                              const __grid_constant__ IgemmGeom g, int p_max) {
@@ -464,13 +462,7 @@ __global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
   using Cfg = WgBox<IN_DT, SPW, WGS, BN, BKB, STAGES>;
   constexpr int BD = Cfg::BD, BH = Cfg::BH, BW = Cfg::BW, BM = Cfg::BM;
   constexpr int kThreads = Cfg::kThreads, MT = Cfg::MT, NT = Cfg::NT;
-  // Steps of B issued ahead. The producer, thread 0, is also its warpgroup's releaser: issuing
-  // step q + PF in iteration q waits for the release of step q + PF - STAGES, which its own
-  // warpgroup makes in iteration q + PF - STAGES + WAIT at the latest (earlier at a chunk
-  // start); that iteration must be behind it, or thread 0 waits on itself.
-  constexpr int PF = STAGES - 1 - WAIT;
-  static_assert(WAIT == 1 || WAIT == 2, "one or two wgmma groups left in flight");
-  static_assert(PF >= 1 && PF <= STAGES - 1 - WAIT, "the producer would wait on its own release");
+  constexpr int PF = STAGES - 2;  // steps of B issued ahead
 
   // ---- phase and box (as the mma.sync box kernel) ----
   TileOrigin to;
@@ -527,9 +519,6 @@ __global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
   auto release = [&](int s) {
     if ((tid & 127) == 0) mbar_arrive(empty0 + 8 * s);
   };
-  // steps below `rel` are released by this warpgroup, each exactly once: an empty barrier's
-  // phase counts one arrival per warpgroup for one use of its stage
-  int rel = 0;
 
   const int slice0 = (tid >> 7) * SPW;  // this warpgroup's first slice
   float acc[MT][NT][4];
@@ -546,7 +535,7 @@ __global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
       if (q > 0) {
         wg_wait<0>();
         wg_fence_acc(acc);
-        for (; rel < q; ++rel) release(rel % STAGES);  // the last chunk's last (<= WAIT) steps
+        release((q - 1) % STAGES);
       }
       __syncthreads();  // every warpgroup's MMAs of the last chunk are done: the patch is free
       wg_load_patch<Cfg>(sP0, p_plane, Xp, st.s_prow, st.p_rows, ch, tid);
@@ -560,10 +549,9 @@ __global__ void __launch_bounds__(128 * WGS, MIN_CTAS)
     mbar_wait(full0 + 8 * s, (q / STAGES) & 1);
     wg_tap_mma<Cfg>(acc, sP0 + (slice0 * EH * EW + wg_tap_row(pdd, pdh, pdw, kc, EH, EW)) * 16,
                     sB0 + s * Cfg::kBStage, p_plane, EH, EW);
-    if (q - WAIT >= rel) {  // (in a chunk's first WAIT steps, the chunk start released it)
-      wg_wait<WAIT>();  // step q - WAIT's MMAs are done: release its stage
-      release(rel % STAGES);
-      ++rel;
+    if (q > 0 && !(kc.jd == 0 && kc.jh == 0 && kc.jw == 0)) {
+      wg_wait<1>();  // step q - 1's MMAs are done: release its stage
+      release((q - 1) % STAGES);
     }
     kc.next(1, pdw.nT, pdh.nT);
     if (kc.jd == pdd.nT) {
@@ -648,14 +636,14 @@ cudaError_t launch_igemm_wgmma(const ConvParams& p, const IgemmGeom& g, cudaStre
   return cudaGetLastError();
 }
 
-// The bulk-copy B ring (v24), WAIT wgmma groups left in flight per warpgroup; the packed weight
-// must be blocked (_cuda.py _packed_weight_wgmma_bulk).
-template <int IN_DT, int SPW, int WGS, int BN, int BKB, int STAGES, int MIN_CTAS, int WAIT>
+// The bulk-copy B ring (v24); the packed weight must be blocked (_cuda.py
+// _packed_weight_wgmma_bulk).
+template <int IN_DT, int SPW, int WGS, int BN, int BKB, int STAGES, int MIN_CTAS>
 cudaError_t launch_igemm_wgmma_bulk(const ConvParams& p, const IgemmGeom& g, cudaStream_t stream,
                                     bool& fits) {
   using Cfg = WgBox<IN_DT, SPW, WGS, BN, BKB, STAGES>;
   auto kernel =
-      conv_transpose3d_igemm_wgmma_bulk_kernel<IN_DT, SPW, WGS, BN, BKB, STAGES, MIN_CTAS, WAIT>;
+      conv_transpose3d_igemm_wgmma_bulk_kernel<IN_DT, SPW, WGS, BN, BKB, STAGES, MIN_CTAS>;
   int p_max = 0, smem = 0;
   int64_t gx = 0, gy = 0;
   const cudaError_t e = wgmma_prepare<Cfg>(p, g, stream, kernel, fits, p_max, smem, gx, gy);
@@ -674,14 +662,9 @@ cudaError_t launch_igemm_wgmma_bulk(const ConvParams& p, const IgemmGeom& g, cud
 //   22   4 x 8 x 8, 2 warpgroups, BN 64, 64-byte chunks, 6 stages (13)
 //   23   4 x 8 x 8, 2 warpgroups, BN 64, 128-byte chunks, 4 stages (11)
 //   24   4 x 8 x 8, 2 warpgroups, BN 128, 64-byte chunks, 4 stages (16)
-// and with the bulk-copy B ring (v24; blocked weight, no fallback), 2 warpgroups, one wgmma
-// group left in flight unless stated:
-//   27   4 x 8 x 8, BN 64, 64-byte chunks, 8 stages, 2 CTAs per SM
-//   28   4 x 8 x 8, BN 128, 128-byte chunks, 4 stages
-// experimental (v25: forced only, _cuda.py, until timed against 28):
-//   29   as 28 with 5 stages (3 steps of B ahead)
-//   30   as 28 with 5 stages and two wgmma groups left in flight (2 steps of B ahead)
-//   31   2 x 8 x 8, BN 128, 128-byte chunks, 3 stages, 2 CTAs per SM
+// and with the bulk-copy B ring (v24; blocked weight, no fallback), 4 x 8 x 8, 2 warpgroups:
+//   27   BN 64, 64-byte chunks, 8 stages, 2 CTAs per SM
+//   28   BN 128, 128-byte chunks, 4 stages
 // *fits false (nothing launched) when the configuration's patch does not fit in shared memory
 // or the device is not sm_90: the caller then runs *fallback (the id in parentheses above;
 // ct3d_launch.h launch_igemm_any), or, for the bulk configurations (*fallback -1), reports
@@ -719,19 +702,10 @@ cudaError_t igemm_wgmmas(const ConvParams& p, const IgemmGeom& g, int config, cu
       break;
     // the bulk-copy B ring (blocked weight: no fallback, *fallback = -1)
     case 27:
-      e = launch_igemm_wgmma_bulk<IN_DT, 2, 2, 64, 64, 8, 2, 1>(p, g, stream, f);
+      e = launch_igemm_wgmma_bulk<IN_DT, 2, 2, 64, 64, 8, 2>(p, g, stream, f);
       break;
     case 28:
-      e = launch_igemm_wgmma_bulk<IN_DT, 2, 2, 128, 128, 4, 1, 1>(p, g, stream, f);
-      break;
-    case 29:
-      e = launch_igemm_wgmma_bulk<IN_DT, 2, 2, 128, 128, 5, 1, 1>(p, g, stream, f);
-      break;
-    case 30:
-      e = launch_igemm_wgmma_bulk<IN_DT, 2, 2, 128, 128, 5, 1, 2>(p, g, stream, f);
-      break;
-    case 31:
-      e = launch_igemm_wgmma_bulk<IN_DT, 1, 2, 128, 128, 3, 2, 1>(p, g, stream, f);
+      e = launch_igemm_wgmma_bulk<IN_DT, 2, 2, 128, 128, 4, 1>(p, g, stream, f);
       break;
     default: break;
   }

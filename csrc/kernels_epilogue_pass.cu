@@ -372,7 +372,7 @@ cudaError_t launch_staged(const EpiPassParams& p, cudaStream_t stream, int64_t g
 // program is one they run; cudaErrorNotSupported otherwise (the caller takes the others).
 template <typename TS, typename TO>
 cudaError_t launch_lite(const EpiPassParams& p, cudaStream_t stream) {
-  if (p.lite == kLiteOff || !registers_program_ok(p.epi)) return cudaErrorNotSupported;
+  if (p.lite == kLiteOff || !lite_program_ok(p.epi)) return cudaErrorNotSupported;
   if (p.lite == kLiteTranspose || p.lite == kLiteTransposeScalarOut) {
     const int64_t tiles = static_cast<int64_t>(p.N) * ((p.S + kLiteTS - 1) / kLiteTS);
     const int64_t gy = (p.C + kLiteTC - 1) / kLiteTC;

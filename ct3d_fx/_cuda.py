@@ -87,21 +87,12 @@ _ALGO_CODE = {"auto": 0, "gemm": 1, "direct": 2, "igemm": 0, "direct_staged": 3}
 DIRECT_STAGED_AUTO = os.environ.get("CT3D_FX_DIRECT_STAGED", "0") == "1"
 _ALGO_AUTO_STAGED = 4  # csrc/ct3d_params.h kAlgoAutoStaged
 
-#: Whether the fused kernels may run an elementwise epilogue program in registers as they store
-#: each element (csrc/ct3d_conv.cuh store_tile_program; NCDHW outputs, programs of at most two
-#: registers whose tensors are per-channel or laid out like the output) instead of over the
-#: shared-memory tile registers, one pass per instruction (run_program). Same bits either way.
-#: Off with CT3D_FX_EPILOGUE_IN_STORE=0 or ``_cuda.EPILOGUE_IN_STORE = False`` (read at each
-#: launch; for A/B timing).
-EPILOGUE_IN_STORE = os.environ.get("CT3D_FX_EPILOGUE_IN_STORE", "1") != "0"
-
 #: Tile configurations of the channels-last implicit GEMM, by id: (bytes per K step, BM, BN,
 #: warps). Mirrors csrc/ct3d_igemm.cuh ``launch_igemm``: 0-10 tile BM consecutive voxels of a
 #: phase; 11-17 (``IGEMM_BOX_CONFIGS``) tile a box of BM = 128 voxels and read its input patch
 #: once per K chunk for all taps (falling back to a row tile of the same K step and BN when the
 #: patch does not fit in shared memory); 19-24 are their wgmma forms, 25-26 the W-line tiles
-#: (``IGEMM_WLINE_CONFIGS``), 27-31 the wgmma forms with the bulk-copy B ring
-#: (``IGEMM_WGMMA_BULK_CONFIGS``).
+#: (``IGEMM_WLINE_CONFIGS``).
 IGEMM_CONFIGS = {
     0: (128, 128, 64, 4), 1: (128, 128, 32, 4), 2: (128, 128, 16, 4),
     3: (64, 128, 64, 4), 4: (64, 128, 32, 4), 5: (64, 128, 16, 4),
@@ -114,7 +105,6 @@ IGEMM_CONFIGS = {
     22: (64, 256, 64, 8), 23: (128, 256, 64, 8), 24: (64, 256, 128, 8),
     25: (128, 64, 64, 4), 26: (64, 64, 64, 4),
     27: (64, 256, 64, 8), 28: (128, 256, 128, 8),
-    29: (128, 256, 128, 8), 30: (128, 256, 128, 8), 31: (128, 128, 128, 8),
 }
 IGEMM_BOX_CONFIGS = tuple(range(11, 18))
 #: Box tiles on Hopper's warpgroup MMA (csrc/ct3d_wgmma.cuh, sm_90a): a 2 x 8 x 8 (19-21, one
@@ -122,21 +112,18 @@ IGEMM_BOX_CONFIGS = tuple(range(11, 18))
 #: straight from shared memory. On a device other than compute capability 9.0 each runs the
 #: mma.sync box configuration of the same K step and BN (19, 22 -> 13; 20, 24 -> 16;
 #: 21, 23 -> 11).
-IGEMM_WGMMA_CONFIGS = (19, 20, 21, 22, 23, 24, 27, 28, 29, 30, 31)
+IGEMM_WGMMA_CONFIGS = (19, 20, 21, 22, 23, 24, 27, 28)
 #: The wgmma boxes with the bulk-copy B ring (v24, csrc/ct3d_wgmma.cuh
-#: conv_transpose3d_igemm_wgmma_bulk_kernel; boxes on two warpgroups, 4 x 8 x 8 unless stated):
-#: each K chunk's B tile of a tap is one cp.async.bulk copy of a blocked weight
-#: (``_packed_weight_wgmma_bulk``) completing on an mbarrier, the warpgroups synchronized by
-#: mbarriers instead of a CTA barrier per tap. 27: BN 64, 64-byte chunks, 8 stages, 2 CTAs per
-#: multiprocessor; 28: BN 128, 128-byte chunks, 4 stages. Experimental, v25: forced only until
-#: timed against 28 (the rule, ``_igemm_config``, never picks them; ``IGEMM_CONFIG`` forces one):
-#: 29 is 28 with 5 stages, 30 28 with 5 stages and two wgmma groups in flight per warpgroup, 31 a
-#: 2 x 8 x 8 box of BN 128, 128-byte chunks, 3 stages, 2 CTAs per multiprocessor. Their blocked
-#: weight fits no other kernel, so where one cannot run (off compute capability 9.0, split-K, a
-#: patch or epilogue too large for shared memory) nothing is launched and the call repacks the
-#: weight and runs ``_BULK_FALLBACK``'s configuration (same K step and BN) from then on.
-IGEMM_WGMMA_BULK_CONFIGS = (27, 28, 29, 30, 31)
-_BULK_FALLBACK = {27: 22, 28: 6, 29: 6, 30: 6, 31: 6}
+#: conv_transpose3d_igemm_wgmma_bulk_kernel; 4 x 8 x 8 boxes on two warpgroups): each K chunk's B
+#: tile of a tap is one cp.async.bulk copy of a blocked weight (``_packed_weight_wgmma_bulk``)
+#: completing on an mbarrier, the warpgroups synchronized by mbarriers instead of a CTA barrier
+#: per tap. 27: BN 64, 64-byte chunks, 8 stages, 2 CTAs per multiprocessor; 28: BN 128,
+#: 128-byte chunks, 4 stages. Their blocked weight fits no other kernel, so where one cannot run
+#: (off compute capability 9.0, split-K, a patch or epilogue too large for shared memory) nothing
+#: is launched and the call repacks the weight and runs ``_BULK_FALLBACK``'s configuration (same
+#: K step and BN) from then on.
+IGEMM_WGMMA_BULK_CONFIGS = (27, 28)
+_BULK_FALLBACK = {27: 22, 28: 6}
 #: W-line tiles (csrc/ct3d_igemm.cuh conv_transpose3d_igemm_wline_kernel): 64 voxels of each W
 #: phase (W stride 1 or 2) x 64 channels, whole W lines of the output in one tile; the only
 #: configurations that run a LAYER_NORM over W. BM in ``IGEMM_CONFIGS`` is the rows per phase.
@@ -146,7 +133,7 @@ WLINE_MAX_ROWS = 64
 #: The row-tile configuration of the same K step and BN as each box configuration (the
 #: fallback of csrc/ct3d_igemm.cuh launch_igemm; split-K runs on row tiles).
 _BOX_FALLBACK = {11: 0, 12: 4, 13: 3, 14: 0, 15: 5, 16: 8, 17: 1, 19: 3, 20: 8, 21: 0, 22: 3,
-                 23: 0, 24: 8, 27: 3, 28: 6, 29: 6, 30: 6, 31: 6}
+                 23: 0, 24: 8, 27: 3, 28: 6}
 #: Split-K override for the channels-last implicit GEMM's row tiles (None: by shape,
 #: ``_igemm_splits``). Read when a call signature is first planned. For tests.
 IGEMM_SPLITS: Optional[int] = None
@@ -164,10 +151,6 @@ LAST_KERNEL: Optional[str] = None
 LAST_WGMMA: bool = False
 #: Whether that was the bulk-copy form (``IGEMM_WGMMA_BULK_CONFIGS``). For tests.
 LAST_WGMMA_BULK: bool = False
-#: Whether the last launch ran the epilogue program in registers at the store
-#: (``EPILOGUE_IN_STORE``). For tests and A/B timing.
-LAST_IN_STORE: bool = False
-_RAN_IN_STORE = 16  # csrc/binding.cpp kRanInStore, added to the launchers' result
 
 MAX_INSTR = 48  # csrc/ct3d_params.h kMaxInstr
 MAX_SLOTS = 16  # csrc/ct3d_params.h kMaxSlots
@@ -493,12 +476,11 @@ _BULK_STATIC_SMEM = 8448
 
 def _bulk_fits(config: int, patch_rows: int, n_regs: int) -> bool:
     """Whether bulk-copy wgmma configuration ``config`` fits in shared memory with a patch of
-    ``patch_rows`` rows (of its own box: 2 x 8 x 8 for 31) and ``n_regs`` epilogue tile
-    registers: the mirror of csrc/ct3d_wgmma.cuh WgBox::smem_bytes (patch and B ring, or the tile
-    registers that alias them, then the rows' bookkeeping), so that the rule picks it only where
-    it runs."""
+    ``patch_rows`` rows and ``n_regs`` epilogue tile registers: the mirror of csrc/ct3d_wgmma.cuh
+    WgBox::smem_bytes (patch and B ring, or the tile registers that alias them, then the rows'
+    bookkeeping), so that the rule picks it only where it runs."""
     kbytes, bm, bn, _ = IGEMM_CONFIGS[config]
-    stages = {27: 8, 28: 4, 29: 5, 30: 5, 31: 3}[config]
+    stages = {27: 8, 28: 4}[config]
     main = patch_rows * kbytes + stages * bn * kbytes
     regs = n_regs * bn * (bm + 4) * 4
     total = max(main, regs) + bm * 24 + patch_rows * 4 + _BULK_STATIC_SMEM
@@ -1383,8 +1365,7 @@ def _run_fused(ext, plan, input, weight, bias, extras, mode):
         raise ValueError(f"ct3d_fx._cuda.ALGO must be one of {sorted(_ALGO_CODE)}, got {ALGO!r}")
     bias_c = None if bias is None else bias.contiguous()
     slots = [extras[i] for i in plan.slot_extras]
-    regs = plan.regs + [int(EPILOGUE_IN_STORE)]
-    global LAST_KERNEL, LAST_WGMMA, LAST_WGMMA_BULK, LAST_IN_STORE
+    global LAST_KERNEL, LAST_WGMMA, LAST_WGMMA_BULK
     if plan.wline or (mode == _MODE_TENSOR_CORE and plan.igemm_ok
                       and (ALGO == "igemm" or (ALGO == "auto" and plan.igemm_auto))):
         ck, bn, config, bm, splits = plan.igemm_tiles
@@ -1392,17 +1373,15 @@ def _run_fused(ext, plan, input, weight, bias, extras, mode):
         wpk = (_packed_weight_wgmma_bulk(weight, ck, bn) if bulk
                else _packed_weight_igemm(weight, ck, bn))
         ran = ext.launch_igemm(input, weight, bias_c, out, slots, plan.slot_strides,
-                               plan.prog_i, prog_f, regs, plan.conv, wpk, ck, bn, config,
+                               plan.prog_i, prog_f, plan.regs, plan.conv, wpk, ck, bn, config,
                                bm, splits)
         if ran == 4:  # the bulk configuration cannot run here: its fallback, from now on
             fb = _BULK_FALLBACK[config]
             plan.igemm_tiles = (ck, bn, fb, IGEMM_CONFIGS[fb][1], splits)
             ran = ext.launch_igemm(input, weight, bias_c, out, slots, plan.slot_strides,
-                                   plan.prog_i, prog_f, regs, plan.conv,
+                                   plan.prog_i, prog_f, plan.regs, plan.conv,
                                    _packed_weight_igemm(weight, ck, bn), ck, bn, fb,
                                    IGEMM_CONFIGS[fb][1], splits)
-        LAST_IN_STORE = ran >= _RAN_IN_STORE
-        ran %= _RAN_IN_STORE
         LAST_WGMMA = ran in (3, 5)
         LAST_WGMMA_BULK = ran == 5
         LAST_KERNEL = "igemm"
@@ -1412,9 +1391,8 @@ def _run_fused(ext, plan, input, weight, bias, extras, mode):
     if algo == 0 and DIRECT_STAGED_AUTO:
         algo = _ALGO_AUTO_STAGED
     kernel = ext.launch(input, wp, bias_c, out, slots, plan.slot_strides, plan.prog_i,
-                        prog_f, regs, plan.conv, mode, algo)
-    LAST_IN_STORE = kernel >= _RAN_IN_STORE
-    LAST_KERNEL = {0: "gemm", 1: "direct", 2: "direct_staged"}.get(kernel % _RAN_IN_STORE)
+                        prog_f, plan.regs, plan.conv, mode, algo)
+    LAST_KERNEL = {0: "gemm", 1: "direct", 2: "direct_staged"}.get(kernel)
     return out
 
 

@@ -3,11 +3,11 @@
     python scripts/bulk_smoke.py CONFIG
 
 Forces ``_cuda.IGEMM_CONFIG = CONFIG`` (one of ``_cuda.IGEMM_WGMMA_BULK_CONFIGS``) on a small
-stride-1 problem (3 batch elements, 64 -> 128 channels, k = 3, 9 boxes of 4 x 8 x 8 or 15 of
-2 x 8 x 8, each overhanging the output in H and W), float32 with TF32 and bfloat16, and checks
-that the bulk-copy kernel ran and agrees with a float64 ConvTranspose3d (relative L2 error under
-2e-2). Run under ``timeout``: a pipeline that deadlocks hangs here rather than inside a test.
-Exit status 0 when both pass.
+stride-1 problem (3 batch elements, 64 -> 128 channels, k = 3, 9 boxes of 4 x 8 x 8, each
+overhanging the output in H and W), float32 with TF32 and bfloat16, and checks that the
+bulk-copy kernel ran and agrees with a float64 ConvTranspose3d (relative L2 error under 2e-2).
+Run under ``timeout``: a pipeline that deadlocks hangs here rather than inside a test. Exit
+status 0 when both pass.
 """
 import sys
 

@@ -45,12 +45,6 @@
 #             smoke run of each (scripts/bulk_smoke.py), their tests, memcheck over some of them,
 #             and the fused op on the stride-1 suite rows with each forced (CT3D_BULK_ONLY,
 #             CT3D_BULK_ALGOS): LOGDIR/bulk_time_fp32.json, LOGDIR/bulk_time_bf16.json
-#   instore   the epilogue program in registers at the store (v25): its bitwise test on each
-#             kernel, memcheck over three of them, and the fused op with it on and off
-#             (time_kernels.py auto / auto+tile) on the suite rows with elementwise programs:
-#             LOGDIR/instore_time_fp32.json, instore_time_bf16.json, instore_time_fp32-exact.json
-#   storeprof Nsight Compute on the l2_20 and l2_50 sites (their programs) with the program at the
-#             store on and off: LOGDIR/storeprof_sections.txt, LOGDIR/storeprof_source.csv.gz
 #   passlite  scripts/pass_time.py: the pass alone on suite output shapes, its vector kernels
 #             (csrc/ct3d_pass_lite.cuh) on and off, against PyTorch's copy; LOGDIR/pass_time.json
 #   passprof  Nsight Compute on two launches of the epilogue pass (bf16 NCDHW in place, float32
@@ -385,18 +379,16 @@ step_pass() {  # the epilogue pass: its tests, the autotune's, and memcheck over
     -k "(matches and bias and not nobias and (case0 or case2 or case3) and (relu or side_input or broadcast)) or in_place or float32_output or batch_one"
 }
 
-step_bulk() {  # the bulk-copy wgmma configurations: a 60 s smoke run of each of
-  # CT3D_BULK_CONFIGS (default "27 28"; list the experimental 29-31 there to try them; a
-  # pipeline that deadlocks shows here, not as a hung step), their tests (CT3D_BULK_TESTS: a -k
-  # expression), memcheck over the
+step_bulk() {  # the bulk-copy wgmma configurations (27, 28): a 60 s smoke run of each (a
+  # pipeline that deadlocks shows here, not as a hung step), their tests, memcheck over the
   # bulk-shape tests, then the fused op on the stride-1 suite rows with each configuration forced
   # (LOGDIR/bulk_time_fp32.json, LOGDIR/bulk_time_bf16.json)
   local c rc=0
-  for c in ${CT3D_BULK_CONFIGS:-27 28}; do
+  for c in 27 28; do
     timeout 60 "$PY" scripts/bulk_smoke.py "$c" || { echo "smoke: config $c failed or hung"; return 1; }
   done
   "$PY" -m pytest -p no:cacheprovider -q -rfE --maxfail=5 tests/test_cuda_kernel.py \
-    -k "${CT3D_BULK_TESTS:-wgmma or bulk or igemm_configs}" || rc=1
+    -k "wgmma or bulk or igemm_configs" || rc=1
   compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
     --report-api-errors no "$PY" -m pytest -p no:cacheprovider -q tests/test_cuda_kernel.py \
     -k "bulk_shapes and tf32" || rc=1
@@ -547,49 +539,6 @@ step_staged() {  # the direct kernel's staged-input form (csrc/ct3d_conv.cuh, fo
   return $rc
 }
 export -f step_staged
-
-step_instore() {  # the epilogue program in registers at the store (Epilogue::in_store, v25): its
-  # bitwise test against the tile-register program on each kernel, memcheck over three of those
-  # kernels, then the fused op alone with and without it (time_kernels.py "auto" and
-  # "auto+tile") on the suite rows with elementwise programs, in TF32, bf16 and exact FP32:
-  # LOGDIR/instore_time_<dtype>.json
-  local rc=0 dt
-  "$PY" -m pytest -p no:cacheprovider -q -rfE tests/test_cuda_kernel.py -k "in_store" || rc=1
-  compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
-    --report-api-errors no "$PY" -m pytest -p no:cacheprovider -q tests/test_cuda_kernel.py \
-    -k "in_store and (direct or row3 or wgmma22)" || rc=1
-  for dt in ${CT3D_INSTORE_DTYPES:-fp32 bf16 fp32-exact}; do
-    "$PY" scripts/time_kernels.py --algos auto,auto+tile --dtype "$dt" \
-      --only "${CT3D_INSTORE_ONLY:-^(l2_100|l2_15|l2_20|l2_26|l2_38|l2_61|l2_74|l2_77|l2_50|l2_60|l2_72|l2_96)$}" \
-      --warmup-ms 10 --rep-ms 40 --json "$LOG/instore_time_$dt.json" || rc=1
-  done
-  return $rc
-}
-export -f step_instore
-
-step_storeprof() {  # Nsight Compute on the suite sites l2_20 (GEMM) and l2_50 (direct kernel) with
-  # their epilogue programs, the program at the store (Epilogue::in_store) on and off: sections in
-  # LOGDIR/storeprof_sections.txt, source counters of l2_20 with it on in
-  # LOGDIR/storeprof_source.csv.gz (scripts/profile_shapes.py --site)
-  local rc=0 on
-  for on in 1 0; do
-    echo "### CT3D_FX_EPILOGUE_IN_STORE=$on"
-    CT3D_FX_EPILOGUE_IN_STORE=$on ncu --clock-control none --profile-from-start off \
-      -k regex:"conv_transpose3d_" --section SpeedOfLight --section LaunchStats \
-      --section Occupancy --section WarpStateStats --section InstructionStats \
-      --section MemoryWorkloadAnalysis \
-      "$PY" scripts/profile_shapes.py --site l2_20:auto l2_50:auto || rc=1
-  done >"$LOG/storeprof_sections.txt" 2>&1
-  CT3D_FX_EPILOGUE_IN_STORE=1 ncu --clock-control none --profile-from-start off \
-    -k regex:"conv_transpose3d_" --section SourceCounters --page source --print-source cuda,sass \
-    --csv "$PY" scripts/profile_shapes.py --site l2_20:auto >"$LOG/storeprof_source.csv" \
-    2>"$LOG/storeprof_source.err" || rc=1
-  gzip -f "$LOG/storeprof_source.csv"
-  grep -E "^### |Duration|Executed Instructions |Registers Per|Achieved Occupancy|Warp Cycles Per Issued|L1/TEX Hit|Mem Busy|site ran" \
-    "$LOG/storeprof_sections.txt"
-  return $rc
-}
-export -f step_storeprof
 export -f step_spatial step_install step_build step_test step_sanitize step_example step_time step_profile \
   step_bench step_igemm step_sweep step_probe step_wgmma step_suite step_results step_results_low \
   step_pack step_host step_pool step_pass step_rows step_passprof step_gan step_passtime \
@@ -604,8 +553,6 @@ for s in $STEPS; do
     probe) run_step probe 120 ;;
     wgmma) run_step wgmma 300 ;;
     bulk) run_step bulk 560 ;;
-    instore) run_step instore 400 ;;
-    storeprof) run_step storeprof 300 ;;
     sweep) run_step sweep 500 ;;
     example) run_step example 120 ;;
     time) run_step time 420 ;;

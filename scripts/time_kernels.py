@@ -1,8 +1,7 @@
 """Times the fused op's kernels on the benchmark suite, one call per kernel choice.
 
     python scripts/time_kernels.py [--dtype fp32|fp32-exact|bf16|fp16] [--only REGEX]
-                                   [--algos auto,gemm,direct,direct_staged,auto+tile]
-                                   [--json PATH]
+                                   [--algos auto,gemm,direct,direct_staged] [--json PATH]
                                    [--bare]
 
 For each suite problem (benchmarks/suite.json, the published sizes) this builds the model the
@@ -12,10 +11,7 @@ flushed) with the per-shape autotune off and ``ct3d_fx._cuda.ALGO`` set to each 
 ("auto": the kernel _cuda.py and launch_conv pick; "gemm": the strided-input implicit GEMM;
 "igemm" or "igemm:N": the channels-last implicit GEMM, with tile configuration N of
 ``_cuda.IGEMM_CONFIGS``; "direct": the direct FP32 kernel where it applies; "direct_staged":
-its staged-input form where that applies, else as "direct"; a choice ending in "+tile", e.g.
-"auto+tile", runs with ``_cuda.EPILOGUE_IN_STORE`` off: the epilogue program over the tile
-registers, not in registers at the store; the kernel column then shows "+store" where the
-program ran at the store); a choice that runs a kernel already
+its staged-input form where that applies, else as "direct"); a choice that runs a kernel already
 timed for the problem reuses that time. ``--bare`` also times the first choice with each call's epilogue program
 removed (convolution plus bias only, column ``bare_ms``): the difference is what the
 epilogue costs inside the fused kernel. Every choice's output is compared with the first one's (relative
@@ -97,17 +93,13 @@ def main() -> int:
             ref_out = None
             timed = {}  # kernel that ran -> ms: a choice that runs an already timed kernel
             for algo in algos:
-                # "igemm:N" forces the channels-last implicit GEMM with configuration N;
-                # "+tile": the program over the tile registers, not at the store
-                name, tile = (algo[:-5], True) if algo.endswith("+tile") else (algo, False)
-                _cuda.EPILOGUE_IN_STORE = not tile
-                _cuda.ALGO, _, cfg = name.partition(":")
+                # "igemm:N" forces the channels-last implicit GEMM with configuration N
+                _cuda.ALGO, _, cfg = algo.partition(":")
                 _cuda.IGEMM_CONFIG = int(cfg) if cfg else None
                 _cuda._plans.clear()
                 outs = [f(*a, **k) for f, a, k in calls]
                 row[f"{algo}_kernel"] = str(_cuda.LAST_KERNEL) + (
-                    f":{cfg}" if cfg and _cuda.LAST_KERNEL == "igemm" else "") + (
-                    "+store" if _cuda.LAST_IN_STORE else "")
+                    f":{cfg}" if cfg and _cuda.LAST_KERNEL == "igemm" else "")
                 flat = torch.cat([o.detach().double().flatten() for o in outs])
                 if ref_out is None:
                     ref_out = flat
@@ -132,7 +124,6 @@ def main() -> int:
                     row["program_len"] = [len(a[8]) // 6 for _, a, _ in calls]
             _cuda.ALGO = "auto"
             _cuda.IGEMM_CONFIG = None
-            _cuda.EPILOGUE_IN_STORE = True
             _cuda._plans.clear()
         b = base.get(pid, {})
         row["before_ms"] = b.get("fused_op_ms")

@@ -73,7 +73,7 @@ def _conv(x, w, st, pa, op, layout):
 def _lite_expected(name, src_layout, out_layout, C, S, out_itemsize, lite):
     """The kernel the pass should run with ``_cuda.PASS_LITE = lite`` (the binding's rule: 8
     elements along each tensor's fast dimension in 16-byte vectors, the transpose's output also
-    with scalar stores; registers_program_ok: <= 2 registers, per-channel or output-shaped slots),
+    with scalar stores; lite_program_ok: <= 2 registers, per-channel or output-shaped slots),
     or None where the staged / plain kernel runs."""
     if lite == 0 or name == "broadcast_over_w_prelu":  # a slot broadcast over W
         return None

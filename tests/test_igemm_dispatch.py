@@ -22,7 +22,7 @@ INVALID = 1  # cudaErrorInvalidValue
 
 # the tables as the kernel headers state them
 WGMMA_FALLBACK = {19: 13, 20: 16, 21: 11, 22: 13, 23: 11, 24: 16}
-WGMMA_BULK = (27, 28, 29, 30, 31)  # blocked weight: no fallback, *wgmma -1 when it cannot run
+WGMMA_BULK = (27, 28)  # blocked weight: no fallback, *wgmma -1 when it cannot run
 BOX_FALLBACK = {11: 0, 12: 4, 13: 3, 14: 0, 15: 5, 16: 8, 17: 1}
 
 

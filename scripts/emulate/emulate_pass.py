@@ -11,7 +11,7 @@ positions. Sources are random, outputs NaN-poisoned, buffers under AddressSaniti
 Each output is compared with the program run in float64 on the same source (relative L2 error
 <= 1e-6 for float32 outputs of float32 sources, 8e-3 otherwise; every element written). The
 launch conditions (vectors of 8 elements along the fast dimension) are the binding's; programs
-the kernels do not take (registers_program_ok) are reported as not taken.
+the kernels do not take (lite_program_ok) are reported as not taken.
 """
 from __future__ import annotations
 

@@ -2,11 +2,9 @@
 // through the direct kernel (plain or staged form) or the FFMA GEMM of csrc/ct3d_conv.cuh on the
 // CPU, CTA by CTA, and writes the output storage (float32) to a file.
 //
-//   harness CASE OUT      (the case names the kernel: CO 8 / 16 = direct, 0 = GEMM; then
-//                          1 = the staged form, which runs only where launch_conv would take
-//                          it: the harness prints "staged taken SMEM" or "staged not_taken";
-//                          its last int 1 = the program may run at the store, as the binding
-//                          allows it: the harness prints "in_store 1" where it does)
+//   harness CASE OUT      (the case names the kernel: CO 8 / 16 = direct, 0 = GEMM; its last
+//                          int 1 = the staged form, which runs only where launch_conv would
+//                          take it: the harness prints "staged taken SMEM" or "staged not_taken")
 #include <cstdio>
 #include <cstdlib>
 
@@ -136,16 +134,10 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 5; ++i) sl.s[i] = r.get<int64_t>();
     const int64_t n = r.get<int64_t>();
     sl.ptr = sl.dtype == kF64 ? static_cast<void*>(r.arr<double>(n)) : r.arr<float>(n);
-    bool like_y = true;  // as the binding: read at the output element's offset
-    for (int i = 0; i < 5; ++i) like_y = like_y && sl.s[i] == p.ys[i];
-    sl.like_y = like_y ? 1 : 0;
   }
   read_program(r, p.epi);
   const int co = r.get<int32_t>();
   const int staged = r.get<int32_t>();
-  // 1: the program may run at the store (Epilogue::in_store), where the binding would allow it
-  p.epi.in_store = r.get<int32_t>() != 0 && p.epi.n_instr > 0 && registers_program_ok(p.epi);
-  std::printf("in_store %d\n", p.epi.in_store);
   if (co == 8) {
     staged ? run_direct_staged<8>(p, in_dt) : run_direct<8>(p, in_dt);
   } else if (co == 16) {

@@ -1,7 +1,7 @@
 // Runs the epilogue pass's vector kernels (csrc/ct3d_pass_lite.cuh) on the CPU, CTA by CTA, one
 // host thread per CUDA thread, for one case file that scripts/emulate/emulate_pass.py writes,
 // and writes the output storage (its own dtype) to a file. Exits 3 when the kernel would not
-// run this program (registers_program_ok false).
+// run this program (lite_program_ok false).
 //
 //   pass_lite_harness CASE OUT
 #include <cstdio>
@@ -84,7 +84,7 @@ int main(int argc, char** argv) {
     sl.ptr = r.bytes(n * esize(sl.dtype));
   }
   read_program(r, p.epi);
-  if (!registers_program_ok(p.epi)) return 3;
+  if (!lite_program_ok(p.epi)) return 3;
   const int s = p.src_dtype, o = p.out_dtype;
   if (s == kF32 && o == kF32) run<float, float>(p);
   else if (s == kBF16 && o == kBF16) run<__nv_bfloat16, __nv_bfloat16>(p);
