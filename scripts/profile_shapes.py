@@ -10,9 +10,8 @@ defaults), ALGO one of auto, gemm, direct, igemm (``ct3d_fx._cuda.ALGO``), optio
 ``:N``, an ``IGEMM_CONFIGS`` id for igemm. With ``--site`` each launch is the problem's own fused
 call instead (its epilogue program included: the suite model optimized, the fused op's calls
 captured during one forward, as scripts/time_kernels.py does), run once, then again between
-cudaProfilerStart and cudaProfilerStop (``ncu --profile-from-start off`` profiles only those). Default: l2_58 and l2_20 with
-both kernels. Prints the kernel that ran for each launch and whether it ran the program at the
-store (``_cuda.LAST_IN_STORE``; ``CT3D_FX_EPILOGUE_IN_STORE=0`` turns that off).
+cudaProfilerStart and cudaProfilerStop (``ncu --profile-from-start off`` profiles only those).
+Default: l2_58 and l2_20 with both kernels. Prints the kernel that ran for each launch.
 """
 from __future__ import annotations
 
@@ -70,8 +69,7 @@ def main(specs, site: bool = False) -> None:
                     f(*a, **k)
                 torch.cuda.synchronize()
                 torch.cuda.cudart().cudaProfilerStop()
-            print(f"{pid}:{algo} site ran {_cuda.LAST_KERNEL}, program at the store: "
-                  f"{_cuda.LAST_IN_STORE}", flush=True)
+            print(f"{pid}:{algo} site ran {_cuda.LAST_KERNEL}", flush=True)
             del calls
             continue
         ct = problems[pid]["ct"]

@@ -1,8 +1,7 @@
 """Runs the fused kernels on the CPU, one host thread per CUDA thread, against float64.
 
     python scripts/emulate/emulate.py [--kernel direct|direct_staged|gemm] [--seeds 0-60]
-                                      [--bf16] [--no-asan] [--softmax] [--in-store]
-                                      [--header PATH]
+                                      [--bf16] [--no-asan] [--softmax] [--header PATH]
 
 For checking index arithmetic without a GPU: the direct kernel (plain and staged-input forms)
 and the exact-FP32 (FFMA) GEMM of csrc/ct3d_conv.cuh are compiled with g++ (C++20, the CUDA
@@ -13,10 +12,7 @@ default, AddressSanitizer on every global buffer and past the direct kernels' dy
 memory. Each output is checked against the float64 reference (relative L2 error <= 1e-5, every
 element written). ``direct_staged`` runs the staged form where launch_conv would take it (the
 others are counted as not taken), checks that choice against the tests' mirror of the rule
-(``direct_staged_applies``) and that its output is bitwise the plain direct kernel's.
-``--in-store`` lets elementwise programs run in registers at the store (csrc/ct3d_conv.cuh
-store_tile_program) and checks each output bitwise against the same kernel with the program
-over the shared-memory tile registers. The
+(``direct_staged_applies``) and that its output is bitwise the plain direct kernel's. The
 tensor-core paths (mma.sync) do not run here; the GPU tests cover them. ``--header`` compiles
 another copy of ct3d_conv.cuh (mutation checks). Needs g++ >= 11 and CUDA's include directory
 (CUDA_HOME, default /usr/local/cuda).
@@ -81,11 +77,10 @@ def _bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
 
 
-def pack_case(args, co: int, bf16: bool, staged: bool = False, in_store: bool = False) -> tuple:
+def pack_case(args, co: int, bf16: bool, staged: bool = False) -> tuple:
     """The harness's case file for one call; co = 8 / 16 runs the direct kernel (its staged form
-    with ``staged``), 0 the GEMM; ``in_store``: the program may run in registers at the store
-    (Epilogue::in_store, where the binding would allow it). Returns (case file, output shape,
-    strides, storage elements, epilogue registers)."""
+    with ``staged``), 0 the GEMM. Returns (case file, output shape, strides, storage elements,
+    epilogue registers)."""
     x, w, b, st, pa, op, di, g, prog, sc, ex = args
     plan = _cuda._make_plan(*args)
     assert plan.fallback is None, plan.fallback
@@ -115,7 +110,7 @@ def pack_case(args, co: int, bf16: bool, staged: bool = False, in_store: bool = 
     out.append(struct.pack("3i", len(plan.prog_i), *plan.regs))
     for row, f in zip(plan.prog_i.tolist(), plan.prog_f.tolist()):
         out.append(struct.pack("5i2f", *row, *f))
-    out.append(struct.pack("3i", co, int(staged), int(in_store)))
+    out.append(struct.pack("2i", co, int(staged)))
     return b"".join(out), shape, stride, y_numel, plan.regs[0]
 
 
@@ -131,27 +126,20 @@ def _harness(exe: Path, workdir: Path, blob: bytes, y_numel: int):
     return y, res.stdout
 
 
-def run_case(exe: Path, workdir: Path, case, kernel: str, bf16: bool, softmax: bool = False,
-             in_store: bool = False):
+def run_case(exe: Path, workdir: Path, case, kernel: str, bf16: bool, softmax: bool = False):
     """Runs one case: a dict with the relative L2 error, the unwritten elements and their
     total; for the staged form also ``taken`` (launch_conv's rule took it; else nothing else
     is set), ``mirror`` (the tests' direct_staged_applies says it is taken) and ``bitwise``
-    (its output storage bit for bit the plain direct kernel's). With ``in_store`` the program
-    may run at the store; ``in_store`` then says whether it did and ``bitwise_tile`` whether
-    the output storage is bit for bit that of the program over the tile registers."""
+    (its output storage bit for bit the plain direct kernel's)."""
     args = T.build_args(case, "cpu")
     if softmax:  # the case's epilogue replaced by (log_)softmax over the channels
         args = args[:8] + (*T.softmax_program(bool(case.seed % 2), bool(case.seed // 2 % 2)),
                            [])
     co = (8 if args[1].shape[1] <= 8 else 16) if kernel != "gemm" else 0
     staged = kernel == "direct_staged"
-    blob, shape, stride, y_numel, n_regs = pack_case(args, co, bf16, staged, in_store)
+    blob, shape, stride, y_numel, n_regs = pack_case(args, co, bf16, staged)
     y, printed = _harness(exe, workdir, blob, y_numel)
     out = {}
-    if in_store:
-        tile, _ = _harness(exe, workdir, pack_case(args, co, bf16, staged, False)[0], y_numel)
-        out["in_store"] = "in_store 1" in printed
-        out["bitwise_tile"] = torch.equal(y.view(torch.int32), tile.view(torch.int32))
     if staged:
         out = {"mirror": T.direct_staged_applies(case, n_regs), "taken": "staged taken" in printed}
         if not out["taken"]:
@@ -175,9 +163,6 @@ def main() -> int:
     ap.add_argument("--softmax", action="store_true",
                     help="GEMM only: each case's epilogue becomes (log_)softmax over the "
                          "channels (cases with groups > 1 or over 64 channels are skipped)")
-    ap.add_argument("--in-store", action="store_true",
-                    help="let the program run in registers at the store (Epilogue::in_store) "
-                         "and check its output bitwise against the tile-register program's")
     ap.add_argument("--max-outputs", type=int, default=300000,
                     help="skip configurations with more output elements (CPU time)")
     ap.add_argument("--header", type=Path, default=None,
@@ -191,7 +176,7 @@ def main() -> int:
     for part in opts.seeds.split(","):
         lo, _, hi = part.partition("-")
         seeds += list(range(int(lo), int(hi or lo) + 1))
-    worst, failed, not_taken, taken, bitwise, agree, in_store = 0.0, 0, 0, 0, 0, 0, 0
+    worst, failed, not_taken, taken, bitwise, agree = 0.0, 0, 0, 0, 0, 0
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         exe = build(workdir, asan=not opts.no_asan, header=opts.header)
@@ -207,8 +192,7 @@ def main() -> int:
                 continue
             if opts.softmax and (case.groups != 1 or case.cout_g > _cuda.SOFTMAX_MAX_CHANNELS):
                 continue
-            res = run_case(exe, workdir, case, opts.kernel, opts.bf16, opts.softmax,
-                           opts.in_store)
+            res = run_case(exe, workdir, case, opts.kernel, opts.bf16, opts.softmax)
             if res.get("taken") is False:  # the staged form's rule does not take it
                 not_taken += 1
                 agree += not res["mirror"]
@@ -226,11 +210,6 @@ def main() -> int:
                 ok = ok and res["mirror"] and res["bitwise"]
                 note = (f"; bitwise {'=' if res['bitwise'] else '!='} plain"
                         f"{'' if res['mirror'] else '; THE MIRROR SAYS NOT TAKEN'}")
-            if opts.in_store:
-                in_store += res["in_store"]
-                ok = ok and res["bitwise_tile"]
-                note += (f"; in_store {int(res['in_store'])}, bitwise "
-                         f"{'=' if res['bitwise_tile'] else '!='} tile-register program")
             failed += not ok
             worst = max(worst, err)
             prog = ("(log_)softmax over the channels" if opts.softmax else
@@ -242,8 +221,6 @@ def main() -> int:
         extra = (f", {not_taken} not taken; {bitwise} of {taken} bitwise the plain direct "
                  f"kernel's; the tests' mirror of the rule agrees on {agree} of "
                  f"{taken + not_taken}")
-    if opts.in_store:
-        extra += f"; the program ran at the store in {in_store} cases"
     print(f"{opts.kernel}: {failed} failed, worst rel. L2 error {worst:.2e}{extra}")
     return 1 if failed else 0
 
