@@ -500,7 +500,9 @@ def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool, ta
     Strided: row tiles, 128 x 32 with 64-byte K steps up to 32 output channels; above, 128-byte
     K steps when C_in fills them (3 stages where a phase's K is long, ``macs`` >= 400
     multiply-adds per output, as a 2 x 4 x 16 box: l2_78; else 2 stages and 3 CTAs per
-    multiprocessor), else 64-byte steps. An epilogue that streams a full-size tensor
+    multiprocessor), else 64-byte steps (3; in half precision 9, the same tile with its
+    registers capped for 3 CTAs per multiprocessor: bf16 l2_20 0.667 -> 0.558 ms, l2_26 2.69 ->
+    1.94, l2_38 0.886 -> 0.744 in the v25 sweep). An epilogue that streams a full-size tensor
     (``streams``: l2_26's 1 GB side input) takes 64 x 64 tiles at 4 CTAs per multiprocessor
     when C_in fills 128-byte steps (more of its loads in flight).
 
@@ -539,7 +541,7 @@ def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool, ta
         return 4
     if fills_128:
         return 14 if macs >= 400 else 10
-    return 3
+    return 9 if elem == 2 else 3
 
 
 def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False, n_regs=1):

@@ -1154,6 +1154,11 @@ def test_igemm_config_rule_wgmma():
     # strided shapes do not change: l2_100, l2_3
     assert rule(64, 128, 4, 216, False, 27, wgmma=True) == rule(64, 128, 4, 216, False, 27) == 10
     assert rule(32, 64, 4, 108, False, 27, wgmma=True) == rule(32, 64, 4, 108, False, 27) == 10
+    # strided with 64-byte K steps: half precision takes the register-capped row tile (9, v25),
+    # float32 keeps 3
+    assert rule(32, 64, 2, 108, False, 27) == 9  # l2_20 / l2_26 / l2_38 in bf16
+    assert rule(32, 64, 2, 108, False, 27, streams=True) == 9  # l2_26's side input
+    assert rule(48, 64, 4, 162, False, 27) == 3  # float32, C_in short of 128-byte steps
 
 
 def test_phase_halo_matches_brute_force():
