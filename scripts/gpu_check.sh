@@ -66,6 +66,11 @@
 #   subpixel  tests/test_subpixel.py and tests/test_cuda_autotune.py, then the GAN generator:
 #             host_time --sites at TF32 batch 1 / 8 and bf16 batch 2 / 8 (subpixel_ms per site),
 #             and its bench rows (LOGDIR/gan_tf32.json, LOGDIR/gan_bf16.json)
+#   bare      scripts/time_kernels.py --bare on the suite rows with epilogue programs (the fused
+#             op with and without its program), TF32 and bf16: LOGDIR/bare_time_fp32.json,
+#             LOGDIR/bare_time_bf16.json (CT3D_BARE_ONLY: another --only regex)
+#   siteprof  Nsight Compute on suite sites with their programs (profile_shapes.py --site;
+#             CT3D_SITEPROF_SPECS): LOGDIR/siteprof_sections.txt, siteprof_source.csv.gz
 #   pack      the built extension library as ext.tgz in CT3D_PACK_DIR (default LOGDIR), to
 #             carry into the next call: unpack it into a carried folder and point
 #             TORCH_EXTENSIONS_DIR there (_build imports a library it finds as is)
@@ -539,6 +544,38 @@ step_staged() {  # the direct kernel's staged-input form (csrc/ct3d_conv.cuh, fo
   return $rc
 }
 export -f step_staged
+
+step_bare() {  # what the epilogue program costs inside the fused kernel: time_kernels.py --bare
+  # (the same calls with the program removed) on the suite rows with programs (CT3D_BARE_ONLY),
+  # float32 with TF32 and bf16: LOGDIR/bare_time_fp32.json, LOGDIR/bare_time_bf16.json
+  local rc=0 dt
+  for dt in fp32 bf16; do
+    "$PY" scripts/time_kernels.py --algos auto --bare --dtype "$dt" \
+      --only "${CT3D_BARE_ONLY:-^(l2_100|l2_15|l2_20|l2_26|l2_38|l2_61|l2_74|l2_77|l2_50|l2_60|l2_72|l2_96)$}" \
+      --warmup-ms 10 --rep-ms 40 --json "$LOG/bare_time_$dt.json" || rc=1
+  done
+  return $rc
+}
+
+step_siteprof() {  # Nsight Compute on suite sites with their epilogue programs
+  # (scripts/profile_shapes.py --site; CT3D_SITEPROF_SPECS, default "l2_20:auto l2_26:auto"):
+  # sections in LOGDIR/siteprof_sections.txt, source counters of the first spec in
+  # LOGDIR/siteprof_source.csv.gz
+  local rc=0 specs=(${CT3D_SITEPROF_SPECS:-l2_20:auto l2_26:auto})
+  ncu --clock-control none --profile-from-start off -k regex:"conv_transpose3d_" \
+    --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+    --section InstructionStats --section MemoryWorkloadAnalysis \
+    "$PY" scripts/profile_shapes.py --site "${specs[@]}" >"$LOG/siteprof_sections.txt" 2>&1 || rc=1
+  ncu --clock-control none --profile-from-start off -k regex:"conv_transpose3d_" \
+    --section SourceCounters --page source --print-source cuda,sass --csv \
+    "$PY" scripts/profile_shapes.py --site "${specs[0]}" >"$LOG/siteprof_source.csv" 2>/dev/null \
+    || rc=1
+  gzip -f "$LOG/siteprof_source.csv"
+  grep -E "site ran|Duration|Executed Instructions  |Registers Per|Achieved Occupancy" \
+    "$LOG/siteprof_sections.txt"
+  return $rc
+}
+export -f step_bare step_siteprof
 export -f step_spatial step_install step_build step_test step_sanitize step_example step_time step_profile \
   step_bench step_igemm step_sweep step_probe step_wgmma step_suite step_results step_results_low \
   step_pack step_host step_pool step_pass step_rows step_passprof step_gan step_passtime \
@@ -573,6 +610,8 @@ for s in $STEPS; do
     passlite) run_step passlite 240 ;;
     dirprof) run_step dirprof 240 ;;
     staged) run_step staged 360 ;;
+    bare) run_step bare 300 ;;
+    siteprof) run_step siteprof 300 ;;
     subpixel) run_step subpixel 420 ;;
     *) echo "unknown step $s"; FAILED=1 ;;
   esac
