@@ -9,7 +9,7 @@ ID is a suite problem (benchmarks/suite.json; the convolution alone, float32, TF
 defaults), ALGO one of auto, gemm, direct, igemm (``ct3d_fx._cuda.ALGO``), optionally followed by
 ``:N``, an ``IGEMM_CONFIGS`` id for igemm. With ``--site`` each launch is the problem's own fused
 call instead (its epilogue program included: the suite model optimized, the fused op's calls
-captured during one forward, as scripts/time_kernels.py does), run once, then again between
+captured during one forward: scripts/time_kernels.py ``site_calls``), run once, then again between
 cudaProfilerStart and cudaProfilerStop (``ncu --profile-from-start off`` profiles only those).
 Default: l2_58 and l2_20 with both kernels. Prints the kernel that ran for each launch.
 """
@@ -24,29 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ct3d_fx import _cuda, bench  # noqa: E402
+from time_kernels import site_calls  # noqa: E402  (scripts/: this file's folder)
 
 OP = torch.ops.ct3d.conv_transpose3d_epilogue.default
-
-
-def _site_calls(entry: dict) -> list:
-    """The fused op's calls of suite problem ``entry``'s optimized model during one forward."""
-    import copy
-
-    import ct3d_fx
-
-    seed = bench._seed_for(0, entry["id"])
-    torch.manual_seed(seed)
-    model, shapes = bench.build_problem(entry)
-    model = model.to("cuda")
-    gen = torch.Generator(device="cuda")
-    gen.manual_seed(seed)
-    inputs = [torch.rand(s, generator=gen, device="cuda") for s in shapes]
-    with torch.no_grad():
-        opt = ct3d_fx.optimize(copy.deepcopy(model), tuple(inputs),
-                               config=ct3d_fx.Config(verify=False))
-        with bench._CaptureFused() as cap:
-            opt(*inputs)
-    return cap.calls
 
 
 def main(specs, site: bool = False) -> None:
@@ -55,7 +35,7 @@ def main(specs, site: bool = False) -> None:
     for spec in specs:
         pid, algo, *cfg = spec.split(":")
         if site:
-            calls = _site_calls(problems[pid])
+            calls = site_calls(problems[pid], torch.device("cuda"), torch.float32)
             _cuda.ALGO = algo
             _cuda.IGEMM_CONFIG = int(cfg[0]) if cfg else None
             _cuda._plans.clear()

@@ -43,6 +43,26 @@ from ct3d_fx import _cuda, bench  # noqa: E402
 BASELINE = {"fp32": "h200.json", "fp32-exact": "h200_fp32_exact.json", "bf16": "h200_bf16.json"}
 
 
+def site_calls(entry: dict, device: torch.device, dtype: torch.dtype) -> list:
+    """The fused op's calls (op, args, kwargs) during one forward of suite problem ``entry``'s
+    model, built and optimized the way ``python -m ct3d_fx.bench`` does (its seed, inputs drawn
+    in float32 then cast to ``dtype``)."""
+    seed = bench._seed_for(0, entry["id"])
+    torch.manual_seed(seed)
+    model, shapes = bench.build_problem(entry)
+    model = model.to(device=device, dtype=dtype)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    inputs = [torch.rand(s, generator=gen, device=device, dtype=torch.float32).to(dtype)
+              for s in shapes]
+    with torch.no_grad():
+        opt = ct3d_fx.optimize(copy.deepcopy(model), tuple(inputs),
+                               config=ct3d_fx.Config(verify=False))
+        with bench._CaptureFused() as cap:
+            opt(*inputs)
+    return cap.calls
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="fp32", choices=tuple(bench.DTYPES))
@@ -75,20 +95,8 @@ def main() -> int:
         pid = entry["id"]
         if opts.only and not re.search(opts.only, pid):
             continue
-        seed = bench._seed_for(0, pid)
-        torch.manual_seed(seed)
-        model, shapes = bench.build_problem(entry)
-        model = model.to(device=device, dtype=dtype)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        inputs = [torch.rand(s, generator=gen, device=device, dtype=torch.float32).to(dtype)
-                  for s in shapes]
+        calls = site_calls(entry, device, dtype)
         with torch.no_grad():
-            opt = ct3d_fx.optimize(copy.deepcopy(model), tuple(inputs),
-                                   config=ct3d_fx.Config(verify=False))
-            with bench._CaptureFused() as cap:
-                opt(*inputs)
-            calls = cap.calls
             row = {"id": pid, "dtype": opts.dtype, "n_calls": len(calls)}
             ref_out = None
             timed = {}  # kernel that ran -> ms: a choice that runs an already timed kernel
@@ -137,7 +145,7 @@ def main() -> int:
         bare = (f"  bare {row['bare_ms']:8.3f} (instr {row['program_len']})"
                 if "bare_ms" in row else "")
         print(f"{pid:7s} before {before}  {cells}  {algos[0]}/floor {ratio}{bare}", flush=True)
-        del model, opt, calls, inputs, ref_out
+        del calls, ref_out
         torch.cuda.empty_cache()
         if opts.json:
             Path(opts.json).write_text(json.dumps(rows, indent=1))
