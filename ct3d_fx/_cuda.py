@@ -314,10 +314,8 @@ def _make_plan(input, weight, bias, stride, padding, output_padding, dilation, g
     plan.patches = [(i, field, idx) for i, r in enumerate(rows) for field, idx in r.patches]
     plan.regs = [n_regs, out_reg]
     plan.conv = [*st, *pa, *di, int(groups)]
-    streams = bool(plan.slot_strides[:, [0, 2, 3, 4]].any())  # a slot beyond per-channel
     plan.igemm_ok, plan.igemm_auto, plan.igemm_tiles = _igemm_rule(input, weight, conv_shape,
-                                                                   st, pa, di, groups, streams,
-                                                                   n_regs)
+                                                                   st, pa, di, groups, n_regs)
     # the pass's tiles hold 32 channels: below _PASS_MIN_CHANNELS most of each tile is idle (the
     # GAN's 1-channel last layer would use 1/32 of it)
     plan.passable = (not spans and not any(program[i] == Opcode.LAYER_NORM
@@ -488,8 +486,7 @@ def _bulk_fits(config: int, patch_rows: int, n_regs: int) -> bool:
 
 
 def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool, taps: int,
-                  streams: bool = False, wgmma: bool = False, patch_rows: int = 0,
-                  n_regs: int = 1) -> int:
+                  wgmma: bool = False, patch_rows: int = 0, n_regs: int = 1) -> int:
     """The channels-last implicit GEMM's tile configuration (an ``IGEMM_CONFIGS`` id) by shape,
     from the H200 sweeps in docs/kernel.md (v9 row tiles, v10 box tiles).
 
@@ -502,9 +499,12 @@ def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool, ta
     multiply-adds per output, as a 2 x 4 x 16 box: l2_78; else 2 stages and 3 CTAs per
     multiprocessor), else 64-byte steps (3; in half precision 9, the same tile with its
     registers capped for 3 CTAs per multiprocessor: bf16 l2_20 0.667 -> 0.558 ms, l2_26 2.69 ->
-    1.94, l2_38 0.886 -> 0.744 in the v25 sweep). An epilogue that streams a full-size tensor
-    (``streams``: l2_26's 1 GB side input) takes 64 x 64 tiles at 4 CTAs per multiprocessor
-    when C_in fills 128-byte steps (more of its loads in flight).
+    1.94, l2_38 0.886 -> 0.744 in the v25 sweep). (Until v26 an epilogue that streamed a
+    full-size tensor took 18, 64 x 64 tiles at 4 CTAs per multiprocessor; TF32 l2_26, its
+    only suite row, ran 3% faster on 10 in two v25/v26 runs: 1.585 / 1.593 against 1.641 /
+    1.645 ms.) Stride 1 up to 32 output channels: BN 16 box tiles (15) up to 16, else BN 32
+    with 128-byte K steps (17) where they pad C_in no more than 64-byte steps and the kernel
+    has at most 27 taps (bf16 l1_70: 4.35 against 4.77 ms on 12 in two runs), else 12.
 
     On Hopper (``wgmma``: compute capability 9.0) stride-1 shapes with more than 32 output
     channels take the wgmma box tiles of two warpgroups (a 4 x 8 x 8 box): BN 128 above 64
@@ -520,8 +520,9 @@ def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool, ta
     multiprocessor (27) up to 64 output channels when C_in has at most 64 bytes (l2_13: 1.19x;
     l1_68 in bf16)."""
     fills_128 = (cin * elem) % 128 == 0
-    if streams and not stride1 and 32 < cout <= 64 and fills_128:
-        return 18
+    # 128-byte K steps cost no more padding of C_in than 64-byte ones (C_in * elem a multiple
+    # of 128 bytes, or 64 < its remainder < 128: bf16 C_in = 48 pads to 64 either way)
+    k128_free = (cin * elem) % 128 == 0 or (cin * elem) % 128 > 64
     if stride1 and wgmma and cout > 32:
         if cout > 64 and cin * elem >= 128:
             if fills_128 and _bulk_fits(28, patch_rows, n_regs):
@@ -535,7 +536,7 @@ def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool, ta
         if cout <= 16:
             return 15
         if cout <= 32:
-            return 12
+            return 17 if k128_free and taps <= 27 else 12
         return 11 if fills_128 and taps <= 27 else 13
     if cout <= 32:
         return 4
@@ -544,7 +545,7 @@ def _igemm_config(cin: int, cout: int, elem: int, macs: float, stride1: bool, ta
     return 9 if elem == 2 else 3
 
 
-def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False, n_regs=1):
+def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, n_regs=1):
     """(applies, picked by "auto", tiles) for the channels-last implicit GEMM; ``n_regs``: the
     epilogue program's tile registers."""
     if groups != 1 or max(st) > _IGEMM_MAX_STRIDE:
@@ -556,7 +557,7 @@ def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False, n_
     stride1 = all(v == 1 for v in st)
     # the wgmma box's (4 x 8 x 8) input patch at stride 1
     patch_rows = math.prod(b + d * (k - 1) for b, d, k in zip((4, 8, 8), di, ks))
-    config = (_igemm_config(cin, cout, elem, macs, stride1, math.prod(ks), streams,
+    config = (_igemm_config(cin, cout, elem, macs, stride1, math.prod(ks),
                             _has_wgmma(input.device), patch_rows, n_regs)
               if IGEMM_CONFIG is None else IGEMM_CONFIG)
     if config in IGEMM_WLINE_CONFIGS:  # forced (timing scripts): where the W lines fit
@@ -572,7 +573,7 @@ def _igemm_rule(input, weight, conv_shape, st, pa, di, groups, streams=False, n_
         ck_w = IGEMM_CONFIGS[config][0] // elem
         if _igemm_splits(input, conv_shape, st, ks, -(-cin // ck_w), bm_w,
                          -(-cout // bn_w)) > 1:
-            config = _igemm_config(cin, cout, elem, macs, stride1, math.prod(ks), streams)
+            config = _igemm_config(cin, cout, elem, macs, stride1, math.prod(ks))
     kbytes, _, bn, _ = IGEMM_CONFIGS[config]
     ck = kbytes // elem
     cp = -(-cin // ck) * ck
@@ -659,6 +660,33 @@ class _Row:
         return [self.op, self.a, self.b, self.c, self.d]
 
 
+def _passes_through(op: Opcode, a: int, b: int, consts: Dict[int, tuple]) -> Optional[int]:
+    """The operand (a value number) that binary op ``op`` returns bit for bit, or None.
+
+    With ``c`` a Python float known when the plan is made (``consts`` kind "f"): ``x * 1``,
+    ``1 * x``, ``x / 1`` (the kernel's ``x * (1 / 1)``), ``x - 0`` (``-0 - 0`` is ``-0``) and
+    ``x + (-0)``, ``(-0) + x``. Not ``x + 0``, which turns ``-0`` into ``+0``. A NaN stays a
+    NaN either way."""
+    def const(v):
+        k = consts.get(v)
+        return k[1] if k is not None and k[0] == "f" else None
+
+    ca, cb = const(a), const(b)
+    if (ca is None) == (cb is None):
+        return None
+    x, c, c_first = (b, ca, True) if ca is not None else (a, cb, False)
+    neg_zero = c == 0.0 and math.copysign(1.0, c) < 0
+    if op == Opcode.MUL and c == 1.0:
+        return x
+    if op == Opcode.DIV and not c_first and c == 1.0:
+        return x
+    if op == Opcode.SUB and not c_first and c == 0.0 and not neg_zero:
+        return x
+    if op == Opcode.ADD and neg_zero:
+        return x
+    return None
+
+
 def _decode_program(input, program, scalars, extras, conv_shape, channels):
     """Program -> rows over value numbers, with scalar operands of binary ops folded in.
 
@@ -692,7 +720,8 @@ def _decode_program(input, program, scalars, extras, conv_shape, channels):
             materialized[v] = nv
         return materialized[v]
 
-    alias: Dict[int, int] = {}  # DETACH: forward identity, its value is its operand's
+    # DETACH and the identities of _passes_through: the value is its operand's
+    alias: Dict[int, int] = {}
     for k in range(len(program) // INSTR_WIDTH):
         op, a, b, c, d, _ = program[k * INSTR_WIDTH:(k + 1) * INSTR_WIDTH]
         op = Opcode(op)
@@ -717,6 +746,10 @@ def _decode_program(input, program, scalars, extras, conv_shape, channels):
                                       f"to the output shape {conv_shape}") from None
                 rows.append(_Row(op, [], v, c=slot(a, strides)))
         elif op in _BINARY:
+            kept = _passes_through(op, a, b, consts)
+            if kept is not None:  # x * 1, x / 1, x - 0, x + (-0): no instruction
+                alias[v] = kept
+                continue
             row = _Row(op, [a, b], v)
             for j, src in enumerate((a, b)):
                 if src in consts:
