@@ -305,6 +305,10 @@ struct TileRows {
   bool whole;
   int tid, threads;
   int wline, lines;
+  // LayerNorm weight and bias of instruction ln_k read ahead by the kernel (ln_affine[w] and
+  // ln_affine[kLnMaxW + w], 1 and 0 where absent); nullptr: layernorm_lines reads the slots
+  const float* ln_affine = nullptr;
+  int ln_k = -1;
 };
 
 // softmax (log_softmax when `log`) along the columns of each row of a tile register: A -> D
@@ -372,6 +376,40 @@ __device__ __forceinline__ float group_sum(float v, int G) {
 // Elements of a W line per lane in layernorm_lines: W_out <= 16 * kLnPerLane (the W-line tiles
 // hold at most 64 rows of W stride 2 phases, so W_out <= 128; _cuda.WLINE_MAX_ROWS).
 constexpr int kLnPerLane = 8;
+constexpr int kLnMaxW = 16 * kLnPerLane;
+
+// The LayerNorm weight and bias a kernel reads ahead (TileRows::ln_affine): the first LAYER_NORM
+// instruction of the program (its index, -1 if none) and this thread's share of its 2 x kLnMaxW
+// values, element tid + r * THREADS for r < kLnAhead<THREADS>: weight[w] at w < kLnMaxW,
+// bias[w - kLnMaxW] above (1 and 0 past W_out or where absent). Issued before the K loop, the
+// global loads' latency hides behind it: loaded where the LayerNorm runs, they were 13% of the
+// W-line kernel's warp-stall samples on l2_34 (v26, Nsight Compute source counters).
+template <int THREADS>
+constexpr int kLnAhead = (2 * kLnMaxW + THREADS - 1) / THREADS;
+
+template <int THREADS>
+__device__ __forceinline__ int layernorm_read_ahead(const Epilogue& E, int W, int tid,
+                                                    float (&v)[kLnAhead<THREADS>]) {
+  int k = -1;
+  for (int i = 0; i < E.n_instr; ++i)
+    if (E.ins[i].op == OP_LAYER_NORM) {
+      k = i;
+      break;
+    }
+#pragma unroll
+  for (int r = 0; r < kLnAhead<THREADS>; ++r) {
+    const int idx = tid + r * THREADS;
+    const bool bias = idx >= kLnMaxW;
+    const int w = bias ? idx - kLnMaxW : idx;
+    const int slot = k < 0 ? -1 : bias ? E.ins[k].b : E.ins[k].c;
+    v[r] = bias ? 0.0f : 1.0f;
+    if (slot >= 0 && w < W && idx < 2 * kLnMaxW) {
+      const Slot& s = E.slot[slot];
+      v[r] = load_as_float(s.ptr, static_cast<int64_t>(w) * s.s[4], s.dtype);
+    }
+  }
+  return k;
+}
 
 // F.layer_norm over W (normalized_shape (W_out,)) of every (line, column) of a tile register
 // whose rows are whole W lines (tr.wline > 0): A -> D (they may be the same register). A group
@@ -399,10 +437,16 @@ __device__ __forceinline__ void layernorm_lines(const float* A, float* D, const 
   const int j = lane & (G - 1), grp = lane / G;
   const float inv_w = 1.0f / static_cast<float>(W);
   float wv[kLnPerLane], bv[kLnPerLane];
+  const float* ahead = tr.ln_affine;
 #pragma unroll
   for (int u = 0; u < kLnPerLane; ++u) {
     const int w = j + G * u;
     const bool in = w < W;
+    if (ahead != nullptr) {
+      wv[u] = in ? ahead[w] : 1.0f;
+      bv[u] = in ? ahead[kLnMaxW + w] : 0.0f;
+      continue;
+    }
     wv[u] = in && wt != nullptr ? load_as_float(wt->ptr, static_cast<int64_t>(w) * wt->s[4],
                                                 wt->dtype)
                                 : 1.0f;
@@ -638,7 +682,9 @@ __device__ __forceinline__ void run_program(const Epilogue& E, float* buf, int t
       case OP_LAYER_NORM:
         if constexpr (ROWS) {  // barriers as for SOFTMAX
           __syncthreads();
-          layernorm_lines(A, D, rows(), I.c >= 0 ? &E.slot[I.c] : nullptr,
+          TileRows tr = rows();
+          if (tr.ln_k != k) tr.ln_affine = nullptr;  // another LayerNorm: read its slots
+          layernorm_lines(A, D, tr, I.c >= 0 ? &E.slot[I.c] : nullptr,
                           I.b >= 0 ? &E.slot[I.b] : nullptr, f0);
           __syncthreads();
           break;

@@ -553,6 +553,9 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   __syncthreads();
   const PhaseDim pdd = tab_phase(g, 0, rd), pdh = tab_phase(g, 1, rh);
   const int n_chunks = g.Cp / Cfg::BK;
+  // the LayerNorm's weight and bias: loads issued now, used after the K loop
+  float ln_ahead[kLnAhead<kThreads>];
+  const int ln_k = layernorm_read_ahead<kThreads>(p.epi, p.Wo, tid, ln_ahead);
 
   // ---- the K loop of each W phase; the accumulators of all phases stay in registers ----
   float acc[WM][MT][NT][4];
@@ -571,6 +574,12 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   const int lg = (tid & 31) >> 2, lt = tid & 3;
   __shared__ float s_col[kMaxSlots * BN];
   load_channel_slots<BN>(p.epi, s_col, co0, p.cout_g - co0, tid, kThreads);
+  __shared__ float s_ln[2 * kLnMaxW];
+  if (ln_k >= 0) {
+#pragma unroll
+    for (int r = 0; r < kLnAhead<kThreads>; ++r)
+      if (tid + r * kThreads < 2 * kLnMaxW) s_ln[tid + r * kThreads] = ln_ahead[r];
+  }
   int trow[MT][2];  // tile rows of this thread's fragment rows in W phase 0
 #pragma unroll
   for (int mi = 0; mi < MT; ++mi) {
@@ -605,7 +614,8 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_CTAS)
   };
   auto rows = [&]() {
     const int ncols = p.cout_g - co0 < BN ? p.cout_g - co0 : BN;
-    return TileRows{TM, LDC, ncols, co0 == 0 && p.cout_g <= BN, tid, kThreads, p.Wo, R / Tw};
+    return TileRows{TM, LDC, ncols, co0 == 0 && p.cout_g <= BN, tid, kThreads, p.Wo, R / Tw,
+                    ln_k >= 0 ? s_ln : nullptr, ln_k};
   };
   run_program<TM * BN / kThreads>(p.epi, sR, Lay::kTileFloats, pos, s_col, BN, rows);
 

@@ -108,6 +108,27 @@ int check(const Case& k, unsigned seed) {
   const Slot* bs = (k.affine & 2) ? &bbuf.slot : nullptr;
   const float eps = 1e-5f;
   TileRows tr{k.rows, k.ld, k.ncols, true, 0, kThreadsLn, k.W, k.lines};
+  // every other case: the weight and bias read ahead as the W-line kernel does
+  // (layernorm_read_ahead per thread into the shared array, then TileRows::ln_affine)
+  std::vector<float> ahead(2 * kLnMaxW, __int_as_float(0x7fc00000));
+  if (seed % 2 == 0) {
+    static Epilogue E{};
+    E.n_instr = 2;
+    E.ins[0] = Instr{OP_RELU, 0, 0, 0, 0, 0.0f, 0.0f};
+    E.ins[1] = Instr{OP_LAYER_NORM, 0, bs ? 1 : -1, wt ? 0 : -1, 0, eps, 0.0f};
+    E.n_slots = 2;
+    E.slot[0] = wbuf.slot;
+    E.slot[1] = bbuf.slot;
+    for (int t = 0; t < kThreadsLn; ++t) {
+      float v[kLnAhead<kThreadsLn>];
+      const int kk = layernorm_read_ahead<kThreadsLn>(E, k.W, t, v);
+      if (kk != 1) return 1000000;  // the LayerNorm is instruction 1
+      for (int r = 0; r < kLnAhead<kThreadsLn>; ++r)
+        if (t + r * kThreadsLn < 2 * kLnMaxW) ahead[t + r * kThreadsLn] = v[r];
+    }
+    tr.ln_affine = ahead.data();
+    tr.ln_k = 1;
+  }
   run_cta(kThreadsLn, A.data(), dst, tr, wt, bs, eps);
   const bool poison = k.W > 16 * kLnPerLane;
   int bad = 0;
