@@ -376,6 +376,18 @@ __device__ __forceinline__ float group_sum(float v, int G) {
 // Elements of a W line per lane in layernorm_lines: W_out <= 16 * kLnPerLane (the W-line tiles
 // hold at most 64 rows of W stride 2 phases, so W_out <= 128; _cuda.WLINE_MAX_ROWS).
 constexpr int kLnPerLane = 8;
+// (line, column) pairs per lane per iteration of layernorm_lines' loop.
+constexpr int kLnPairs = 2;
+
+// x[0] + ... + x[N-1] as a balanced tree (depth log2 N; N a power of 2).
+template <int N>
+__device__ __forceinline__ float tree_sum(const float* x) {
+  if constexpr (N == 1) {
+    return x[0];
+  } else {
+    return tree_sum<N / 2>(x) + tree_sum<N / 2>(x + N / 2);
+  }
+}
 constexpr int kLnMaxW = 16 * kLnPerLane;
 
 // The LayerNorm weight and bias a kernel reads ahead (TileRows::ln_affine): the first LAYER_NORM
@@ -411,17 +423,17 @@ __device__ __forceinline__ int layernorm_read_ahead(const Epilogue& E, int W, in
   return k;
 }
 
-// F.layer_norm over W (normalized_shape (W_out,)) of every (line, column) of a tile register
-// whose rows are whole W lines (tr.wline > 0): A -> D (they may be the same register). A group
-// of G lanes per (line, column) pair, G = 8 for W <= 64 (4 pairs per warp) and 16 for W <= 128
-// (2 pairs): lane j of a group holds elements w = j, j + G, ... of the line in registers, the
-// sums are log2(G) butterfly shuffles shared by the warp's pairs. Mean, then the biased variance
-// of (x - mean), both in float, rstd = rsqrt(var + eps), then (x - mean) * rstd, times weight[w]
-// plus bias[w] where given (slots read at w * s[4], once per tile: a lane's w is the same in
-// every line). The groups of a warp take columns 8 / (32 / G) apart inside each block of 8
-// columns, so with the W-line tiles' pitch (4 mod 32 floats) their reads and writes fall in
-// distinct shared-memory banks. Needs tr.threads a multiple of 32 and W <= 16 * kLnPerLane,
-// else poisons the tile. Caller: a barrier before (A complete) and after (D complete).
+// F.layer_norm over W (normalized_shape (W_out,)) of every (line, column) of a tile register whose
+// rows are whole W lines (tr.wline > 0): A -> D (they may be the same register). A group of G lanes
+// per (line, column) pair, G = 8 for W <= 64 (4 pairs per warp) and 16 for W <= 128 (2 pairs): lane
+// j of a group holds elements w = j, j + G, ... of the line in registers, the sums are log2(G)
+// butterfly shuffles shared by the warp's pairs. Mean, then the biased variance of (x - mean), both
+// in float (a lane's elements summed as a tree, then the shuffles), rstd = rsqrt(var + eps), then
+// (x - mean) * rstd, times weight[w] plus bias[w] where given (slots read at w * s[4], once per
+// tile: a lane's w is the same in every line). The groups of a warp take columns 8 / (32 / G) apart
+// inside each block of 8 columns, so with the W-line tiles' pitch (4 mod 32 floats) their reads and
+// writes fall in distinct shared-memory banks. Needs tr.threads a multiple of 32 and W <= 16 *
+// kLnPerLane, else poisons the tile. Caller: a barrier before (A complete) and after (D complete).
 __device__ __forceinline__ void layernorm_lines(const float* A, float* D, const TileRows& tr,
                                                 const Slot* wt, const Slot* bs, float eps) {
   const int W = tr.wline, ld = tr.ld;
@@ -455,36 +467,50 @@ __device__ __forceinline__ void layernorm_lines(const float* A, float* D, const 
                                 : 0.0f;
   }
   const int ncols = tr.ncols, pairs = tr.lines * ncols;
-  // warp-uniform loop (p0 steps by whole warps): every lane runs every shuffle
-  for (int p0 = warp * P; p0 < pairs; p0 += warps * P) {
-    const bool valid = p0 + grp < pairs;
-    const int pr = valid ? p0 + grp : p0;  // a missing pair repeats the first, unstored
-    const int line = pr / ncols;
-    int c = pr - line * ncols;
-    if ((c | 7) < ncols) {  // a whole block of 8 columns: spread the warp's groups over banks
-      const int q = c & 7;
-      c = (c & ~7) | ((q % P) * (8 / P) + q / P);
-    }
-    const int base = c * ld + line * W + j;
-    float x[kLnPerLane];
-    float s = 0.0f;
+  const int step = warps * P;  // pairs one pass of the CTA's warps covers
+  // warp-uniform loop (p0 steps by whole warps): every lane runs every shuffle. Each lane takes
+  // kLnPairs pairs per iteration, step apart, and sums in trees: independent dependency chains
+  // for the 3 warps per scheduler to issue from (v26's profile: one pair per lane and serial
+  // sums left the W-line kernel stalled on fixed-latency dependencies).
+  for (int p0 = warp * P; p0 < pairs; p0 += kLnPairs * step) {
+    float x[kLnPairs][kLnPerLane], s[kLnPairs], v[kLnPairs];
+    int base[kLnPairs];
+    bool valid[kLnPairs];
 #pragma unroll
-    for (int u = 0; u < kLnPerLane; ++u) {
-      x[u] = j + G * u < W ? A[base + G * u] : 0.0f;
-      s += x[u];
-    }
-    const float mean = group_sum(s, G) * inv_w;
-    float v = 0.0f;
+    for (int t = 0; t < kLnPairs; ++t) {
+      valid[t] = p0 + t * step + grp < pairs;
+      const int pr = valid[t] ? p0 + t * step + grp : p0;  // a missing pair repeats p0, unstored
+      const int line = pr / ncols;
+      int c = pr - line * ncols;
+      if ((c | 7) < ncols) {  // a whole block of 8 columns: spread the warp's groups over banks
+        const int q = c & 7;
+        c = (c & ~7) | ((q % P) * (8 / P) + q / P);
+      }
+      base[t] = c * ld + line * W + j;
 #pragma unroll
-    for (int u = 0; u < kLnPerLane; ++u) {
-      const float dx = x[u] - mean;
-      if (j + G * u < W) v = fmaf(dx, dx, v);
+      for (int u = 0; u < kLnPerLane; ++u) x[t][u] = j + G * u < W ? A[base[t] + G * u] : 0.0f;
+      s[t] = tree_sum<kLnPerLane>(x[t]);
     }
-    const float rstd = rsqrtf(group_sum(v, G) * inv_w + eps);
-    if (valid) {
+#pragma unroll
+    for (int t = 0; t < kLnPairs; ++t) s[t] = group_sum(s[t], G) * inv_w;  // the mean
+#pragma unroll
+    for (int t = 0; t < kLnPairs; ++t) {
+      float d2[kLnPerLane];
+#pragma unroll
+      for (int u = 0; u < kLnPerLane; ++u) {
+        const float dx = x[t][u] - s[t];
+        d2[u] = j + G * u < W ? dx * dx : 0.0f;
+      }
+      v[t] = tree_sum<kLnPerLane>(d2);
+    }
+#pragma unroll
+    for (int t = 0; t < kLnPairs; ++t) v[t] = rsqrtf(group_sum(v[t], G) * inv_w + eps);  // rstd
+#pragma unroll
+    for (int t = 0; t < kLnPairs; ++t) {
+      if (!valid[t]) continue;
 #pragma unroll
       for (int u = 0; u < kLnPerLane; ++u)
-        if (j + G * u < W) D[base + G * u] = fmaf((x[u] - mean) * rstd, wv[u], bv[u]);
+        if (j + G * u < W) D[base[t] + G * u] = fmaf((x[t][u] - s[t]) * v[t], wv[u], bv[u]);
     }
   }
 }
