@@ -376,6 +376,8 @@ __device__ __forceinline__ float group_sum(float v, int G) {
 // Elements of a W line per lane in layernorm_lines: W_out <= 16 * kLnPerLane (the W-line tiles
 // hold at most 64 rows of W stride 2 phases, so W_out <= 128; _cuda.WLINE_MAX_ROWS).
 constexpr int kLnPerLane = 8;
+// The longest W line layernorm_lines handles (16 lanes per line).
+constexpr int kLnMaxW = 16 * kLnPerLane;
 // (line, column) pairs per lane per iteration of layernorm_lines' loop.
 constexpr int kLnPairs = 2;
 
@@ -388,7 +390,6 @@ __device__ __forceinline__ float tree_sum(const float* x) {
     return tree_sum<N / 2>(x) + tree_sum<N / 2>(x + N / 2);
   }
 }
-constexpr int kLnMaxW = 16 * kLnPerLane;
 
 // The LayerNorm weight and bias a kernel reads ahead (TileRows::ln_affine): the first LAYER_NORM
 // instruction of the program (its index, -1 if none) and this thread's share of its 2 x kLnMaxW
@@ -432,12 +433,12 @@ __device__ __forceinline__ int layernorm_read_ahead(const Epilogue& E, int W, in
 // (x - mean) * rstd, times weight[w] plus bias[w] where given (slots read at w * s[4], once per
 // tile: a lane's w is the same in every line). The groups of a warp take columns 8 / (32 / G) apart
 // inside each block of 8 columns, so with the W-line tiles' pitch (4 mod 32 floats) their reads and
-// writes fall in distinct shared-memory banks. Needs tr.threads a multiple of 32 and W <= 16 *
-// kLnPerLane, else poisons the tile. Caller: a barrier before (A complete) and after (D complete).
+// writes fall in distinct shared-memory banks. Needs tr.threads a multiple of 32 and
+// W <= kLnMaxW, else poisons the tile. Caller: a barrier before (A complete) and after (D complete).
 __device__ __forceinline__ void layernorm_lines(const float* A, float* D, const TileRows& tr,
                                                 const Slot* wt, const Slot* bs, float eps) {
   const int W = tr.wline, ld = tr.ld;
-  if (W <= 0 || W > 16 * kLnPerLane || tr.threads % 32 != 0) {
+  if (W <= 0 || W > kLnMaxW || tr.threads % 32 != 0) {
     // the host never launches this (_cuda.py, binding.cpp): poison, not garbage
     for (int m = tr.tid; m < tr.rows; m += tr.threads)
       for (int c = 0; c < tr.ncols; ++c) D[c * ld + m] = __int_as_float(0x7fc00000);

@@ -7,16 +7,17 @@
 #
 #   scripts/ab_time.sh LOGDIR BASEDIR [MID_FILE ...]
 #
-# BASEDIR holds the baseline versions of the changed files at their repository paths (make it
-# with `git show REF:path`); every file under it replaces the tree's copy in "base". MID_FILEs
+# BASEDIR holds the baseline versions of the changed files at their repository paths (make it with
+# `git show REF:path`); every file under it replaces the tree's copy in "base". MID_FILEs
 # (repository paths under BASEDIR) replace the tree's copies in "mid". Runs without the editable
 # install (PYTHONPATH points at each variant's copy, so ct3d_fx finds that copy's csrc/); each
-# variant prints the csrc/ it built, and the run stops if a variant would build another tree's
-# csrc/ (an editable install of ct3d_fx does that: uninstall it first). Environment: AB_ONLY
-# (time_kernels.py --only regex),
-# AB_DTYPES (default "fp32 bf16"), AB_ROUNDS (default 2), AB_ALGOS (default auto), AB_WARMUP_MS /
-# AB_REP_MS (10 / 40). Writes LOGDIR/ab.log and LOGDIR/ab.json (every run's rows, by variant,
-# dtype and round) and prints the median over rounds per row, variant and dtype.
+# variant prints the csrc/ it built, and the run stops if a variant would build another tree's csrc/
+# (after `pip install -e .`, e.g. gpu_check.sh's install step, the editable install's import hook
+# maps ct3d_fx.csrc to the installed tree: run the A/B in a call without that step). Environment:
+# AB_ONLY (time_kernels.py --only regex), AB_DTYPES (default "fp32 bf16"), AB_ROUNDS (default 2),
+# AB_ALGOS (default auto), AB_WARMUP_MS / AB_REP_MS (10 / 40). Writes LOGDIR/ab.log and
+# LOGDIR/ab.json (every run's rows, by variant, dtype and round) and prints the median over rounds
+# per row, variant and dtype.
 set -uo pipefail
 LOG=$1; BASE=$(cd "$2" && pwd); shift 2
 MID_FILES=("$@")
@@ -56,7 +57,8 @@ from pathlib import Path
 csrc = _build._csrc_dir().resolve()
 if csrc != (Path.cwd() / "csrc").resolve():  # an editable install maps ct3d_fx.csrc elsewhere
     raise SystemExit(f"{sys.argv[1]}: ct3d_fx finds csrc/ at {csrc}, not in {Path.cwd()}: "
-                     "uninstall ct3d_fx (pip uninstall -y ct3d_fx) before an A/B run")
+                     "an editable install of ct3d_fx maps it there; run the A/B where ct3d_fx "
+                     "is not installed")
 t = time.perf_counter()
 ok = _build.load() is not None
 print(f"{sys.argv[1]}: csrc {_build._csrc_dir()}, built in {time.perf_counter() - t:.0f} s, "

@@ -7,7 +7,7 @@
 //     is tested against cancellation);
 //   - rows past the lines and columns past ncols unchanged (NaN when written to another
 //     register, the input when in place);
-//   - W beyond 16 * kLnPerLane, or threads not a multiple of 32: the whole tile NaN.
+//   - W beyond kLnMaxW, or threads not a multiple of 32: the whole tile NaN.
 // Weight and bias are float32 or bfloat16 slots with a stride of 2 elements. Tiles, weight and
 // bias are heap buffers of exactly their size, so AddressSanitizer sees any stray access.
 //
@@ -130,7 +130,7 @@ int check(const Case& k, unsigned seed) {
     tr.ln_k = 1;
   }
   run_cta(kThreadsLn, A.data(), dst, tr, wt, bs, eps);
-  const bool poison = k.W > 16 * kLnPerLane;
+  const bool poison = k.W > kLnMaxW;
   int bad = 0;
   for (int c = 0; c < cols; ++c) {
     for (int m = 0; m < k.ld; ++m) {
