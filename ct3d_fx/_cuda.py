@@ -939,12 +939,21 @@ LAST_PASS_KERNEL: Optional[str] = None
 _PASS_KERNELS = {0: None, 1: "plain", 2: "staged", 3: "lite", 4: "lite_transpose"}
 CUDNN_PASS = os.environ.get("CT3D_FX_CUDNN_PASS", "0") == "1"
 # "subpixel": the transposed conv as one stride-1 conv3d over its output phases (cuDNN,
-# ct3d_fx/subpixel.py) + the program in PyTorch ops, timed where C_out is at most
-# _SUBPIXEL_MAX_COUT, groups == 1 and a stride is above 1: there cuDNN's transposed-conv kernels
+# ct3d_fx/subpixel.py) + the program in PyTorch ops, timed where a stride is above 1 and either
+# groups == 1 with C_out at most _SUBPIXEL_MAX_COUT or groups > 1 with the per-group C_out
+# (weight.size(1)) at most _SUBPIXEL_MAX_COUT_GROUPED: there cuDNN's transposed-conv kernels
 # and the fused kernel's channel tiles are mostly idle (the GAN generator's 1-channel last
-# layer). Off with CT3D_FX_SUBPIXEL=0 or ``_cuda.SUBPIXEL = False``.
+# layer). The grouped limit is for suite problem l1_72 (C_in 32, C_out 32, groups 4, kernel
+# (3, 5, 7), stride 2, padding (1, 2, 3), output_padding 1, input (8, 32, 12, 24, 48)): it runs
+# at 38x its roofline floor both in cuDNN's transposed-conv kernel and in ours, with 8 output
+# channels per group; the conv3d form (one F.conv3d with groups=4) gives cuDNN 8x as many, 64
+# per group, for E_D * E_H * E_W * 8 / (3 * 5 * 7) = 2 * 3 * 4 * 8 / 105 = 1.8x the
+# multiply-adds. Not yet measured on a GPU: the autotune times it against the other candidates
+# and keeps it only where it is faster. Off with CT3D_FX_SUBPIXEL=0 or
+# ``_cuda.SUBPIXEL = False``.
 SUBPIXEL = os.environ.get("CT3D_FX_SUBPIXEL", "1") != "0"
 _SUBPIXEL_MAX_COUT = 4
+_SUBPIXEL_MAX_COUT_GROUPED = 16
 _choices: Dict[tuple, str] = {}
 # Each decision's candidate medians (ms per call), by the key of _choices
 _timings: Dict[tuple, Dict[str, float]] = {}
@@ -1050,30 +1059,37 @@ def _conv_then_program(args: tuple, shape, stride, dtype, conv, plan=None) -> to
 
 def _subpixel_applies(input: torch.Tensor, weight: torch.Tensor, groups: int,
                       stride: Sequence[int]) -> bool:
-    """Whether the autotune times the "subpixel" candidate for this call (SUBPIXEL)."""
-    return (SUBPIXEL and groups == 1 and weight.size(1) <= _SUBPIXEL_MAX_COUT
-            and max(stride) > 1 and input.dim() == 5)
+    """Whether the autotune times the "subpixel" candidate for this call (SUBPIXEL): a 5-D
+    input, a stride above 1, and C_out at most _SUBPIXEL_MAX_COUT for groups == 1 or the
+    per-group C_out (``weight.size(1)``) at most _SUBPIXEL_MAX_COUT_GROUPED for groups > 1."""
+    if groups == 1:
+        limit = _SUBPIXEL_MAX_COUT
+    elif groups > 1:
+        limit = _SUBPIXEL_MAX_COUT_GROUPED
+    else:
+        return False
+    return (SUBPIXEL and weight.size(1) <= limit and max(stride) > 1 and input.dim() == 5)
 
 
 def _reference_subpixel(args: tuple, shape, stride, dtype) -> torch.Tensor:
     """The "subpixel" candidate: the transposed conv as one conv3d over its output phases
-    (``subpixel.conv_transpose3d_subpixel``; cuDNN picks its algorithm by timing it,
-    ``cudnn.benchmark`` on for this call only; the conv3d weight cached per weight version),
-    then the bias and program as ``_conv_then_program`` runs them. Same values as the reference
-    up to the conv's summation order (TF32 or not as ``torch.backends.cudnn.allow_tf32``
-    says)."""
+    (``subpixel.conv_transpose3d_subpixel`` with the call's groups, ``args[7]``: one grouped
+    conv3d; cuDNN picks its algorithm by timing it, ``cudnn.benchmark`` on for this call only;
+    the conv3d weight cached per weight version, stride, padding, dilation and groups), then
+    the bias and program as ``_conv_then_program`` runs them. Same values as the reference up
+    to the conv's summation order (TF32 or not as ``torch.backends.cudnn.allow_tf32`` says)."""
     input, weight, bias, st, pa, op, di, g, program, scalars, extras = args
     dims = subpixel.subpixel_dims(input.shape[2:], weight.shape[2:], st, pa, op, di)
     if weight.is_cuda:
-        w2 = _cached_copy(weight, ("subpixel", tuple(st), tuple(pa), tuple(di)),
-                          lambda w: subpixel.subpixel_weight(w.detach(), dims))
+        w2 = _cached_copy(weight, ("subpixel", tuple(st), tuple(pa), tuple(di), g),
+                          lambda w: subpixel.subpixel_weight(w.detach(), dims, groups=g))
     else:
-        w2 = subpixel.subpixel_weight(weight, dims)
+        w2 = subpixel.subpixel_weight(weight, dims, groups=g)
 
     def conv(b):
         with _cudnn_benchmark():
             return subpixel.conv_transpose3d_subpixel(input, weight, b, st, pa, op, di, w2,
-                                                      dims)
+                                                      dims, groups=g)
 
     return _conv_then_program(args, shape, stride, dtype, conv)
 
