@@ -499,6 +499,76 @@ void pool_tail(const at::Tensor& x, at::Tensor& out, int64_t kd, int64_t kh, int
   TORCH_CHECK(err == cudaSuccess, "ct3d: pool_tail launch failed: ", cudaGetErrorString(err));
 }
 
+// x: contiguous NCDHW float32/float16/bfloat16 (N, C, D, H, W); out: the same shape and dtype,
+// contiguous; weight, bias: undefined or (C,) float32 contiguous on x's device. GroupNorm with
+// `groups` groups (C % groups == 0) and `eps`, the affine, then `act` (0: none, else ct3d::Op
+// OP_RELU / OP_LEAKY_RELU (negative slope `alpha`) / OP_GELU / OP_SILU / OP_SIGMOID / OP_TANH /
+// OP_HARDSWISH; act_flag 1: GELU's tanh approximation): csrc/kernels_norm_tail.cu.
+void norm_tail(const at::Tensor& x, at::Tensor& out, int64_t groups,
+               const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+               double eps, int64_t act, int64_t act_flag, double alpha) {
+  const at::Device dev = x.device();
+  check_cuda_on(x, dev, "input");
+  check_cuda_on(out, dev, "output");
+  TORCH_CHECK(x.dim() == 5 && x.is_contiguous(), "ct3d: norm_tail needs a contiguous NCDHW "
+              "input, got ", dims(x.sizes()), " with strides ", dims(x.strides()));
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == x.sizes() &&
+                  out.scalar_type() == x.scalar_type(),
+              "ct3d: norm_tail output must be contiguous ", dims(x.sizes()), " ",
+              x.scalar_type(), ", got ", dims(out.sizes()), " ", out.scalar_type());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(groups >= 1 && C >= 1 && C % groups == 0 && C <= INT32_MAX,
+              "ct3d: norm_tail needs C divisible by groups, got C = ", C, ", groups = ", groups);
+  TORCH_CHECK(eps >= 0.0, "ct3d: norm_tail eps must be >= 0, got ", eps);
+  const float* ptrs[2] = {nullptr, nullptr};
+  const c10::optional<at::Tensor>* affine[2] = {&weight, &bias};
+  const char* names[2] = {"weight", "bias"};
+  for (int i = 0; i < 2; ++i) {
+    if (!affine[i]->has_value() || !(*affine[i])->defined()) continue;
+    const at::Tensor& t = **affine[i];
+    check_cuda_on(t, dev, names[i]);
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == C && t.is_contiguous() &&
+                    t.scalar_type() == at::kFloat,
+                "ct3d: norm_tail ", names[i], " must be a contiguous (", C, ",) float32 "
+                "tensor, got ", dims(t.sizes()), " ", t.scalar_type());
+    ptrs[i] = t.data_ptr<float>();
+  }
+  ct3d::NormTailParams p{};
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  p.weight = ptrs[0];
+  p.bias = ptrs[1];
+  p.rows = x.size(0) * C;
+  p.S = x.size(2) * x.size(3) * x.size(4);
+  p.C = static_cast<int32_t>(C);
+  p.groups = static_cast<int32_t>(groups);
+  const int64_t chunks = (p.S + ct3d::kNormChunk - 1) / ct3d::kNormChunk;
+  TORCH_CHECK(p.S >= 1 && p.rows * chunks < (int64_t{1} << 31),
+              "ct3d: norm_tail needs 1 <= N * C * ceil(D * H * W / ", ct3d::kNormChunk,
+              ") < 2^31, got ", dims(x.sizes()));
+  p.chunks = static_cast<int32_t>(chunks);
+  p.dtype = dtype_code(x.scalar_type(), "input");
+  TORCH_CHECK(p.dtype != ct3d::kF64, "ct3d: norm_tail takes float32, float16 or bfloat16, got ",
+              x.scalar_type());
+  p.act = static_cast<int32_t>(act);
+  p.act_flag = static_cast<int32_t>(act_flag);
+  p.alpha = static_cast<float>(alpha);
+  p.eps = static_cast<float>(eps);
+  const int64_t esize = x.element_size();
+  p.vec = (p.S % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+           reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 && esize <= 4) ? 1 : 0;
+  at::Tensor partial = at::empty({p.rows * chunks * 3}, x.options().dtype(at::kFloat));
+  at::Tensor stats = at::empty({x.size(0) * groups * 2}, x.options().dtype(at::kFloat));
+  p.partial = partial.data_ptr<float>();
+  p.stats = stats.data_ptr<float>();
+  const c10::cuda::CUDAGuard guard(dev);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const cudaError_t err = ct3d::launch_norm_tail(p, stream);
+  TORCH_CHECK(err == cudaSuccess, "ct3d: norm_tail launch failed: ", cudaGetErrorString(err),
+              " (input ", dims(x.sizes()), " ", x.scalar_type(), ", groups ", groups, ", act ",
+              act, ")");
+}
+
 // The spatial dimensions of `t` (N, C, D, H, W) as one stride: *s such that element (n, c, d,
 // h, w) is at n * stride(0) + c * stride(1) + ((d * H + h) * W + w) * *s (NCDHW contiguous: 1,
 // channels_last_3d: C). False when they do not collapse.
@@ -690,6 +760,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "an activation (see csrc/binding.cpp)", py::arg("x"), py::arg("out"), py::arg("kd"),
         py::arg("kh"), py::arg("kw"), py::arg("act"), py::arg("act_flag"),
         py::arg("max") = false);
+  m.def("norm_tail", &norm_tail, "GroupNorm (affine) then an activation over a contiguous "
+        "NCDHW tensor (see csrc/binding.cpp)", py::arg("x"), py::arg("out"), py::arg("groups"),
+        py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("act"), py::arg("act_flag"),
+        py::arg("alpha"));
   m.def("epilogue_pass", &epilogue_pass, "A site's bias and epilogue program in one pass over a "
         "conv output computed elsewhere (see csrc/binding.cpp)", py::arg("src"), py::arg("bias"),
         py::arg("out"), py::arg("slots"), py::arg("slot_strides"), py::arg("prog_i"),

@@ -107,6 +107,11 @@ int64_t spatial_softmax_onchip_elems(int in_dtype, int vecs);
 // unsupported dtype or activation, or a pooling kernel outside [1, 8] per dimension.
 cudaError_t launch_pool_tail(const PoolTailParams& p, cudaStream_t stream);
 
+// The normalization tail (csrc/kernels_norm_tail.cu) on `stream`: three kernels (partial
+// statistics, per-group mean / rstd, the normalized output); cudaErrorInvalidValue for an
+// unsupported dtype or activation, C not a multiple of groups, or rows * chunks >= 2^31.
+cudaError_t launch_norm_tail(const NormTailParams& p, cudaStream_t stream);
+
 // The epilogue pass (csrc/kernels_epilogue_pass.cu) on `stream`: cudaErrorInvalidValue for an
 // unsupported (src, out) dtype pair (f32 -> f32, f16 / bf16 -> same or f32), a register count
 // outside [1, kMaxRegs] or S >= 2^31 - 128. `kernel` (may be null) receives which kernel ran.

@@ -230,6 +230,35 @@ struct PoolTailParams {
   int32_t max;               // 1: max_pool3d (NaN wins, as in PyTorch), 0: avg_pool3d
 };
 
+// The normalization tail (csrc/kernels_norm_tail.cu): GroupNorm (InstanceNorm: groups == C) of
+// a fused site's contiguous NCDHW output, with its per-channel affine, then one activation. Three
+// kernels: per-(row, chunk) partial statistics (count, mean, M2) of each (n, c) row in chunks of
+// kNormChunk elements -> per-(n, group) mean and 1 / sqrt(var + eps) (merged in double) -> the
+// normalized, activated output. The binding allocates `partial` (rows * chunks * 3 floats) and
+// `stats` (N * groups * 2 floats).
+constexpr int kNormThreads = 256;
+constexpr int kNormVecsPerThread = 4;  // 8-element vectors per thread and CTA
+constexpr int64_t kNormChunk = int64_t{kNormThreads} * kNormVecsPerThread * 8;  // 8192 elements
+struct NormTailParams {
+  const void* x;
+  void* out;
+  const float* weight;       // (C,) float32 or null (no affine scale)
+  const float* bias;         // (C,) float32 or null (no affine shift)
+  float* partial;            // rows * chunks * 3: count, mean, M2 of each chunk
+  float* stats;              // N * groups * 2: mean, rstd of each (n, group)
+  int64_t rows;              // N * C
+  int64_t S;                 // D * H * W: elements of a row
+  int32_t C, groups;         // channels, groups (C % groups == 0)
+  int32_t chunks;            // ceil(S / kNormChunk): CTAs per row
+  int32_t dtype;             // DType: kF32, kF16 or kBF16 (input and output)
+  int32_t act;               // 0 (none) or an Op: OP_RELU, OP_LEAKY_RELU, OP_GELU, OP_SILU,
+                             // OP_SIGMOID, OP_TANH, OP_HARDSWISH
+  int32_t act_flag;          // OP_GELU: 1 for the tanh approximation
+  float alpha;               // OP_LEAKY_RELU: the negative slope
+  float eps;
+  int32_t vec;               // 1: 16-byte vectors (S % 8 == 0 and x, out 16-byte aligned)
+};
+
 // The epilogue pass's vector kernels (csrc/ct3d_pass_lite.cuh): elements per vector, and the
 // form the binding allows (EpiPassParams.lite).
 constexpr int kLiteE = 8;

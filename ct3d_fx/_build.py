@@ -36,7 +36,7 @@ _SOURCE_SUFFIXES = (".cu", ".cuh", ".cpp", ".h")
 # parallel, and the longest one (a family, not a whole precision) sets the first-use build time.
 _IGEMM_FAMILIES = ("rows", "rows_wide", "box", "wline", "wgmma")
 _SOURCES = ("binding.cpp", "kernels_f32_ffma.cu", "kernels_spatial_softmax.cu",
-            "kernels_pool_tail.cu", "kernels_epilogue_pass.cu") + tuple(
+            "kernels_pool_tail.cu", "kernels_epilogue_pass.cu", "kernels_norm_tail.cu") + tuple(
     f"kernels_{dt}{part}.cu" for dt in ("f32_tf32", "f16_tc", "bf16_tc")
     for part in ("", *(f"_{f}" for f in _IGEMM_FAMILIES)))
 

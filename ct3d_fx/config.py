@@ -22,7 +22,7 @@ class Config:
     Attributes:
         families: op families that may join an epilogue, a subset of ``{"arithmetic",
             "activation", "clamp", "batch_norm", "dropout", "residual", "softmax",
-            "layer_norm", "spatial_softmax", "pool_tail"}`` ("dropout" also covers
+            "layer_norm", "spatial_softmax", "pool_tail", "norm_tail"}`` ("dropout" also covers
             nn.Identity, clone,
             detach, contiguous; "residual" covers operands that come from model inputs, such as
             a skip connection; "softmax" is softmax and log_softmax over the channels;
@@ -33,7 +33,11 @@ class Config:
             or nn.MaxPool3d / F.max_pool3d (no dilation, no indices) with stride equal to the
             window (at most 8 per dimension), no padding and floor mode on a site's result,
             and one activation (ReLU, GELU, SiLU, Sigmoid, Tanh) that only the pool reads,
-            which then run as one second kernel: ``ct3d_fx.pool_tail``). The convolution and its bias are always fused.
+            which then run as one second kernel: ``ct3d_fx.pool_tail``; "norm_tail" is
+            nn.GroupNorm / F.group_norm or nn.InstanceNorm3d / F.instance_norm without running
+            statistics on a site's result, and one activation (ReLU, LeakyReLU, GELU, SiLU,
+            Sigmoid, Tanh, Hardswish) that only the norm reads, which then run as the kernels
+            of ``ct3d_fx.norm_tail``). The convolution and its bias are always fused.
         filter_fn: ``filter_fn(module, fqn) -> bool``; called with the ConvTranspose3d module
             (None for a functional call) and the site's FQN; False leaves the site unfused.
         verify: with example_inputs, run the original and the optimized model and compare.

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _cuda, patterns
+from . import norm_tail as _norm_tail
 from . import pool_tail as _pool_tail
 from . import spatial_softmax as _spatial
 from .config import Config, VerificationError
@@ -997,6 +998,142 @@ def match_pool_tail(y: fx.Node, modules, config: Config) -> Optional[PoolTail]:
     return None
 
 
+# --------------------------------------------------------------------------------------------
+# GroupNorm / InstanceNorm3d (and one activation) after a site: ct3d_fx.norm_tail
+# --------------------------------------------------------------------------------------------
+@dataclass
+class NormTail:
+    """A GroupNorm or InstanceNorm (no running statistics) on a site's output, and the
+    activation after it, replaced by one ``norm_tail.call`` (``nodes[-1]``'s users read its
+    result). ``weight`` / ``bias``: a node, None, or the dotted path of a module's parameter
+    (made a ``get_attr`` by the rewrite). ``groups`` None: InstanceNorm (one group per
+    channel)."""
+
+    nodes: List[fx.Node]
+    groups: Optional[int]
+    weight: Any
+    bias: Any
+    eps: float
+    act: Optional[str]
+    alpha: float
+    desc: str
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _norm_of(p: fx.Node, y: fx.Node, modules) -> Optional[tuple]:
+    """(groups, weight, bias, eps) when ``p`` is GroupNorm or InstanceNorm without running
+    statistics of ``y``, else None."""
+    if p.op == "call_module":
+        m = modules.get(p.target)
+        if p.args != (y,) or p.kwargs:
+            return None
+        affine = (f"{p.target}.weight", f"{p.target}.bias")
+        if type(m) is nn.GroupNorm:
+            return (m.num_groups, *(affine if m.affine else (None, None)), float(m.eps))
+        if type(m) is nn.InstanceNorm3d and not m.track_running_stats:
+            return (None, *(affine if m.affine else (None, None)), float(m.eps))
+        return None
+    if p.op != "call_function":
+        return None
+    if p.target is F.group_norm:
+        def sig(input, num_groups, weight=None, bias=None, eps=1e-5):
+            return input, num_groups, weight, bias, eps
+        try:
+            inp, groups, w, b, eps = sig(*p.args, **p.kwargs)
+        except TypeError:
+            return None
+        if not (isinstance(groups, int) and not isinstance(groups, bool)):
+            return None
+    elif p.target is F.instance_norm:
+        def sig(input, running_mean=None, running_var=None, weight=None, bias=None,
+                use_input_stats=True, momentum=0.1, eps=1e-5):
+            return input, running_mean, running_var, weight, bias, use_input_stats, eps
+        try:
+            inp, rm, rv, w, b, use, eps = sig(*p.args, **p.kwargs)
+        except TypeError:
+            return None
+        if rm is not None or rv is not None or use is not True:
+            return None
+        groups = None
+    else:
+        return None
+    if inp is not y or not _is_number(eps) or any(
+            t is not None and not isinstance(t, fx.Node) for t in (w, b)):
+        return None
+    return groups, w, b, float(eps)
+
+
+def _norm_activation(u: fx.Node, p: fx.Node, modules) -> Optional[Tuple[str, float]]:
+    """(``norm_tail.ACTIVATIONS`` key, LeakyReLU slope) when ``u`` is an activation of ``p``
+    alone, else None."""
+    act = _tail_activation(u, p, modules)
+    if act is not None:
+        return act, 0.01
+    if not u.args or u.args[0] is not p:
+        return None
+    if u.op == "call_module":
+        m = modules.get(u.target)
+        if len(u.args) != 1 or u.kwargs:
+            return None
+        if type(m) is nn.Hardswish:
+            return "hardswish", 0.01
+        if type(m) is nn.LeakyReLU:
+            return "leaky_relu", float(m.negative_slope)
+        return None
+    if u.op == "call_function" and u.target is F.hardswish:
+        def sig(input, inplace=False):
+            return input
+    elif u.op == "call_function" and u.target is F.leaky_relu:
+        def sig(input, negative_slope=0.01, inplace=False):
+            return input, negative_slope
+    else:
+        return None
+    try:
+        bound = sig(*u.args, **u.kwargs)
+    except TypeError:
+        return None
+    if u.target is F.hardswish:
+        return "hardswish", 0.01
+    slope = bound[1]
+    return ("leaky_relu", float(slope)) if _is_number(slope) else None
+
+
+def match_norm_tail(y: fx.Node, modules, config: Config) -> Optional[NormTail]:
+    """The GroupNorm / InstanceNorm (and its activation) that reads ``y`` (a site's result),
+    or None."""
+    if "norm_tail" not in config.families:
+        return None
+    for p in list(y.users):
+        norm = _norm_of(p, y, modules)
+        if norm is None:
+            continue
+        groups, w, b, eps = norm
+        nodes, act, alpha = [p], None, 0.01
+        desc = "instance_norm" if groups is None else f"group_norm({groups})"
+        if len(p.users) == 1:
+            found = _norm_activation(next(iter(p.users)), p, modules)
+            if found is not None:
+                nodes.append(next(iter(p.users)))
+                act, alpha = found
+                desc += f" -> {act}" + (f"({alpha:g})" if act == "leaky_relu" else "")
+        return NormTail(nodes, groups, w, b, eps, act, alpha, desc)
+    return None
+
+
+def _rewrite_norm_tail(gm: fx.GraphModule, node: fx.Node, t: NormTail) -> None:
+    """Replace ``t.nodes`` by ``norm_tail.call(node, ...)``, the affine parameters of a module
+    read by ``get_attr``."""
+    affine = []
+    with gm.graph.inserting_before(t.nodes[-1]):
+        for v in (t.weight, t.bias):
+            affine.append(gm.graph.get_attr(v) if isinstance(v, str) else v)
+    _rewrite_tail(gm, _norm_tail.call, (node, t.groups, *affine, t.eps, t.act, t.alpha),
+                  t.nodes)
+
+
 def _finish(gm: fx.GraphModule, model: nn.Module, sites: nn.Module) -> fx.GraphModule:
     """Make ``gm`` share every submodule, Parameter and buffer of ``model`` at its FQN."""
     gm.graph.lint()
@@ -1186,10 +1323,14 @@ def _process(model: nn.Module, inputs, config: Config, prefix: str, rewrite: boo
         rec.scalars = e.scalars
         tail = match_spatial_tail(m.sink, modules, config)
         ptail = None if tail is not None else match_pool_tail(m.sink, modules, config)
+        ntail = (None if tail is not None or ptail is not None
+                 else match_norm_tail(m.sink, modules, config))
         if tail is not None:
             rec.then = f"{tail.desc}: ct3d spatial_softmax kernel"
         elif ptail is not None:
             rec.then = f"{ptail.desc}: ct3d pooled tail kernel"
+        elif ntail is not None:
+            rec.then = f"{ntail.desc}: ct3d norm tail kernels"
         if rewrite:
             name = fqn.replace(".", "_") or f"site{i}"
             while name in used:
@@ -1202,6 +1343,8 @@ def _process(model: nn.Module, inputs, config: Config, prefix: str, rewrite: boo
             elif ptail is not None:
                 _rewrite_tail(gm, _pool_tail.call, (node, ptail.kernel, ptail.act, ptail.mode),
                               ptail.nodes)
+            elif ntail is not None:
+                _rewrite_norm_tail(gm, node, ntail)
     if not rewrite:
         return gm
     return _finish(gm, model, sites)

@@ -25,7 +25,7 @@ from .ops import Opcode
 __all__ = ["OpSpec", "FAMILIES", "lookup", "is_anchor", "describe", "supported_table"]
 
 FAMILIES = frozenset({"arithmetic", "activation", "clamp", "batch_norm", "dropout", "residual",
-                      "softmax", "layer_norm", "spatial_softmax", "pool_tail"})
+                      "softmax", "layer_norm", "spatial_softmax", "pool_tail", "norm_tail"})
 
 
 @dataclass(frozen=True)

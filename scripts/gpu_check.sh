@@ -39,6 +39,9 @@
 #             ms per forward, eager and optimized): bf16 at batch 1 (with a profiler table,
 #             LOGDIR/host_prof.txt), 2 and 8, fp32 at batch 1; LOGDIR/host.json
 #   pool      tests/test_pool_tail.py and memcheck over its kernel tests
+#   norm      tests/test_norm_tail.py, memcheck over some of its kernel tests, and
+#             scripts/norm_time.py (the tail's kernels against PyTorch's norm + activation);
+#             LOGDIR/norm_time.json
 #   pass      tests/test_epilogue_pass.py and tests/test_cuda_autotune.py, memcheck over the
 #             epilogue pass's kernel tests
 #   bulk      the bulk-copy wgmma configurations 27 and 28 (csrc/ct3d_wgmma.cuh, v24): a 60 s
@@ -376,6 +379,16 @@ step_pool() {  # the pooled tail (avg and max): its tests and memcheck over its 
     -k "(kernel_matches and None) or propagates_nan or minus_inf"
 }
 
+step_norm() {  # the normalization tail (GroupNorm / InstanceNorm + activation): its tests,
+  # memcheck over some of its kernel tests, and its kernels against PyTorch's norm + activation
+  # (scripts/norm_time.py; LOGDIR/norm_time.json)
+  "$PY" -m pytest -p no:cacheprovider -q -rfE tests/test_norm_tail.py || return 1
+  compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+    --report-api-errors no "$PY" -m pytest -p no:cacheprovider -q tests/test_norm_tail.py \
+    -k "(kernel_matches and float32 and (relu or None)) or nan_stays or affine_parts" || return 1
+  "$PY" scripts/norm_time.py --json "$LOG/norm_time.json"
+}
+
 step_pass() {  # the epilogue pass: its tests, the autotune's, and memcheck over its kernel tests
   "$PY" -m pytest -p no:cacheprovider -q -rfE tests/test_epilogue_pass.py \
     tests/test_cuda_autotune.py || return 1
@@ -579,7 +592,7 @@ export -f step_bare step_siteprof
 export -f step_spatial step_install step_build step_test step_sanitize step_example step_time step_profile \
   step_bench step_igemm step_sweep step_probe step_wgmma step_suite step_results step_results_low \
   step_pack step_host step_pool step_pass step_rows step_passprof step_gan step_passtime \
-  step_dirprof step_subpixel step_passlite step_bulk
+  step_dirprof step_subpixel step_passlite step_bulk step_norm
 for s in $STEPS; do
   case $s in
     install) run_step install 300 ;;
@@ -602,6 +615,7 @@ for s in $STEPS; do
     host) run_step host 300 ;;
     spatial) run_step spatial 300 ;;
     pool) run_step pool 240 ;;
+    norm) run_step norm 300 ;;
     pass) run_step pass 300 ;;
     rows) run_step rows 480 ;;
     passprof) run_step passprof 300 ;;
