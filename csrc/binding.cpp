@@ -546,14 +546,15 @@ void norm_tail(const at::Tensor& x, at::Tensor& out, int64_t groups,
   p.S = x.size(2) * x.size(3) * x.size(4);
   p.C = static_cast<int32_t>(C);
   p.groups = static_cast<int32_t>(groups);
-  const int64_t chunks = (p.S + ct3d::kNormChunk - 1) / ct3d::kNormChunk;
-  TORCH_CHECK(p.S >= 1 && p.rows * chunks < (int64_t{1} << 31),
-              "ct3d: norm_tail needs 1 <= N * C * ceil(D * H * W / ",
-              std::to_string(ct3d::kNormChunk), ") < 2^31, got ", dims(x.sizes()));
-  p.chunks = static_cast<int32_t>(chunks);
   p.dtype = dtype_code(x.scalar_type(), "input");
   TORCH_CHECK(p.dtype != ct3d::kF64, "ct3d: norm_tail takes float32, float16 or bfloat16, got ",
               c10::toString(x.scalar_type()));
+  const int64_t chunk = ct3d::norm_chunk(p.dtype);
+  const int64_t chunks = (p.S + chunk - 1) / chunk;
+  TORCH_CHECK(p.S >= 1 && p.rows * chunks < (int64_t{1} << 31),
+              "ct3d: norm_tail needs 1 <= N * C * ceil(D * H * W / ", std::to_string(chunk),
+              ") < 2^31, got ", dims(x.sizes()));
+  p.chunks = static_cast<int32_t>(chunks);
   p.act = static_cast<int32_t>(act);
   p.act_flag = static_cast<int32_t>(act_flag);
   p.alpha = static_cast<float>(alpha);

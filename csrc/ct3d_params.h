@@ -233,12 +233,17 @@ struct PoolTailParams {
 // The normalization tail (csrc/kernels_norm_tail.cu): GroupNorm (InstanceNorm: groups == C) of
 // a fused site's contiguous NCDHW output, with its per-channel affine, then one activation. Three
 // kernels: per-(row, chunk) partial statistics (count, mean, M2) of each (n, c) row in chunks of
-// kNormChunk elements -> per-(n, group) mean and 1 / sqrt(var + eps) (merged in double) -> the
-// normalized, activated output. The binding allocates `partial` (rows * chunks * 3 floats) and
-// `stats` (N * groups * 2 floats).
+// norm_chunk(dtype) elements -> per-(n, group) mean and 1 / sqrt(var + eps) (merged in double) ->
+// the normalized, activated output. The binding allocates `partial` (rows * chunks * 3 floats)
+// and `stats` (N * groups * 2 floats).
 constexpr int kNormThreads = 256;
-constexpr int kNormVecsPerThread = 4;  // 8-element vectors per thread and CTA
-constexpr int64_t kNormChunk = int64_t{kNormThreads} * kNormVecsPerThread * 8;  // 8192 elements
+// 8-element vectors per thread and CTA: 128 bytes in flight per thread in every dtype (four
+// float32 vectors, eight float16 / bfloat16 ones).
+constexpr int norm_vecs_per_thread(int32_t dtype) { return dtype == kF32 ? 4 : 8; }
+// Elements of a row per CTA: 8192 (float32) or 16384 (float16, bfloat16).
+constexpr int64_t norm_chunk(int32_t dtype) {
+  return int64_t{kNormThreads} * norm_vecs_per_thread(dtype) * 8;
+}
 struct NormTailParams {
   const void* x;
   void* out;
@@ -249,7 +254,7 @@ struct NormTailParams {
   int64_t rows;              // N * C
   int64_t S;                 // D * H * W: elements of a row
   int32_t C, groups;         // channels, groups (C % groups == 0)
-  int32_t chunks;            // ceil(S / kNormChunk): CTAs per row
+  int32_t chunks;            // ceil(S / norm_chunk(dtype)): CTAs per row
   int32_t dtype;             // DType: kF32, kF16 or kBF16 (input and output)
   int32_t act;               // 0 (none) or an Op: OP_RELU, OP_LEAKY_RELU, OP_GELU, OP_SILU,
                              // OP_SIGMOID, OP_TANH, OP_HARDSWISH

@@ -5,18 +5,21 @@
 // on the H200, one CTA per (n, group) reading 629K elements, and the activation after it as
 // another pass. Here three kernels run in turn on one stream:
 //   1. norm_stats_kernel: one CTA per (row, chunk), a row being one (n, c) plane of S = D * H * W
-//      contiguous elements and a chunk kNormChunk (8192) of them. Each thread reads four
-//      8-element vectors (16-byte loads where S % 8 == 0), computes each vector's mean and sum
-//      of squared deviations (M2) exactly in float and merges them into its running (count,
-//      mean, M2) by Chan's rule; the warp and then the CTA merge the same way; the CTA writes
-//      its (count, mean, M2) to p.partial. No atomics: the result does not depend on timing.
+//      contiguous elements and a chunk norm_chunk(dtype) of them (8192 float32, 16384 16-bit
+//      elements). Each thread reads four (float32) or eight (16-bit) 8-element vectors, 128
+//      bytes, all before any arithmetic (16-byte loads where S % 8 == 0), computes each
+//      vector's mean and sum of squared deviations (M2) in float and merges them into its
+//      running (count, mean, M2) by Chan's rule; the warp and then the CTA merge the same way;
+//      the CTA writes its (count, mean, M2) to p.partial. No atomics: the result does not
+//      depend on timing.
 //   2. norm_finalize_kernel: one warp per (n, group) merges the group's C / groups * chunks
 //      partials in double and writes mean and rstd = 1 / sqrt(max(var, 0) + eps), the biased
 //      variance, as nn.GroupNorm uses.
 //   3. norm_apply_kernel: the same grid as 1; each CTA takes its channel's a = rstd * weight[c]
 //      and b = bias[c] - a * mean, computes a * x + b per element (as PyTorch's GroupNorm
 //      kernel does), rounds it to the tensor's dtype (the tensor PyTorch would materialize),
-//      applies the activation in float and stores once.
+//      applies the activation in float and stores once (with no activation: stores a * x + b,
+//      the same rounding without the round trip).
 // Traffic: two reads and one write of the tensor (PyTorch: the norm's two reads and one write,
 // then the activation's read and write).
 #include <cuda_bf16.h>
@@ -24,6 +27,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "ct3d_epilogue.cuh"
 #include "ct3d_launch.h"
@@ -34,6 +38,16 @@ namespace ct3d {
 namespace {
 
 constexpr int kNormWarps = kNormThreads / 32;
+
+// Vectors per thread and elements per CTA of T (as norm_vecs_per_thread / norm_chunk).
+template <typename T>
+constexpr int norm_vpt() {
+  return norm_vecs_per_thread(std::is_same<T, float>::value ? kF32 : kBF16);
+}
+template <typename T>
+constexpr int64_t norm_chunk_of() {
+  return int64_t{kNormThreads} * norm_vpt<T>() * kLiteE;
+}
 constexpr int kFinalizeWarps = 8;  // (n, group) pairs per CTA of the finalize kernel
 
 // (n, mean, m2) <- the merge of itself and (nb, mb, m2b) (Chan et al.'s pairwise rule).
@@ -59,19 +73,65 @@ __device__ __forceinline__ void norm_warp_merge(F& n, F& mean, F& m2) {
   }
 }
 
-// Vector j (0 .. kNormVecsPerThread - 1) of this thread: 8 elements of the row from `start`
-// (element offset within the row); `cnt` of them lie inside it (0 .. 8).
+// One 8-element vector as loaded: the elements' bits, two 16-bit elements per word for
+// float16 / bfloat16 (4 registers per vector rather than 8 floats, so that eight vectors stay
+// in flight without spilling).
+template <typename T>
+struct NormRaw {
+  uint32_t w[sizeof(T) * kLiteE / 4];
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t norm_bits(T v) {
+  if constexpr (std::is_same<T, float>::value) {
+    return __float_as_uint(v);
+  } else if constexpr (std::is_same<T, __half>::value) {
+    return __half_as_ushort(v);
+  } else {
+    return __bfloat16_as_ushort(v);
+  }
+}
+
+// The vector of this thread at element `start` of the row; `cnt` of its 8 elements lie inside
+// the row (0 .. 8), the others read as 0.
 template <typename T, bool VEC>
-__device__ __forceinline__ void norm_load(const T* row, int64_t start, int64_t S,
-                                          float (&v)[kLiteE], int& cnt) {
+__device__ __forceinline__ void norm_load(const T* row, int64_t start, int64_t S, NormRaw<T>& r,
+                                          int& cnt) {
   const int64_t left = S - start;
   cnt = left <= 0 ? 0 : (left >= kLiteE ? kLiteE : static_cast<int>(left));
   if (VEC && cnt == kLiteE) {
-    lite_load8<T>(row + start, v);
+    const uint4* q = reinterpret_cast<const uint4*>(row + start);
+#pragma unroll
+    for (int h = 0; h < static_cast<int>(sizeof(T)) / 2; ++h) {
+      const uint4 u = q[h];
+      r.w[4 * h] = u.x;
+      r.w[4 * h + 1] = u.y;
+      r.w[4 * h + 2] = u.z;
+      r.w[4 * h + 3] = u.w;
+    }
   } else {
 #pragma unroll
     for (int k = 0; k < kLiteE; ++k) {
-      v[k] = k < cnt ? elem_to_float<T>(row[start + k]) : 0.0f;
+      const uint32_t b = k < cnt ? norm_bits<T>(row[start + k]) : 0u;
+      if constexpr (sizeof(T) == 4) {
+        r.w[k] = b;
+      } else if (k & 1) {
+        r.w[k >> 1] |= b << 16;
+      } else {
+        r.w[k >> 1] = b;
+      }
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void norm_unpack(const NormRaw<T>& r, float (&v)[kLiteE]) {
+#pragma unroll
+  for (int k = 0; k < kLiteE; ++k) {
+    if constexpr (sizeof(T) == 4) {
+      v[k] = __uint_as_float(r.w[k]);
+    } else {
+      v[k] = half_bits_to_float<T>((k & 1) ? r.w[k >> 1] >> 16 : r.w[k >> 1] & 0xffffu);
     }
   }
 }
@@ -79,33 +139,46 @@ __device__ __forceinline__ void norm_load(const T* row, int64_t start, int64_t S
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kNormThreads)
     norm_stats_kernel(const NormTailParams p) {
+  constexpr int kVpt = norm_vpt<T>();
   const int64_t row = blockIdx.x / p.chunks;
   const int64_t chunk = blockIdx.x - row * p.chunks;
   const T* x = static_cast<const T*>(p.x) + row * p.S;
-  const int64_t base = chunk * kNormChunk;
-  float v[kNormVecsPerThread][kLiteE];
-  int cnt[kNormVecsPerThread];
+  const int64_t base = chunk * norm_chunk_of<T>();
+  NormRaw<T> raw[kVpt];
+  int cnt[kVpt];
 #pragma unroll
-  for (int j = 0; j < kNormVecsPerThread; ++j) {  // all loads in flight before any arithmetic
+  for (int j = 0; j < kVpt; ++j) {  // all loads in flight before any arithmetic
     norm_load<T, VEC>(x, base + (static_cast<int64_t>(j) * kNormThreads + threadIdx.x) * kLiteE,
-                      p.S, v[j], cnt[j]);
+                      p.S, raw[j], cnt[j]);
   }
   float n = 0.0f, mean = 0.0f, m2 = 0.0f;
 #pragma unroll
-  for (int j = 0; j < kNormVecsPerThread; ++j) {
+  for (int j = 0; j < kVpt; ++j) {
     if (cnt[j] == 0) continue;
+    float v[kLiteE];
+    norm_unpack<T>(raw[j], v);
     float s = 0.0f;
 #pragma unroll
-    for (int k = 0; k < kLiteE; ++k) s += v[j][k];  // the padding is 0
-    const float nb = static_cast<float>(cnt[j]);
-    const float mb = s / nb;
+    for (int k = 0; k < kLiteE; ++k) s += v[k];  // the padding is 0
     float q = 0.0f;
+    if (cnt[j] == kLiteE) {  // a whole vector (all but a row's last): no masks
+      const float mb = s * (1.0f / kLiteE);
 #pragma unroll
-    for (int k = 0; k < kLiteE; ++k) {
-      const float d = v[j][k] - mb;
-      q += k < cnt[j] ? d * d : 0.0f;
+      for (int k = 0; k < kLiteE; ++k) {
+        const float d = v[k] - mb;
+        q = fmaf(d, d, q);
+      }
+      norm_merge(n, mean, m2, static_cast<float>(kLiteE), mb, q);
+    } else {
+      const float nb = static_cast<float>(cnt[j]);
+      const float mb = s / nb;
+#pragma unroll
+      for (int k = 0; k < kLiteE; ++k) {
+        const float d = v[k] - mb;
+        q += k < cnt[j] ? d * d : 0.0f;
+      }
+      norm_merge(n, mean, m2, nb, mb, q);
     }
-    norm_merge(n, mean, m2, nb, mb, q);
   }
   norm_warp_merge(n, mean, m2);
   __shared__ float sh[3][kNormWarps];
@@ -165,9 +238,11 @@ __device__ __forceinline__ float norm_act(float x, int act, int flag, float alph
   }
 }
 
-template <typename T, bool VEC>
+// ACT false: no activation (the store rounds a * x + b once, as the round trip would).
+template <typename T, bool VEC, bool ACT>
 __global__ void __launch_bounds__(kNormThreads)
     norm_apply_kernel(const NormTailParams p) {
+  constexpr int kVpt = norm_vpt<T>();
   const int64_t row = blockIdx.x / p.chunks;
   const int64_t chunk = blockIdx.x - row * p.chunks;
   const int64_t n_idx = row / p.C;
@@ -178,28 +253,34 @@ __global__ void __launch_bounds__(kNormThreads)
   const float b = (p.bias != nullptr ? p.bias[c] : 0.0f) - a * mean;
   const T* x = static_cast<const T*>(p.x) + row * p.S;
   T* out = static_cast<T*>(p.out) + row * p.S;
-  const int64_t base = chunk * kNormChunk;
-  float v[kNormVecsPerThread][kLiteE];
-  int cnt[kNormVecsPerThread];
+  const int64_t base = chunk * norm_chunk_of<T>();
+  NormRaw<T> raw[kVpt];
+  int cnt[kVpt];
 #pragma unroll
-  for (int j = 0; j < kNormVecsPerThread; ++j) {
+  for (int j = 0; j < kVpt; ++j) {
     norm_load<T, VEC>(x, base + (static_cast<int64_t>(j) * kNormThreads + threadIdx.x) * kLiteE,
-                      p.S, v[j], cnt[j]);
+                      p.S, raw[j], cnt[j]);
   }
 #pragma unroll
-  for (int j = 0; j < kNormVecsPerThread; ++j) {
+  for (int j = 0; j < kVpt; ++j) {
     const int64_t start = base + (static_cast<int64_t>(j) * kNormThreads + threadIdx.x) * kLiteE;
+    float v[kLiteE];
+    norm_unpack<T>(raw[j], v);
 #pragma unroll
     for (int k = 0; k < kLiteE; ++k) {
-      const float y = elem_to_float<T>(elem_from_float<T>(v[j][k] * a + b));
-      v[j][k] = norm_act(y, p.act, p.act_flag, p.alpha);
+      const float y = fmaf(v[k], a, b);
+      if constexpr (ACT) {
+        v[k] = norm_act(elem_to_float<T>(elem_from_float<T>(y)), p.act, p.act_flag, p.alpha);
+      } else {
+        v[k] = y;
+      }
     }
     if (VEC && cnt[j] == kLiteE) {
-      lite_store8<T>(out + start, v[j]);
+      lite_store8<T>(out + start, v);
     } else {
 #pragma unroll
       for (int k = 0; k < kLiteE; ++k) {
-        if (k < cnt[j]) out[start + k] = elem_from_float<T>(v[j][k]);
+        if (k < cnt[j]) out[start + k] = elem_from_float<T>(v[k]);
       }
     }
   }
@@ -216,11 +297,15 @@ cudaError_t launch_typed(const NormTailParams& p, cudaStream_t stream) {
     norm_stats_kernel<T, false><<<grid, kNormThreads, 0, stream>>>(p);
   }
   norm_finalize_kernel<<<fgrid, kFinalizeWarps * 32, 0, stream>>>(p, n_groups);
-  if (p.vec) {
-    norm_apply_kernel<T, true><<<grid, kNormThreads, 0, stream>>>(p);
-  } else {
-    norm_apply_kernel<T, false><<<grid, kNormThreads, 0, stream>>>(p);
-  }
+  auto apply = [&](auto act_tag) {
+    constexpr bool kAct = decltype(act_tag)::value;
+    if (p.vec) {
+      norm_apply_kernel<T, true, kAct><<<grid, kNormThreads, 0, stream>>>(p);
+    } else {
+      norm_apply_kernel<T, false, kAct><<<grid, kNormThreads, 0, stream>>>(p);
+    }
+  };
+  p.act != 0 ? apply(std::true_type{}) : apply(std::false_type{});
   return cudaGetLastError();
 }
 
@@ -228,7 +313,7 @@ cudaError_t launch_typed(const NormTailParams& p, cudaStream_t stream) {
 
 cudaError_t launch_norm_tail(const NormTailParams& p, cudaStream_t stream) {
   if (p.C <= 0 || p.groups <= 0 || p.C % p.groups != 0 || p.rows <= 0 || p.rows % p.C != 0 ||
-      p.S <= 0 || p.chunks != (p.S + kNormChunk - 1) / kNormChunk ||
+      p.S <= 0 || p.chunks != (p.S + norm_chunk(p.dtype) - 1) / norm_chunk(p.dtype) ||
       p.rows * p.chunks >= (int64_t{1} << 31)) {
     return cudaErrorInvalidValue;
   }

@@ -36,7 +36,7 @@ ACTIVATIONS = {
     "hardswish": (int(Opcode.HARDSWISH), 0),
 }
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CHUNK = 8192  # elements of a row per CTA (csrc/ct3d_params.h kNormChunk)
+_CHUNK = 8192  # fewest elements of a row per CTA (csrc/ct3d_params.h norm_chunk: float32)
 
 # Set by each CUDA call (tests read it): True when the kernel ran, False when the reference did.
 LAST_KERNEL: Optional[bool] = None

@@ -40,13 +40,16 @@ def _expected(x, groups, weight, bias, eps, act, alpha=0.01):
     return nt._act(y.to(x.dtype).double(), act, alpha)
 
 
-_SHAPES = [  # (shape, groups): S below, at and above the 8192-element chunk; S % 8 != 0
+_SHAPES = [  # (shape, groups): S below, at and above a CTA's chunk (8192 float32, 16384 16-bit
+    # elements); S % 8 != 0 (scalar loads, a partial last vector)
     ((2, 8, 4, 6, 8), 4),          # S = 192
     ((1, 6, 5, 7, 9), 3),          # S = 315: scalar loads (S % 8 != 0)
-    ((2, 4, 16, 16, 32), 2),       # S = 8192: one full chunk
-    ((1, 16, 17, 20, 31), 8),      # S = 10540: two chunks, the last partial, scalar loads
-    ((2, 8, 12, 24, 40), None),    # InstanceNorm: 8 groups of 1 channel, 2 chunks
+    ((2, 4, 16, 16, 32), 2),       # S = 8192: one full float32 chunk
+    ((1, 16, 17, 20, 31), 8),      # S = 10540: two float32 chunks, the last partial, scalar
+    ((2, 8, 12, 24, 40), None),    # InstanceNorm: 8 groups of 1 channel, S = 11520
     ((1, 32, 8, 8, 8), 1),         # one group of all channels
+    ((2, 4, 20, 32, 32), 4),       # S = 20480: 3 float32 / 2 16-bit chunks, the last partial
+    ((1, 4, 19, 31, 31), 2),       # S = 18259: 3 / 2 chunks, scalar loads
 ]
 
 
