@@ -4,20 +4,48 @@
 // Python (ct3d_fx/_cuda.py) has already validated the op's arguments, allocated the output
 // with the fake kernel's shape/strides/dtype, repacked the weight and decoded the epilogue;
 // the checks here guard the ABI between the two sides.
-#include <torch/extension.h>
-
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
 
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "ct3d_launch.h"
 #include "ct3d_params.h"
 
 namespace {
+
+// A TORCH_CHECK message as one string: numbers through std::to_string, dtypes through
+// c10::toString, devices through Device::str(), text as it is. TORCH_CHECK streams each of its
+// arguments with operator<<, and streaming a number crashed the process on the H200 machine
+// (torch 2.11, CUDA 13; v28: the norm tail's first rejection, a SIGSEGV instead of a
+// RuntimeError) as streaming an IntArrayRef did in v20; with one string argument it raises.
+template <typename T>
+std::string msg_piece(const T& v) {
+  if constexpr (std::is_same<T, bool>::value) {
+    return v ? "true" : "false";
+  } else if constexpr (std::is_arithmetic<T>::value) {
+    return std::to_string(v);
+  } else if constexpr (std::is_same<T, at::ScalarType>::value) {
+    return c10::toString(v);
+  } else if constexpr (std::is_same<T, at::Device>::value) {
+    return v.str();
+  } else {
+    return std::string(v);
+  }
+}
+inline std::string msg_piece(const char* v) { return v; }
+
+template <typename... A>
+std::string ct3d_msg(const A&... a) {
+  std::string r;
+  ((r += msg_piece(a)), ...);
+  return r;
+}
 
 int32_t dtype_code(at::ScalarType t, const char* what) {
   switch (t) {
@@ -30,8 +58,8 @@ int32_t dtype_code(at::ScalarType t, const char* what) {
     case at::kDouble:
       return ct3d::kF64;
     default:
-      TORCH_CHECK(false, "ct3d: ", what, " must be float32, float16, bfloat16 or float64, got ",
-                  t);
+      TORCH_CHECK(false, ct3d_msg("ct3d: ", what,
+                                  " must be float32, float16, bfloat16 or float64, got ", t));
   }
   return -1;
 }
@@ -46,9 +74,10 @@ std::string dims(at::IntArrayRef a) {
 }
 
 void check_cuda_on(const at::Tensor& t, const at::Device& dev, const char* what) {
-  TORCH_CHECK(t.is_cuda(), "ct3d: ", what, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == dev, "ct3d: ", what, " is on ", t.device(), ", expected ", dev,
-              " (the input's device)");
+  TORCH_CHECK(t.is_cuda(),
+              ct3d_msg("ct3d: ", what, " must be a CUDA tensor, got device ", t.device()));
+  TORCH_CHECK(t.device() == dev, ct3d_msg("ct3d: ", what, " is on ", t.device(), ", expected ", dev,
+                                          " (the input's device)"));
 }
 
 // Fills E from the decoded program (the arguments of `prepare` below); ys: the output's 5
@@ -59,13 +88,13 @@ void fill_epilogue(ct3d::Epilogue& E, const at::Device& dev, const int64_t* ys,
                    const at::Tensor& prog_i, const at::Tensor& prog_f,
                    const std::vector<int64_t>& regs, int64_t groups, int64_t cout_g) {
   const int64_t n_slots = static_cast<int64_t>(slots.size());
-  TORCH_CHECK(n_slots <= ct3d::kMaxSlots, "ct3d: at most ", ct3d::kMaxSlots,
-              " epilogue tensors, got ", n_slots);
+  TORCH_CHECK(n_slots <= ct3d::kMaxSlots,
+              ct3d_msg("ct3d: at most ", ct3d::kMaxSlots, " epilogue tensors, got ", n_slots));
   TORCH_CHECK(slot_strides.device().is_cpu() && slot_strides.scalar_type() == at::kLong &&
                   slot_strides.is_contiguous() && slot_strides.dim() == 2 &&
                   slot_strides.size(0) == n_slots && slot_strides.size(1) == 5,
-              "ct3d: slot_strides must be a contiguous CPU int64 tensor of shape (", n_slots,
-              ", 5), got ", dims(slot_strides.sizes()));
+              ct3d_msg("ct3d: slot_strides must be a contiguous CPU int64 tensor of shape (",
+                       n_slots, ", 5), got ", dims(slot_strides.sizes())));
   const int64_t* ss = slot_strides.data_ptr<int64_t>();
   for (int64_t i = 0; i < n_slots; ++i) {
     const at::Tensor& t = slots[i];
@@ -80,25 +109,26 @@ void fill_epilogue(ct3d::Epilogue& E, const at::Device& dev, const int64_t* ys,
     E.slot[i].dtype = dtype_code(t.scalar_type(), "epilogue tensor");
   }
   E.n_slots = static_cast<int32_t>(n_slots);
-  TORCH_CHECK(regs.size() == 2, "ct3d: regs must hold 2 ints (count, result register), got ",
-              regs.size());
+  TORCH_CHECK(regs.size() == 2,
+              ct3d_msg("ct3d: regs must hold 2 ints (count, result register), got ", regs.size()));
   const int64_t n_regs = regs[0];
-  TORCH_CHECK(n_regs >= 1 && n_regs <= ct3d::kMaxRegs, "ct3d: the program must use 1 to ",
-              ct3d::kMaxRegs, " registers, got ", n_regs);
-  TORCH_CHECK(regs[1] >= 0 && regs[1] < n_regs, "ct3d: result register must be in [0, ", n_regs,
-              "), got ", regs[1]);
+  TORCH_CHECK(
+      n_regs >= 1 && n_regs <= ct3d::kMaxRegs,
+      ct3d_msg("ct3d: the program must use 1 to ", ct3d::kMaxRegs, " registers, got ", n_regs));
+  TORCH_CHECK(regs[1] >= 0 && regs[1] < n_regs,
+              ct3d_msg("ct3d: result register must be in [0, ", n_regs, "), got ", regs[1]));
   TORCH_CHECK(prog_i.device().is_cpu() && prog_i.scalar_type() == at::kInt &&
                   prog_i.is_contiguous() && prog_i.dim() == 2 && prog_i.size(1) == 5,
-              "ct3d: prog_i must be a contiguous CPU int32 tensor of shape (n, 5), got ",
-              dims(prog_i.sizes()));
+              ct3d_msg("ct3d: prog_i must be a contiguous CPU int32 tensor of shape (n, 5), got ",
+                       dims(prog_i.sizes())));
   const int64_t n_instr = prog_i.size(0);
-  TORCH_CHECK(n_instr <= ct3d::kMaxInstr, "ct3d: at most ", ct3d::kMaxInstr,
-              " epilogue instructions, got ", n_instr);
+  TORCH_CHECK(n_instr <= ct3d::kMaxInstr,
+              ct3d_msg("ct3d: at most ", ct3d::kMaxInstr, " epilogue instructions, got ", n_instr));
   TORCH_CHECK(prog_f.device().is_cpu() && prog_f.scalar_type() == at::kFloat &&
                   prog_f.is_contiguous() && prog_f.dim() == 2 && prog_f.size(0) == n_instr &&
                   prog_f.size(1) == 2,
-              "ct3d: prog_f must be a contiguous CPU float32 tensor of shape (", n_instr,
-              ", 2), got ", dims(prog_f.sizes()));
+              ct3d_msg("ct3d: prog_f must be a contiguous CPU float32 tensor of shape (", n_instr,
+                       ", 2), got ", dims(prog_f.sizes())));
   const int32_t* pi = prog_i.data_ptr<int32_t>();
   const float* pf = prog_f.data_ptr<float>();
   for (int64_t i = 0; i < n_instr; ++i) {
@@ -113,25 +143,31 @@ void fill_epilogue(ct3d::Epilogue& E, const at::Device& dev, const int64_t* ys,
     const bool binary = I.op == ct3d::OP_ADD || I.op == ct3d::OP_SUB || I.op == ct3d::OP_MUL ||
                         I.op == ct3d::OP_DIV;
     const bool loads = I.op == ct3d::OP_LOAD_SCALAR || I.op == ct3d::OP_LOAD_TENSOR;
-    TORCH_CHECK(I.d >= 0 && I.d < n_regs, "ct3d: epilogue instruction ", i,
-                ": destination register must be in [0, ", n_regs, "), got ", I.d);
-    TORCH_CHECK(loads || (I.a >= (binary ? -1 : 0) && I.a < n_regs), "ct3d: epilogue "
-                "instruction ", i, ": source register out of range: ", I.a);
-    TORCH_CHECK(!binary || (I.b >= -1 && I.b < n_regs), "ct3d: epilogue instruction ", i,
-                ": second source register out of range: ", I.b);
+    TORCH_CHECK(I.d >= 0 && I.d < n_regs,
+                ct3d_msg("ct3d: epilogue instruction ", i, ": destination register must be in [0, ",
+                         n_regs, "), got ", I.d));
+    TORCH_CHECK(loads || (I.a >= (binary ? -1 : 0) && I.a < n_regs),
+                ct3d_msg("ct3d: epilogue "
+                         "instruction ",
+                         i, ": source register out of range: ", I.a));
+    TORCH_CHECK(
+        !binary || (I.b >= -1 && I.b < n_regs),
+        ct3d_msg("ct3d: epilogue instruction ", i, ": second source register out of range: ", I.b));
     const int need = I.op == ct3d::OP_BATCH_NORM ? (I.b ? 4 : 2)
                      : (I.op == ct3d::OP_LOAD_TENSOR || I.op == ct3d::OP_PRELU) ? 1 : 0;
-    TORCH_CHECK(need == 0 || (I.c >= 0 && I.c + need <= n_slots), "ct3d: epilogue instruction ",
-                i, ": slot ", I.c, " out of range for ", n_slots, " epilogue tensors");
-    TORCH_CHECK(I.op != ct3d::OP_LAYER_NORM ||
-                    (I.b >= -1 && I.b < n_slots && I.c >= -1 && I.c < n_slots),
-                "ct3d: epilogue instruction ", i, ": LAYER_NORM weight slot ", I.c,
-                " or bias slot ", I.b, " out of range for ", n_slots, " epilogue tensors");
-    TORCH_CHECK(I.op != ct3d::OP_SOFTMAX ||
-                    (groups == 1 && cout_g <= ct3d::kMaxSoftmaxChannels),
-                "ct3d: epilogue instruction ", i, ": SOFTMAX over the channels needs groups == 1 "
-                "and at most ", ct3d::kMaxSoftmaxChannels, " output channels, got groups=",
-                groups, " and C_out=", cout_g * groups);
+    TORCH_CHECK(need == 0 || (I.c >= 0 && I.c + need <= n_slots),
+                ct3d_msg("ct3d: epilogue instruction ", i, ": slot ", I.c, " out of range for ",
+                         n_slots, " epilogue tensors"));
+    TORCH_CHECK(
+        I.op != ct3d::OP_LAYER_NORM || (I.b >= -1 && I.b < n_slots && I.c >= -1 && I.c < n_slots),
+        ct3d_msg("ct3d: epilogue instruction ", i, ": LAYER_NORM weight slot ", I.c,
+                 " or bias slot ", I.b, " out of range for ", n_slots, " epilogue tensors"));
+    TORCH_CHECK(I.op != ct3d::OP_SOFTMAX || (groups == 1 && cout_g <= ct3d::kMaxSoftmaxChannels),
+                ct3d_msg("ct3d: epilogue instruction ", i,
+                         ": SOFTMAX over the channels needs groups == 1 "
+                         "and at most ",
+                         ct3d::kMaxSoftmaxChannels, " output channels, got groups=", groups,
+                         " and C_out=", cout_g * groups));
   }
   E.n_regs = static_cast<int32_t>(n_regs);
   E.out_reg = static_cast<int32_t>(regs[1]);
@@ -157,35 +193,42 @@ ct3d::ConvParams prepare(const at::Tensor& x, const at::Tensor& w,
   check_cuda_on(x, dev, "input");
   check_cuda_on(w, dev, "weight");
   check_cuda_on(y, dev, "output");
-  TORCH_CHECK(x.dim() == 5, "ct3d: input must be 5-D, got ", x.dim(), "-D");
-  TORCH_CHECK(w.dim() == 5, "ct3d: weight must be 5-D, got ", w.dim(), "-D");
-  TORCH_CHECK(y.dim() == 5, "ct3d: output must be 5-D, got ", y.dim(), "-D");
-  TORCH_CHECK(conv.size() == 10, "ct3d: conv must hold 10 ints (stride, padding, dilation, "
-              "groups), got ", conv.size());
+  TORCH_CHECK(x.dim() == 5, ct3d_msg("ct3d: input must be 5-D, got ", x.dim(), "-D"));
+  TORCH_CHECK(w.dim() == 5, ct3d_msg("ct3d: weight must be 5-D, got ", w.dim(), "-D"));
+  TORCH_CHECK(y.dim() == 5, ct3d_msg("ct3d: output must be 5-D, got ", y.dim(), "-D"));
+  TORCH_CHECK(conv.size() == 10,
+              ct3d_msg("ct3d: conv must hold 10 ints (stride, padding, dilation, "
+                       "groups), got ",
+                       conv.size()));
   const int32_t in_dt = dtype_code(x.scalar_type(), "input");
   TORCH_CHECK(in_dt != ct3d::kF64, "ct3d: the fused kernel does not take float64 input");
-  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "ct3d: weight dtype ", w.scalar_type(),
-              " must match input dtype ", x.scalar_type());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(),
+              ct3d_msg("ct3d: weight dtype ", w.scalar_type(), " must match input dtype ",
+                       x.scalar_type()));
   const int32_t y_dt = dtype_code(y.scalar_type(), "output");
   TORCH_CHECK(y_dt != ct3d::kF64, "ct3d: the fused kernel does not write float64 output");
   TORCH_CHECK(mode == ct3d::kModeFfma || mode == ct3d::kModeTensorCore,
-              "ct3d: mode must be 0 (exact FP32) or 1 (tensor cores), got ", mode);
-  TORCH_CHECK(algo >= ct3d::kAlgoAuto && algo <= ct3d::kAlgoAutoStaged,
-              "ct3d: algo must be 0 (auto), 1 (implicit GEMM), 2 (direct), 3 (direct staged) or "
-              "4 (auto, staged allowed), got ", algo);
+              ct3d_msg("ct3d: mode must be 0 (exact FP32) or 1 (tensor cores), got ", mode));
+  TORCH_CHECK(
+      algo >= ct3d::kAlgoAuto && algo <= ct3d::kAlgoAutoStaged,
+      ct3d_msg("ct3d: algo must be 0 (auto), 1 (implicit GEMM), 2 (direct), 3 (direct staged) or "
+               "4 (auto, staged allowed), got ",
+               algo));
   TORCH_CHECK(mode == ct3d::kModeTensorCore || in_dt == ct3d::kF32,
-              "ct3d: mode 0 (exact FP32) needs float32 input, got ", x.scalar_type());
+              ct3d_msg("ct3d: mode 0 (exact FP32) needs float32 input, got ", x.scalar_type()));
 
   const int64_t groups = conv[9];
-  TORCH_CHECK(groups >= 1, "ct3d: groups must be >= 1, got ", groups);
-  TORCH_CHECK(x.size(1) == w.size(0), "ct3d: input has ", x.size(1), " channels, expected ",
-              w.size(0), " (weight.size(0))");
-  TORCH_CHECK(w.size(0) % groups == 0, "ct3d: C_in=", w.size(0), " must be divisible by groups=",
-              groups);
-  TORCH_CHECK(y.size(0) == x.size(0), "ct3d: output batch ", y.size(0), " must equal input batch ",
-              x.size(0));
-  TORCH_CHECK(y.size(1) == w.size(1) * groups, "ct3d: output has ", y.size(1),
-              " channels, expected ", w.size(1) * groups, " (weight.size(1) * groups)");
+  TORCH_CHECK(groups >= 1, ct3d_msg("ct3d: groups must be >= 1, got ", groups));
+  TORCH_CHECK(x.size(1) == w.size(0),
+              ct3d_msg("ct3d: input has ", x.size(1), " channels, expected ", w.size(0),
+                       " (weight.size(0))"));
+  TORCH_CHECK(w.size(0) % groups == 0,
+              ct3d_msg("ct3d: C_in=", w.size(0), " must be divisible by groups=", groups));
+  TORCH_CHECK(y.size(0) == x.size(0),
+              ct3d_msg("ct3d: output batch ", y.size(0), " must equal input batch ", x.size(0)));
+  TORCH_CHECK(y.size(1) == w.size(1) * groups,
+              ct3d_msg("ct3d: output has ", y.size(1), " channels, expected ", w.size(1) * groups,
+                       " (weight.size(1) * groups)"));
   for (int i = 0; i < 3; ++i) {
     TORCH_CHECK(conv[i] >= 1 && conv[6 + i] >= 1 && conv[3 + i] >= 0,
                 "ct3d: stride and dilation must be positive and padding non-negative");
@@ -210,11 +253,12 @@ ct3d::ConvParams prepare(const at::Tensor& x, const at::Tensor& w,
   p.bias = nullptr;
   if (bias.has_value() && bias->defined()) {
     check_cuda_on(*bias, dev, "bias");
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "ct3d: bias dtype ", bias->scalar_type(),
-                " must match input dtype ", x.scalar_type());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(),
+                ct3d_msg("ct3d: bias dtype ", bias->scalar_type(), " must match input dtype ",
+                         x.scalar_type()));
     TORCH_CHECK(bias->dim() == 1 && bias->numel() == y.size(1) && bias->is_contiguous(),
-                "ct3d: bias must be contiguous 1-D with ", y.size(1), " elements, got shape ",
-                dims(bias->sizes()));
+                ct3d_msg("ct3d: bias must be contiguous 1-D with ", y.size(1),
+                         " elements, got shape ", dims(bias->sizes())));
     p.bias = bias->data_ptr();
   }
   p.y = y.data_ptr();
@@ -263,8 +307,8 @@ int64_t launch(const at::Tensor& x, const at::Tensor& w, const c10::optional<at:
   } else {
     err = ct3d::launch_bf16_tc(p, stream, &kernel);
   }
-  TORCH_CHECK(err == cudaSuccess, "ct3d: fused conv_transpose3d kernel launch failed: ",
-              cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, ct3d_msg("ct3d: fused conv_transpose3d kernel launch failed: ",
+                                           cudaGetErrorString(err)));
   return kernel;
 }
 
@@ -290,23 +334,26 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
   const ct3d::ConvParams p = prepare(x, w, bias, y, slots, slot_strides, prog_i, prog_f, regs,
                                      conv, ct3d::kModeTensorCore, ct3d::kAlgoAuto);
   const at::Device dev = x.device();
-  TORCH_CHECK(p.groups == 1, "ct3d: the channels-last implicit GEMM needs groups == 1, got ",
-              p.groups);
-  TORCH_CHECK(p.st[0] <= ct3d::kMaxStride && p.st[1] <= ct3d::kMaxStride &&
-                  p.st[2] <= ct3d::kMaxStride,
-              "ct3d: the channels-last implicit GEMM takes strides up to ", ct3d::kMaxStride,
-              ", got (", p.st[0], ", ", p.st[1], ", ", p.st[2], ")");
+  TORCH_CHECK(p.groups == 1,
+              ct3d_msg("ct3d: the channels-last implicit GEMM needs groups == 1, got ", p.groups));
+  TORCH_CHECK(
+      p.st[0] <= ct3d::kMaxStride && p.st[1] <= ct3d::kMaxStride && p.st[2] <= ct3d::kMaxStride,
+      ct3d_msg("ct3d: the channels-last implicit GEMM takes strides up to ", ct3d::kMaxStride,
+               ", got (", p.st[0], ", ", p.st[1], ", ", p.st[2], ")"));
   const int64_t esize = x.element_size();
-  TORCH_CHECK(ck * esize == 64 || ck * esize == 128, "ct3d: K step of ", ck,
-              " channels must be 64 or 128 bytes");
+  TORCH_CHECK(ck * esize == 64 || ck * esize == 128,
+              ct3d_msg("ct3d: K step of ", ck, " channels must be 64 or 128 bytes"));
   TORCH_CHECK(bn == 16 || bn == 32 || bn == 64 || bn == 128,
-              "ct3d: bn must be 16, 32, 64 or 128, got ", bn);
+              ct3d_msg("ct3d: bn must be 16, 32, 64 or 128, got ", bn));
   TORCH_CHECK(bn >= p.cout_g || !ct3d::epilogue_spans_channels(p.epi),
-              "ct3d: a SOFTMAX epilogue needs all ", p.cout_g, " output channels in one tile, "
-              "got bn=", bn);
-  TORCH_CHECK(!ct3d::epilogue_spans_w(p.epi) || config == 25 || config == 26,
-              "ct3d: a LAYER_NORM epilogue needs a W-line tile configuration (25 or 26), got ",
-              config);
+              ct3d_msg("ct3d: a SOFTMAX epilogue needs all ", p.cout_g,
+                       " output channels in one tile, "
+                       "got bn=",
+                       bn));
+  TORCH_CHECK(
+      !ct3d::epilogue_spans_w(p.epi) || config == 25 || config == 26,
+      ct3d_msg("ct3d: a LAYER_NORM epilogue needs a W-line tile configuration (25 or 26), got ",
+               config));
   ct3d::IgemmGeom g;
   std::memset(&g, 0, sizeof(g));
   ct3d::igemm_plan(p, static_cast<int>(ck), static_cast<int>(bn), &g);
@@ -314,9 +361,9 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
   TORCH_CHECK(wpk.scalar_type() == x.scalar_type() && wpk.is_contiguous() && wpk.dim() == 5 &&
                   wpk.size(0) == p.kD && wpk.size(1) == p.kH && wpk.size(2) == p.kW &&
                   wpk.size(3) == g.CoutP && wpk.size(4) == g.Cp,
-              "ct3d: packed weight must be contiguous (", p.kD, ", ", p.kH, ", ", p.kW, ", ",
-              g.CoutP, ", ", g.Cp, ") of the input's dtype, got ", dims(wpk.sizes()), " ",
-              wpk.scalar_type());
+              ct3d_msg("ct3d: packed weight must be contiguous (", p.kD, ", ", p.kH, ", ", p.kW,
+                       ", ", g.CoutP, ", ", g.Cp, ") of the input's dtype, got ", dims(wpk.sizes()),
+                       " ", wpk.scalar_type()));
   const int64_t xp_elems = static_cast<int64_t>(p.N) * g.Dp * g.Hp * g.Wp * g.Cp;
   TORCH_CHECK(xp_elems * esize < INT32_MAX && wpk.numel() * esize < INT32_MAX,
               "ct3d: operands too large for the channels-last implicit GEMM (32-bit offsets)");
@@ -324,8 +371,8 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   TORCH_CHECK(splits >= 1 && splits <= 1024 && bm >= 16 && bm <= 256,
-              "ct3d: split-K factor must be in [1, 1024] and bm in [16, 256], got ", splits,
-              " and ", bm);
+              ct3d_msg("ct3d: split-K factor must be in [1, 1024] and bm in [16, 256], got ",
+                       splits, " and ", bm));
   g.splits = static_cast<int32_t>(splits);
   // One scratch allocation (host time: small models are bound by it): xp, then for split-K
   // the FP32 partial tiles and the per-tile counters (zeroed here, on the stream)
@@ -349,8 +396,8 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
     g.ws = reinterpret_cast<float*>(base + xp_bytes);
     g.counters = reinterpret_cast<int32_t*>(base + xp_bytes + ws_bytes);
     const cudaError_t zero = cudaMemsetAsync(g.counters, 0, tiles * 4, stream);
-    TORCH_CHECK(zero == cudaSuccess, "ct3d: zeroing the split-K counters failed: ",
-                cudaGetErrorString(zero));
+    TORCH_CHECK(zero == cudaSuccess,
+                ct3d_msg("ct3d: zeroing the split-K counters failed: ", cudaGetErrorString(zero)));
   }
   const int cfg = static_cast<int>(config);
   cudaError_t err;
@@ -362,8 +409,9 @@ int64_t launch_igemm(const at::Tensor& x, const at::Tensor& w,
   } else {
     err = ct3d::launch_bf16_tc_igemm(p, g, cfg, stream, &wgmma);
   }
-  TORCH_CHECK(err == cudaSuccess, "ct3d: fused conv_transpose3d (implicit GEMM) launch failed: ",
-              cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess,
+              ct3d_msg("ct3d: fused conv_transpose3d (implicit GEMM) launch failed: ",
+                       cudaGetErrorString(err)));
   return wgmma == 2 ? 5 : wgmma == 1 ? 3 : wgmma < 0 ? 4 : 2;
 }
 
@@ -382,10 +430,10 @@ int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
   const at::Device dev = x.device();
   check_cuda_on(x, dev, "input");
   check_cuda_on(out, dev, "output");
-  TORCH_CHECK(x.dim() >= 2 && x.is_contiguous() && out.is_contiguous() &&
-                  out.sizes() == x.sizes(),
-              "ct3d: spatial_softmax needs contiguous input and output of the same shape, got ",
-              dims(x.sizes()), " and ", dims(out.sizes()));
+  TORCH_CHECK(
+      x.dim() >= 2 && x.is_contiguous() && out.is_contiguous() && out.sizes() == x.sizes(),
+      ct3d_msg("ct3d: spatial_softmax needs contiguous input and output of the same shape, got ",
+               dims(x.sizes()), " and ", dims(out.sizes())));
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   ct3d::SpatialSoftmaxParams p{};
@@ -396,19 +444,23 @@ int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
   p.out_dtype = dtype_code(out.scalar_type(), "output");
   if (weight.has_value()) {
     check_cuda_on(*weight, dev, "weight");
-    TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->is_contiguous() &&
-                    weight->numel() == p.C,
-                "ct3d: spatial_softmax weight must be contiguous float32 with ", p.C,
-                " elements, got ", weight->scalar_type(), " with ", weight->numel());
+    TORCH_CHECK(
+        weight->scalar_type() == at::kFloat && weight->is_contiguous() && weight->numel() == p.C,
+        ct3d_msg("ct3d: spatial_softmax weight must be contiguous float32 with ", p.C,
+                 " elements, got ", weight->scalar_type(), " with ", weight->numel()));
     p.weight = weight->data_ptr<float>();
   }
   p.log = log ? 1 : 0;
-  TORCH_CHECK(max_cluster >= 0 && max_cluster <= 8, "ct3d: spatial_softmax max_cluster must be "
-              "in [0, 8], got ", max_cluster);
+  TORCH_CHECK(max_cluster >= 0 && max_cluster <= 8,
+              ct3d_msg("ct3d: spatial_softmax max_cluster must be "
+                       "in [0, 8], got ",
+                       max_cluster));
   const int64_t per_cta = ct3d::spatial_softmax_onchip_elems(p.in_dtype,
                                                              static_cast<int>(shared_vecs));
-  TORCH_CHECK(shared_vecs >= 0 && per_cta > 0, "ct3d: spatial_softmax shared_vecs must be in "
-              "[0, 16], got ", shared_vecs);
+  TORCH_CHECK(shared_vecs >= 0 && per_cta > 0,
+              ct3d_msg("ct3d: spatial_softmax shared_vecs must be in "
+                       "[0, 16], got ",
+                       shared_vecs));
   if (p.rows == 0 || p.L == 0) return 0;
   p.x = x.data_ptr();
   p.out = out.data_ptr();
@@ -446,9 +498,9 @@ int64_t spatial_softmax(const at::Tensor& x, at::Tensor& out,
   at::Tensor partial = at::empty({p.rows * chunks * 2}, x.options().dtype(at::kFloat));
   p.partial = partial.data_ptr<float>();
   const cudaError_t err = ct3d::launch_spatial_softmax(p, stream);
-  TORCH_CHECK(err == cudaSuccess, "ct3d: spatial_softmax launch failed: ",
-              cudaGetErrorString(err), " (input ", x.scalar_type(), ", output ",
-              out.scalar_type(), ")");
+  TORCH_CHECK(err == cudaSuccess,
+              ct3d_msg("ct3d: spatial_softmax launch failed: ", cudaGetErrorString(err), " (input ",
+                       x.scalar_type(), ", output ", out.scalar_type(), ")"));
   return chunks;
 }
 
@@ -464,16 +516,18 @@ void pool_tail(const at::Tensor& x, at::Tensor& out, int64_t kd, int64_t kh, int
   check_cuda_on(x, dev, "input");
   check_cuda_on(out, dev, "output");
   TORCH_CHECK(kd >= 1 && kd <= 8 && kh >= 1 && kh <= 8 && kw >= 1 && kw <= 8,
-              "ct3d: pool_tail kernel must be in [1, 8] per dimension, got (", kd, ", ", kh,
-              ", ", kw, ")");
-  TORCH_CHECK(x.dim() == 5 && x.is_contiguous(), "ct3d: pool_tail needs a contiguous NCDHW "
-              "input, got ", dims(x.sizes()), " with strides ", dims(x.strides()));
+              ct3d_msg("ct3d: pool_tail kernel must be in [1, 8] per dimension, got (", kd, ", ",
+                       kh, ", ", kw, ")"));
+  TORCH_CHECK(x.dim() == 5 && x.is_contiguous(),
+              ct3d_msg("ct3d: pool_tail needs a contiguous NCDHW "
+                       "input, got ",
+                       dims(x.sizes()), " with strides ", dims(x.strides())));
   const std::vector<int64_t> want = {x.size(0), x.size(1), x.size(2) / kd, x.size(3) / kh,
                                      x.size(4) / kw};
   TORCH_CHECK(out.is_contiguous() && out.sizes() == at::IntArrayRef(want) &&
                   out.scalar_type() == x.scalar_type(),
-              "ct3d: pool_tail output must be contiguous ", dims(at::IntArrayRef(want)), " ",
-              x.scalar_type(), ", got ", dims(out.sizes()), " ", out.scalar_type());
+              ct3d_msg("ct3d: pool_tail output must be contiguous ", dims(at::IntArrayRef(want)),
+                       " ", x.scalar_type(), ", got ", dims(out.sizes()), " ", out.scalar_type()));
   TORCH_CHECK(x.size(2) <= INT32_MAX && x.size(3) <= INT32_MAX && x.size(4) <= INT32_MAX,
               "ct3d: pool_tail spatial sizes must fit in 32 bits");
   ct3d::PoolTailParams p{};
@@ -496,7 +550,8 @@ void pool_tail(const at::Tensor& x, at::Tensor& out, int64_t kd, int64_t kh, int
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const cudaError_t err = ct3d::launch_pool_tail(p, stream);
-  TORCH_CHECK(err == cudaSuccess, "ct3d: pool_tail launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess,
+              ct3d_msg("ct3d: pool_tail launch failed: ", cudaGetErrorString(err)));
 }
 
 // x: contiguous NCDHW float32/float16/bfloat16 (N, C, D, H, W); out: the same shape and dtype,
@@ -511,18 +566,20 @@ void norm_tail(const at::Tensor& x, at::Tensor& out, int64_t groups,
   const at::Device dev = x.device();
   check_cuda_on(x, dev, "input");
   check_cuda_on(out, dev, "output");
-  TORCH_CHECK(x.dim() == 5 && x.is_contiguous(), "ct3d: norm_tail needs a contiguous NCDHW "
-              "input, got ", dims(x.sizes()), " with strides ", dims(x.strides()));
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == x.sizes() &&
-                  out.scalar_type() == x.scalar_type(),
-              "ct3d: norm_tail output must be contiguous ", dims(x.sizes()), " ",
-              c10::toString(x.scalar_type()), ", got ", dims(out.sizes()), " ",
-              c10::toString(out.scalar_type()));
+  TORCH_CHECK(x.dim() == 5 && x.is_contiguous(),
+              ct3d_msg("ct3d: norm_tail needs a contiguous NCDHW "
+                       "input, got ",
+                       dims(x.sizes()), " with strides ", dims(x.strides())));
+  TORCH_CHECK(
+      out.is_contiguous() && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
+      ct3d_msg("ct3d: norm_tail output must be contiguous ", dims(x.sizes()), " ",
+               c10::toString(x.scalar_type()), ", got ", dims(out.sizes()), " ",
+               c10::toString(out.scalar_type())));
   const int64_t C = x.size(1);
   TORCH_CHECK(groups >= 1 && C >= 1 && C % groups == 0 && C <= INT32_MAX,
-              "ct3d: norm_tail needs C divisible by groups, got C = ", std::to_string(C),
-              ", groups = ", std::to_string(groups));
-  TORCH_CHECK(eps >= 0.0, "ct3d: norm_tail eps must be >= 0, got ", std::to_string(eps));
+              ct3d_msg("ct3d: norm_tail needs C divisible by groups, got C = ", std::to_string(C),
+                       ", groups = ", std::to_string(groups)));
+  TORCH_CHECK(eps >= 0.0, ct3d_msg("ct3d: norm_tail eps must be >= 0, got ", std::to_string(eps)));
   const float* ptrs[2] = {nullptr, nullptr};
   const c10::optional<at::Tensor>* affine[2] = {&weight, &bias};
   const char* names[2] = {"weight", "bias"};
@@ -530,11 +587,10 @@ void norm_tail(const at::Tensor& x, at::Tensor& out, int64_t groups,
     if (!affine[i]->has_value() || !(*affine[i])->defined()) continue;
     const at::Tensor& t = **affine[i];
     check_cuda_on(t, dev, names[i]);
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == C && t.is_contiguous() &&
-                    t.scalar_type() == at::kFloat,
-                "ct3d: norm_tail ", names[i], " must be a contiguous (", std::to_string(C),
-                ",) float32 tensor, got ", dims(t.sizes()), " ",
-                c10::toString(t.scalar_type()));
+    TORCH_CHECK(
+        t.dim() == 1 && t.size(0) == C && t.is_contiguous() && t.scalar_type() == at::kFloat,
+        ct3d_msg("ct3d: norm_tail ", names[i], " must be a contiguous (", std::to_string(C),
+                 ",) float32 tensor, got ", dims(t.sizes()), " ", c10::toString(t.scalar_type())));
     ptrs[i] = t.data_ptr<float>();
   }
   ct3d::NormTailParams p{};
@@ -547,13 +603,14 @@ void norm_tail(const at::Tensor& x, at::Tensor& out, int64_t groups,
   p.C = static_cast<int32_t>(C);
   p.groups = static_cast<int32_t>(groups);
   p.dtype = dtype_code(x.scalar_type(), "input");
-  TORCH_CHECK(p.dtype != ct3d::kF64, "ct3d: norm_tail takes float32, float16 or bfloat16, got ",
-              c10::toString(x.scalar_type()));
+  TORCH_CHECK(p.dtype != ct3d::kF64,
+              ct3d_msg("ct3d: norm_tail takes float32, float16 or bfloat16, got ",
+                       c10::toString(x.scalar_type())));
   const int64_t chunk = ct3d::norm_chunk(p.dtype);
   const int64_t chunks = (p.S + chunk - 1) / chunk;
   TORCH_CHECK(p.S >= 1 && p.rows * chunks < (int64_t{1} << 31),
-              "ct3d: norm_tail needs 1 <= N * C * ceil(D * H * W / ", std::to_string(chunk),
-              ") < 2^31, got ", dims(x.sizes()));
+              ct3d_msg("ct3d: norm_tail needs 1 <= N * C * ceil(D * H * W / ",
+                       std::to_string(chunk), ") < 2^31, got ", dims(x.sizes())));
   p.chunks = static_cast<int32_t>(chunks);
   p.act = static_cast<int32_t>(act);
   p.act_flag = static_cast<int32_t>(act_flag);
@@ -569,9 +626,10 @@ void norm_tail(const at::Tensor& x, at::Tensor& out, int64_t groups,
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const cudaError_t err = ct3d::launch_norm_tail(p, stream);
-  TORCH_CHECK(err == cudaSuccess, "ct3d: norm_tail launch failed: ", cudaGetErrorString(err),
-              " (input ", dims(x.sizes()), " ", c10::toString(x.scalar_type()), ", groups ",
-              std::to_string(groups), ", act ", std::to_string(act), ")");
+  TORCH_CHECK(err == cudaSuccess,
+              ct3d_msg("ct3d: norm_tail launch failed: ", cudaGetErrorString(err), " (input ",
+                       dims(x.sizes()), " ", c10::toString(x.scalar_type()), ", groups ",
+                       std::to_string(groups), ", act ", std::to_string(act), ")"));
 }
 
 // The spatial dimensions of `t` (N, C, D, H, W) as one stride: *s such that element (n, c, d,
@@ -605,9 +663,10 @@ int64_t epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bi
   const at::Device dev = src.device();
   check_cuda_on(src, dev, "epilogue_pass source");
   check_cuda_on(out, dev, "epilogue_pass output");
-  TORCH_CHECK(src.dim() == 5 && out.sizes() == src.sizes(), "ct3d: epilogue_pass needs a 5-D "
-              "source and an output of its shape, got ", dims(src.sizes()), " and ",
-              dims(out.sizes()));
+  TORCH_CHECK(src.dim() == 5 && out.sizes() == src.sizes(),
+              ct3d_msg("ct3d: epilogue_pass needs a 5-D "
+                       "source and an output of its shape, got ",
+                       dims(src.sizes()), " and ", dims(out.sizes())));
   for (int64_t v : src.sizes()) {
     TORCH_CHECK(v <= INT32_MAX, "ct3d: epilogue_pass dimension too large");
   }
@@ -615,13 +674,16 @@ int64_t epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bi
   std::memset(&p, 0, sizeof(p));
   p.src_dtype = dtype_code(src.scalar_type(), "epilogue_pass source");
   p.out_dtype = dtype_code(out.scalar_type(), "epilogue_pass output");
-  TORCH_CHECK(p.src_dtype != ct3d::kF64 &&
-                  (p.out_dtype == p.src_dtype || p.out_dtype == ct3d::kF32),
-              "ct3d: epilogue_pass takes a float32, float16 or bfloat16 source and an output of "
-              "its dtype or float32, got ", src.scalar_type(), " -> ", out.scalar_type());
-  TORCH_CHECK(spatial_stride(src, &p.ss_s) && spatial_stride(out, &p.os_s),
-              "ct3d: epilogue_pass needs NCDHW-contiguous or channels_last_3d tensors, got "
-              "strides ", dims(src.strides()), " and ", dims(out.strides()));
+  TORCH_CHECK(
+      p.src_dtype != ct3d::kF64 && (p.out_dtype == p.src_dtype || p.out_dtype == ct3d::kF32),
+      ct3d_msg("ct3d: epilogue_pass takes a float32, float16 or bfloat16 source and an output of "
+               "its dtype or float32, got ",
+               src.scalar_type(), " -> ", out.scalar_type()));
+  TORCH_CHECK(
+      spatial_stride(src, &p.ss_s) && spatial_stride(out, &p.os_s),
+      ct3d_msg("ct3d: epilogue_pass needs NCDHW-contiguous or channels_last_3d tensors, got "
+               "strides ",
+               dims(src.strides()), " and ", dims(out.strides())));
   p.src = src.data_ptr();
   p.ss_n = src.stride(0);
   p.ss_c = src.stride(1);
@@ -636,8 +698,10 @@ int64_t epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bi
   p.H = static_cast<int32_t>(src.size(3));
   p.W = static_cast<int32_t>(src.size(4));
   p.S = src.size(2) * src.size(3) * src.size(4);
-  TORCH_CHECK(p.S < (int64_t{1} << 31) - 128, "ct3d: epilogue_pass needs D * H * W < 2^31 - "
-              "128, got ", p.S);
+  TORCH_CHECK(p.S < (int64_t{1} << 31) - 128,
+              ct3d_msg("ct3d: epilogue_pass needs D * H * W < 2^31 - "
+                       "128, got ",
+                       p.S));
   // the staged kernel copies the source in 4-byte units of 4 / element_size elements along its
   // fast dimension (stride 1): every unit must start 4-byte aligned and lie in one row
   {
@@ -654,8 +718,8 @@ int64_t epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bi
   if (bias.has_value() && bias->defined()) {
     check_cuda_on(*bias, dev, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->numel() == p.C && bias->is_contiguous(),
-                "ct3d: bias must be contiguous 1-D with ", p.C, " elements, got shape ",
-                dims(bias->sizes()));
+                ct3d_msg("ct3d: bias must be contiguous 1-D with ", p.C, " elements, got shape ",
+                         dims(bias->sizes())));
     p.bias = bias->data_ptr();
     p.bias_dtype = dtype_code(bias->scalar_type(), "bias");
   }
@@ -742,7 +806,8 @@ int64_t epilogue_pass(const at::Tensor& src, const c10::optional<at::Tensor>& bi
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   int kernel = ct3d::kPassNone;
   const cudaError_t err = ct3d::launch_epilogue_pass(p, stream, &kernel);
-  TORCH_CHECK(err == cudaSuccess, "ct3d: epilogue_pass launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess,
+              ct3d_msg("ct3d: epilogue_pass launch failed: ", cudaGetErrorString(err)));
   return kernel;
 }
 
