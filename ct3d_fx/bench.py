@@ -117,7 +117,9 @@ ABOUT = ("ct3d_fx benchmark (python -m ct3d_fx.bench). Times in ms: median of ru
          "the per-shape autotune chose for each fused call (fused, reference, "
          "cudnn_channels_last, cudnn_channels_last_pass, cudnn_pass, subpixel) and "
          "autotune_ms each decision's candidate medians (ms per call, the autotune's own "
-         "timer: CUDA events around bursts of calls, no L2 flush); errors: "
+         "timer: CUDA events around bursts of calls, no L2 flush); tail_autotune: the "
+         "decisions of the kernels after a site (norm_tail, pool_tail: kernel or reference, "
+         "with their medians) made while ct3d_ms was timed; errors: "
          "{stage: message} of "
          "failed stages. Inputs uniform in [0, 1), eval mode, random BatchNorm statistics. "
          "Compare ratios measured in one run; absolute times vary between machines.")
@@ -838,7 +840,16 @@ def _measure(case: Case, opts, ceilings: dict, device: torch.device, log) -> dic
         if compiled is not None:
             timed("compile_ms", lambda: compiled(*inputs))
         if opt is not None:
+            from . import norm_tail, pool_tail
+
+            tails = {"norm_tail": norm_tail, "pool_tail": pool_tail}
+            before = {name: set(m._choices) for name, m in tails.items()}
             timed("ct3d_ms", lambda: opt(*inputs))
+            # the tails' autotune decisions made by this row's first timed calls
+            row["tail_autotune"] = [
+                {"tail": name, "choice": m._choices[k],
+                 "ms": {c: round(t, 4) for c, t in m._timings.get(k, {}).items()}}
+                for name, m in tails.items() for k in m._choices if k not in before[name]]
         if compiled_opt is not None:
             timed("ct3d_compile_ms", lambda: compiled_opt(*inputs))
         if fused_calls:

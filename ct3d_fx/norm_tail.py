@@ -42,6 +42,8 @@ _CHUNK = 8192  # fewest elements of a row per CTA (csrc/ct3d_params.h norm_chunk
 LAST_KERNEL: Optional[bool] = None
 # Autotune choices per signature ("kernel" or "reference"), when _cuda.AUTOTUNE is on.
 _choices: dict = {}
+# The candidates' medians (ms per call, the autotune's own timer) behind each of _choices.
+_timings: dict = {}
 # Tests: fill the output with NaN before the kernel writes it.
 POISON_OUTPUT = False
 
@@ -159,7 +161,9 @@ def run(input: torch.Tensor, groups: Optional[int], weight: Optional[torch.Tenso
                 "reference", lambda: reference(input, groups, weight, bias, eps, act, alpha))])
             if len(_choices) >= 1024:
                 _choices.clear()
+                _timings.clear()
             _choices[key] = choice
+            _timings[key] = dict(_cuda._last_timings)
         if choice == "reference":
             return reference(input, groups, weight, bias, eps, act, alpha)
     out = launch()

@@ -36,6 +36,8 @@ _MAX_K = 8  # per dimension (csrc/kernels_pool_tail.cu)
 LAST_KERNEL: Optional[bool] = None
 # Autotune choices per signature ("kernel" or "reference"), when _cuda.AUTOTUNE is on.
 _choices: dict = {}
+# The candidates' medians (ms per call, the autotune's own timer) behind each of _choices.
+_timings: dict = {}
 # Tests: fill the output with NaN before the kernel writes it.
 POISON_OUTPUT = False
 
@@ -123,7 +125,9 @@ def run(input: torch.Tensor, kernel: Sequence[int], act: Optional[str],
                 "reference", lambda: reference(input, kernel, act, mode))])
             if len(_choices) >= 1024:
                 _choices.clear()
+                _timings.clear()
             _choices[key] = choice
+            _timings[key] = dict(_cuda._last_timings)
         if choice == "reference":
             return reference(input, kernel, act, mode)
     out = launch()

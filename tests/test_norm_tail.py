@@ -146,9 +146,11 @@ def test_autotune_picks_and_remembers(ext, monkeypatch):
     from ct3d_fx import _cuda
     monkeypatch.setattr(_cuda, "AUTOTUNE", True)
     monkeypatch.setattr(nt, "_choices", {})
+    monkeypatch.setattr(nt, "_timings", {})
     x = randn(2, 8, 16, 16, 16, dtype=torch.float32, seed=18).cuda()
     out = nt.run(x, 4, None, None, 1e-5, "relu")
     assert list(nt._choices.values())[0] in ("kernel", "reference")
+    assert set(list(nt._timings.values())[0]) == {"kernel", "reference"}
     torch.testing.assert_close(out, nt.reference(x, 4, None, None, 1e-5, "relu"),
                                rtol=3e-5, atol=3e-5)
     nt.run(x, 4, None, None, 1e-5, "relu")

@@ -108,9 +108,11 @@ def test_autotune_picks_and_remembers(ext, monkeypatch):
     from ct3d_fx import _cuda
     monkeypatch.setattr(_cuda, "AUTOTUNE", True)
     monkeypatch.setattr(pt, "_choices", {})
+    monkeypatch.setattr(pt, "_timings", {})
     x = randn(2, 8, 16, 16, 16, dtype=torch.float32, seed=9).cuda()
     out = pt.run(x, (2, 2, 2), "gelu")
     assert list(pt._choices.values())[0] in ("kernel", "reference")
+    assert set(list(pt._timings.values())[0]) == {"kernel", "reference"}
     torch.testing.assert_close(out, pt.reference(x, (2, 2, 2), "gelu"), rtol=2e-6, atol=2e-6)
     pt.run(x, (2, 2, 2), "gelu")
     assert len(pt._choices) == 1
