@@ -1326,6 +1326,21 @@ def _pick_fastest(cands, reps: int = 7, timer=None) -> str:
     return cands[min(medians)[1]][0]
 
 
+def _memo_pick(choices: dict, timings: dict, key, cands) -> str:
+    """The choice kept in ``choices`` under ``key``, else ``_pick_fastest(cands)``, kept there
+    with its candidates' medians in ``timings`` (both emptied past 1024 signatures): the
+    autotune of the kernels that run after a site (``pool_tail``, ``norm_tail``)."""
+    choice = choices.get(key)
+    if choice is None:
+        choice = _pick_fastest(cands)
+        if len(choices) >= 1024:
+            choices.clear()
+            timings.clear()
+        choices[key] = choice
+        timings[key] = dict(_last_timings)
+    return choice
+
+
 def _tunable(input) -> bool:
     if not AUTOTUNE or POISON_OUTPUT or torch.cuda.is_current_stream_capturing():
         return False

@@ -18,21 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from . import _build, _cuda
+from . import pool_tail as _pool_tail
 from .ops import Opcode
 
 __all__ = ["ACTIVATIONS", "reference", "run", "call"]
 
-#: Activation name -> (opcode the kernel takes, flag): what may follow the norm in the tail.
-#: "leaky_relu" takes its negative slope as ``alpha``.
+#: Activation name -> (opcode the kernel takes, flag): what may follow the norm in the tail,
+#: the pooled tail's activations and two more; "leaky_relu" takes its negative slope as
+#: ``alpha``.
 ACTIVATIONS = {
-    None: (0, 0),
-    "relu": (int(Opcode.RELU), 0),
+    **_pool_tail.ACTIVATIONS,
     "leaky_relu": (int(Opcode.LEAKY_RELU), 0),
-    "gelu": (int(Opcode.GELU), 0),
-    "gelu_tanh": (int(Opcode.GELU), 1),
-    "silu": (int(Opcode.SILU), 0),
-    "sigmoid": (int(Opcode.SIGMOID), 0),
-    "tanh": (int(Opcode.TANH), 0),
     "hardswish": (int(Opcode.HARDSWISH), 0),
 }
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -49,22 +45,12 @@ POISON_OUTPUT = False
 
 
 def _act(y: torch.Tensor, act: Optional[str], alpha: float) -> torch.Tensor:
-    if act is None:
-        return y
-    if act == "relu":
-        return torch.relu(y)
     if act == "leaky_relu":
         return F.leaky_relu(y, alpha)
-    if act in ("gelu", "gelu_tanh"):
-        return F.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
-    if act == "silu":
-        return F.silu(y)
-    if act == "sigmoid":
-        return torch.sigmoid(y)
-    if act == "tanh":
-        return torch.tanh(y)
     if act == "hardswish":
         return F.hardswish(y)
+    if act in _pool_tail.ACTIVATIONS:
+        return _pool_tail._act(y, act)
     raise ValueError(f"ct3d norm_tail: activation must be one of "
                      f"{sorted(a for a in ACTIVATIONS if a)} or None, got {act!r}")
 
@@ -155,15 +141,9 @@ def run(input: torch.Tensor, groups: Optional[int], weight: Optional[torch.Tenso
     if not POISON_OUTPUT and _cuda._tunable(input):
         key = (tuple(input.shape), input.dtype, input.device, groups, weight is None,
                bias is None, act)
-        choice = _choices.get(key)
-        if choice is None:
-            choice = _cuda._pick_fastest([("kernel", launch), (
-                "reference", lambda: reference(input, groups, weight, bias, eps, act, alpha))])
-            if len(_choices) >= 1024:
-                _choices.clear()
-                _timings.clear()
-            _choices[key] = choice
-            _timings[key] = dict(_cuda._last_timings)
+        choice = _cuda._memo_pick(_choices, _timings, key, [
+            ("kernel", launch),
+            ("reference", lambda: reference(input, groups, weight, bias, eps, act, alpha))])
         if choice == "reference":
             return reference(input, groups, weight, bias, eps, act, alpha)
     out = launch()

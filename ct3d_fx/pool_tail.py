@@ -119,15 +119,8 @@ def run(input: torch.Tensor, kernel: Sequence[int], act: Optional[str],
 
     if not POISON_OUTPUT and _cuda._tunable(input):
         key = (tuple(input.shape), input.dtype, input.device, (kd, kh, kw), act, mode)
-        choice = _choices.get(key)
-        if choice is None:
-            choice = _cuda._pick_fastest([("kernel", launch), (
-                "reference", lambda: reference(input, kernel, act, mode))])
-            if len(_choices) >= 1024:
-                _choices.clear()
-                _timings.clear()
-            _choices[key] = choice
-            _timings[key] = dict(_cuda._last_timings)
+        choice = _cuda._memo_pick(_choices, _timings, key, [
+            ("kernel", launch), ("reference", lambda: reference(input, kernel, act, mode))])
         if choice == "reference":
             return reference(input, kernel, act, mode)
     out = launch()
