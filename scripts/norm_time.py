@@ -1,24 +1,24 @@
 """Time the normalization tail (ct3d_fx/norm_tail.py) against PyTorch's norm + activation.
 
-    python scripts/norm_time.py [--json PATH] [--reps 50]
+    python scripts/norm_time.py [--json PATH] [--rep-ms 200]
 
 For each case (a suite row's conv output shape, its groups and activation, float32 and bf16):
-the median over ``--reps`` bursts of 10 calls (CUDA events) of ``norm_tail.run`` with the
-autotune off and of ``norm_tail.reference`` (F.group_norm / F.instance_norm, then the
-activation), in one process, and the kernels' byte rate counting two reads and one write of
-the tensor. Inputs: fresh normal values (seeded), never zeros. Also checks the two results
+the runner's timer (``ct3d_fx.bench.time_ms``: ``triton.testing.do_bench``'s median over about
+``--rep-ms`` ms) of ``norm_tail.run`` with the autotune off and of ``norm_tail.reference``
+(F.group_norm / F.instance_norm, then the activation), in one process, and the kernels' byte
+rate counting two reads and one write of the tensor. Inputs: fresh normal values (seeded), never zeros. Also checks the two results
 against each other (max abs difference) so a timing of a wrong kernel does not pass unseen.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
 from ct3d_fx import _cuda
 from ct3d_fx import norm_tail as nt
+from ct3d_fx.bench import time_ms
 
 CASES = [  # name, shape, groups (None: InstanceNorm), activation
     ("l2_61 relu->group_norm(8) output", (16, 128, 34, 34, 34), 8, None),
@@ -28,25 +28,10 @@ CASES = [  # name, shape, groups (None: InstanceNorm), activation
 ]
 
 
-def _median_ms(fn, reps: int, burst: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(burst):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / burst)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--rep-ms", type=float, default=200.0)
     args = ap.parse_args()
     _cuda.AUTOTUNE = False
     rows = []
@@ -62,9 +47,11 @@ def main() -> None:
                 ran = nt.LAST_KERNEL
                 want = nt.reference(x, groups, w, b, 1e-5, act, 0.01)
                 diff = (got.float() - want.float()).abs().max().item()
-                k_ms = _median_ms(lambda: nt.run(x, groups, w, b, 1e-5, act, 0.01), args.reps)
-                r_ms = _median_ms(lambda: nt.reference(x, groups, w, b, 1e-5, act, 0.01),
-                                  args.reps)
+                dev = x.device
+                k_ms = time_ms(lambda: nt.run(x, groups, w, b, 1e-5, act, 0.01), dev,
+                               rep_ms=args.rep_ms)
+                r_ms = time_ms(lambda: nt.reference(x, groups, w, b, 1e-5, act, 0.01), dev,
+                               rep_ms=args.rep_ms)
             nbytes = 3 * x.numel() * x.element_size()
             row = {"case": name, "shape": list(shape), "groups": groups, "act": act,
                    "dtype": str(dtype).replace("torch.", ""), "kernel_ran": ran,
@@ -78,7 +65,7 @@ def main() -> None:
             del x, got, want
     if args.json:
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                "timer": "CUDA events around bursts of 10 calls, median of --reps bursts",
+                "timer": "ct3d_fx.bench.time_ms (triton.testing.do_bench median, L2 flushed)",
                 "rows": rows}
         with open(args.json, "w") as f:
             json.dump(meta, f, indent=1)
