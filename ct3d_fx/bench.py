@@ -119,7 +119,9 @@ ABOUT = ("ct3d_fx benchmark (python -m ct3d_fx.bench). Times in ms: median of ru
          "autotune_ms each decision's candidate medians (ms per call, the autotune's own "
          "timer: CUDA events around bursts of calls, no L2 flush); tail_autotune: the "
          "decisions of the kernels after a site (norm_tail, pool_tail: kernel or reference, "
-         "with their medians) made while ct3d_ms was timed; errors: "
+         "with their medians) made while ct3d_ms was timed, and tail_kernel_ran: whether "
+         "each tail's last timed call ran its kernel (true) or PyTorch's ops (false; absent: "
+         "the call went to PyTorch's ops before the kernel's checks); errors: "
          "{stage: message} of "
          "failed stages. Inputs uniform in [0, 1), eval mode, random BatchNorm statistics. "
          "Compare ratios measured in one run; absolute times vary between machines.")
@@ -844,12 +846,17 @@ def _measure(case: Case, opts, ceilings: dict, device: torch.device, log) -> dic
 
             tails = {"norm_tail": norm_tail, "pool_tail": pool_tail}
             before = {name: set(m._choices) for name, m in tails.items()}
+            for m in tails.values():
+                m.LAST_KERNEL = None
             timed("ct3d_ms", lambda: opt(*inputs))
-            # the tails' autotune decisions made by this row's first timed calls
+            # the tails' autotune decisions made by this row's first timed calls, and whether
+            # each tail's last call ran its kernel (True) or PyTorch's ops (False)
             row["tail_autotune"] = [
                 {"tail": name, "choice": m._choices[k],
                  "ms": {c: round(t, 4) for c, t in m._timings.get(k, {}).items()}}
                 for name, m in tails.items() for k in m._choices if k not in before[name]]
+            row["tail_kernel_ran"] = {name: m.LAST_KERNEL for name, m in tails.items()
+                                      if m.LAST_KERNEL is not None}
         if compiled_opt is not None:
             timed("ct3d_compile_ms", lambda: compiled_opt(*inputs))
         if fused_calls:
