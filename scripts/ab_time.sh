@@ -15,9 +15,12 @@
 # (after `pip install -e .`, e.g. gpu_check.sh's install step, the editable install's import hook
 # maps ct3d_fx.csrc to the installed tree: run the A/B in a call without that step). Environment:
 # AB_ONLY (time_kernels.py --only regex), AB_DTYPES (default "fp32 bf16"), AB_ROUNDS (default 2),
-# AB_ALGOS (default auto), AB_WARMUP_MS / AB_REP_MS (10 / 40). Writes LOGDIR/ab.log and
-# LOGDIR/ab.json (every run's rows, by variant, dtype and round) and prints the median over rounds
-# per row, variant and dtype.
+# AB_ALGOS (default auto), AB_WARMUP_MS / AB_REP_MS (10 / 40). AB_SCRIPT: another timing script
+# to run per variant and round instead of time_kernels.py, called as `AB_SCRIPT --json PATH`
+# (e.g. scripts/norm_time.py, whose rows of both dtypes come from one call: set AB_DTYPES=all);
+# its JSON's "rows" are keyed by "case" and "dtype". Writes LOGDIR/ab.log and LOGDIR/ab.json
+# (every run's rows, by variant, dtype and round) and prints the median over rounds per row,
+# variant and dtype.
 set -uo pipefail
 LOG=$1; BASE=$(cd "$2" && pwd); shift 2
 MID_FILES=("$@")
@@ -83,7 +86,11 @@ runs, out = Path(sys.argv[1]), sys.argv[2]
 data = {}  # dtype -> variant -> round -> time_kernels.py rows
 for p in sorted(runs.glob("*.json")):
     v, dt, r = p.stem.rsplit("_", 2)
-    data.setdefault(dt, {}).setdefault(v, {})[r] = json.loads(p.read_text())
+    rows = json.loads(p.read_text())
+    if isinstance(rows, dict):  # an AB_SCRIPT's JSON (scripts/norm_time.py): rows by case, dtype
+        rows = [{"id": f'{x["case"]} [{x["dtype"]}]',
+                 **{k: v for k, v in x.items() if k.endswith("_ms")}} for x in rows["rows"]]
+    data.setdefault(dt, {}).setdefault(v, {})[r] = rows
 json.dump(data, open(out, "w"), indent=1)
 for dt, by_v in data.items():
     print(f"== {dt}: fused op ms, median over rounds [each round]; ratio = variant / base")
@@ -109,10 +116,15 @@ for r in $(seq 1 "${AB_ROUNDS:-2}"); do
   for dt in ${AB_DTYPES:-fp32 bf16}; do
     for v in "${VARIANTS[@]}"; do
       echo "--- round $r, $dt, $v"
-      (cd "${DIR[$v]}" && PYTHONPATH="${DIR[$v]}" "$PY" scripts/time_kernels.py \
-        --algos "${AB_ALGOS:-auto}" --dtype "$dt" --only "$ONLY" \
-        --warmup-ms "${AB_WARMUP_MS:-10}" --rep-ms "${AB_REP_MS:-40}" \
-        --json "$RUNS/${v}_${dt}_r$r.json") || echo "FAILED: round $r $dt $v"
+      if [ -n "${AB_SCRIPT:-}" ]; then
+        (cd "${DIR[$v]}" && PYTHONPATH="${DIR[$v]}" "$PY" $AB_SCRIPT \
+          --json "$RUNS/${v}_${dt}_r$r.json") || echo "FAILED: round $r $dt $v"
+      else
+        (cd "${DIR[$v]}" && PYTHONPATH="${DIR[$v]}" "$PY" scripts/time_kernels.py \
+          --algos "${AB_ALGOS:-auto}" --dtype "$dt" --only "$ONLY" \
+          --warmup-ms "${AB_WARMUP_MS:-10}" --rep-ms "${AB_REP_MS:-40}" \
+          --json "$RUNS/${v}_${dt}_r$r.json") || echo "FAILED: round $r $dt $v"
+      fi
     done
   done
   summarize
