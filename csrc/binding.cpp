@@ -559,7 +559,6 @@ void pool_tail(const at::Tensor& x, at::Tensor& out, int64_t kd, int64_t kh, int
 // `groups` groups (C % groups == 0) and `eps`, the affine, then `act` (0: none, else ct3d::Op
 // OP_RELU / OP_LEAKY_RELU (negative slope `alpha`) / OP_GELU / OP_SILU / OP_SIGMOID / OP_TANH /
 // OP_HARDSWISH; act_flag 1: GELU's tanh approximation): csrc/kernels_norm_tail.cu.
-// (Messages format numbers with std::to_string and dtypes with c10::toString: see dims().)
 void norm_tail(const at::Tensor& x, at::Tensor& out, int64_t groups,
                const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                double eps, int64_t act, int64_t act_flag, double alpha) {
@@ -572,14 +571,13 @@ void norm_tail(const at::Tensor& x, at::Tensor& out, int64_t groups,
                        dims(x.sizes()), " with strides ", dims(x.strides())));
   TORCH_CHECK(
       out.is_contiguous() && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
-      ct3d_msg("ct3d: norm_tail output must be contiguous ", dims(x.sizes()), " ",
-               c10::toString(x.scalar_type()), ", got ", dims(out.sizes()), " ",
-               c10::toString(out.scalar_type())));
+      ct3d_msg("ct3d: norm_tail output must be contiguous ", dims(x.sizes()), " ", x.scalar_type(),
+               ", got ", dims(out.sizes()), " ", out.scalar_type()));
   const int64_t C = x.size(1);
-  TORCH_CHECK(groups >= 1 && C >= 1 && C % groups == 0 && C <= INT32_MAX,
-              ct3d_msg("ct3d: norm_tail needs C divisible by groups, got C = ", std::to_string(C),
-                       ", groups = ", std::to_string(groups)));
-  TORCH_CHECK(eps >= 0.0, ct3d_msg("ct3d: norm_tail eps must be >= 0, got ", std::to_string(eps)));
+  TORCH_CHECK(
+      groups >= 1 && C >= 1 && C % groups == 0 && C <= INT32_MAX,
+      ct3d_msg("ct3d: norm_tail needs C divisible by groups, got C = ", C, ", groups = ", groups));
+  TORCH_CHECK(eps >= 0.0, ct3d_msg("ct3d: norm_tail eps must be >= 0, got ", eps));
   const float* ptrs[2] = {nullptr, nullptr};
   const c10::optional<at::Tensor>* affine[2] = {&weight, &bias};
   const char* names[2] = {"weight", "bias"};
@@ -589,8 +587,8 @@ void norm_tail(const at::Tensor& x, at::Tensor& out, int64_t groups,
     check_cuda_on(t, dev, names[i]);
     TORCH_CHECK(
         t.dim() == 1 && t.size(0) == C && t.is_contiguous() && t.scalar_type() == at::kFloat,
-        ct3d_msg("ct3d: norm_tail ", names[i], " must be a contiguous (", std::to_string(C),
-                 ",) float32 tensor, got ", dims(t.sizes()), " ", c10::toString(t.scalar_type())));
+        ct3d_msg("ct3d: norm_tail ", names[i], " must be a contiguous (", C,
+                 ",) float32 tensor, got ", dims(t.sizes()), " ", t.scalar_type()));
     ptrs[i] = t.data_ptr<float>();
   }
   ct3d::NormTailParams p{};
@@ -603,14 +601,14 @@ void norm_tail(const at::Tensor& x, at::Tensor& out, int64_t groups,
   p.C = static_cast<int32_t>(C);
   p.groups = static_cast<int32_t>(groups);
   p.dtype = dtype_code(x.scalar_type(), "input");
-  TORCH_CHECK(p.dtype != ct3d::kF64,
-              ct3d_msg("ct3d: norm_tail takes float32, float16 or bfloat16, got ",
-                       c10::toString(x.scalar_type())));
+  TORCH_CHECK(
+      p.dtype != ct3d::kF64,
+      ct3d_msg("ct3d: norm_tail takes float32, float16 or bfloat16, got ", x.scalar_type()));
   const int64_t chunk = ct3d::norm_chunk(p.dtype);
   const int64_t chunks = (p.S + chunk - 1) / chunk;
   TORCH_CHECK(p.S >= 1 && p.rows * chunks < (int64_t{1} << 31),
-              ct3d_msg("ct3d: norm_tail needs 1 <= N * C * ceil(D * H * W / ",
-                       std::to_string(chunk), ") < 2^31, got ", dims(x.sizes())));
+              ct3d_msg("ct3d: norm_tail needs 1 <= N * C * ceil(D * H * W / ", chunk,
+                       ") < 2^31, got ", dims(x.sizes())));
   p.chunks = static_cast<int32_t>(chunks);
   p.act = static_cast<int32_t>(act);
   p.act_flag = static_cast<int32_t>(act_flag);
@@ -626,10 +624,10 @@ void norm_tail(const at::Tensor& x, at::Tensor& out, int64_t groups,
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const cudaError_t err = ct3d::launch_norm_tail(p, stream);
-  TORCH_CHECK(err == cudaSuccess,
-              ct3d_msg("ct3d: norm_tail launch failed: ", cudaGetErrorString(err), " (input ",
-                       dims(x.sizes()), " ", c10::toString(x.scalar_type()), ", groups ",
-                       std::to_string(groups), ", act ", std::to_string(act), ")"));
+  TORCH_CHECK(
+      err == cudaSuccess,
+      ct3d_msg("ct3d: norm_tail launch failed: ", cudaGetErrorString(err), " (input ",
+               dims(x.sizes()), " ", x.scalar_type(), ", groups ", groups, ", act ", act, ")"));
 }
 
 // The spatial dimensions of `t` (N, C, D, H, W) as one stride: *s such that element (n, c, d,
