@@ -128,10 +128,10 @@ def run(input: torch.Tensor, groups: Optional[int], weight: Optional[torch.Tenso
     ext = _build.load()
     if ext is None or not hasattr(ext, "norm_tail"):
         return reference(input, groups, weight, bias, eps, act, alpha)
-    w32 = None if weight is None else weight.detach().float().contiguous()
-    b32 = None if bias is None else bias.detach().float().contiguous()
-
     def launch() -> torch.Tensor:
+        # the affine as float32 (a no-op for float32 Parameters), only where the kernel runs
+        w32 = None if weight is None else weight.detach().float().contiguous()
+        b32 = None if bias is None else bias.detach().float().contiguous()
         out = torch.empty_like(input, memory_format=torch.contiguous_format)
         if POISON_OUTPUT:
             out.fill_(float("nan"))
