@@ -96,16 +96,22 @@ def _args(cout=1, dtype=torch.float64):
     return (x, w, b, [2] * 3, [1] * 3, [0] * 3, [1] * 3, 1, program, [], [side])
 
 
+def _check_candidate(args, tol):
+    """The "subpixel" candidate on ``args`` against the reference: values within ``tol``
+    (relative and absolute), shape, strides and dtype."""
+    ref = ops.reference(*args)
+    out = _cuda._reference_subpixel(args, tuple(ref.shape), ref.stride(), ref.dtype)
+    assert out.shape == ref.shape and out.stride() == ref.stride() and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("cout", [1, 3])
 def test_candidate_same_values_and_layout_as_the_reference(cout, monkeypatch):
     """The candidate's result: the reference's values (float64), shape, strides and dtype; the
     user's cudnn.benchmark flag left as it was."""
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     args = _args(cout)
-    ref = ops.reference(*args)
-    out = _cuda._reference_subpixel(args, tuple(ref.shape), ref.stride(), ref.dtype)
-    assert out.shape == ref.shape and out.stride() == ref.stride() and out.dtype == ref.dtype
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    _check_candidate(args, 1e-12)
     assert torch.backends.cudnn.benchmark is False
 
 
@@ -236,10 +242,7 @@ def test_grouped_candidate_same_values_as_the_reference(monkeypatch):
     program = [int(O.LOAD_TENSOR), 0, -1, -1, -1, -1, int(O.ADD), 0, 1, -1, -1, -1,
                int(O.SIGMOID), 2, -1, -1, -1, -1]
     args = (x, w, b, list(s), list(p), list(op), list(dl), groups, program, [], [side])
-    ref = ops.reference(*args)
-    out = _cuda._reference_subpixel(args, tuple(ref.shape), ref.stride(), ref.dtype)
-    assert out.shape == ref.shape and out.stride() == ref.stride() and out.dtype == ref.dtype
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    _check_candidate(args, 1e-10)
     assert torch.backends.cudnn.benchmark is False
 
 
