@@ -31,7 +31,15 @@ own errors against float64 are recorded next to them as the bar to compare with.
 Timing: ``triton.testing.do_bench(..., return_mode="median")`` when triton imports, otherwise a
 loop of CUDA events with the same structure (warm-up, a 256 MiB buffer zeroed before every run
 to flush the L2 cache, the median of the runs). On the CPU a ``time.perf_counter`` loop; CPU
-times only show that the runner works.
+times only show that the runner works. Since v29 the whole models of a row (eager, compile,
+ct3d, ct3d_compile) are timed together by :func:`time_interleaved` instead: ``--rounds``
+rounds (default 5), in each of which every model runs about ``rep_ms / rounds`` of calls, each
+call between CUDA events with the L2 flushed before it (the event loop, not do_bench), the
+order rotated per round. Their ``*_ms`` are the medians of the round medians (the round medians
+are in the row's ``model_round_ms``) and their speedups the medians of the rounds' ratios
+(:func:`paired_ratio`): small models are bound by the host's launch time, the host's speed
+drifts during a run, and models timed at different moments would carry that drift into their
+ratio. ``--rounds 1`` times them one after another with :func:`time_ms` as before.
 
 Run ``python -m ct3d_fx.bench --help`` for the options; ``benchmarks/README.md`` shows how to
 split a full run into parts of under 10 minutes and merge them.
@@ -77,8 +85,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["SuiteModel", "load_suite", "build_problem", "problem_shapes", "randomize_batchnorm",
-           "max_rel_err", "conv_cost", "time_ms", "measure_ceilings", "run", "main", "ROW_KEYS",
-           "TINY_SCALE"]
+           "max_rel_err", "conv_cost", "time_ms", "time_interleaved", "paired_ratio",
+           "measure_ceilings", "run", "main", "ROW_KEYS", "TINY_SCALE"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SUITE = REPO_ROOT / "benchmarks" / "suite.json"
@@ -95,16 +103,24 @@ DTYPES = {"fp32": torch.float32, "fp32-exact": torch.float32, "bf16": torch.bflo
 FLUSH_BYTES = 256 << 20
 
 #: The keys every JSON row has (values may be null when a stage failed or was skipped).
+#: ``--merge`` fills the keys an older file's rows lack (``model_round_ms`` before v29) with null.
 ROW_KEYS = ("id", "kind", "eager_ms", "compile_ms", "ct3d_ms", "fused_op_ms",
             "eager_conv_epilogue_ms", "floor_ms", "floor_ratio", "max_rel_err_vs_eager",
-            "max_rel_err_vs_fp64", "fused")
+            "max_rel_err_vs_fp64", "fused", "model_round_ms")
 
 # ------------------------------------------------------------------------------------------
 # Building the suite's models
 # ------------------------------------------------------------------------------------------
 
 ABOUT = ("ct3d_fx benchmark (python -m ct3d_fx.bench). Times in ms: median of runs with the L2 "
-         "cache flushed (see 'timer'). eager_ms: the model in eager mode; compile_ms: "
+         "cache flushed (see 'timer'). Since v29 the whole models (eager_ms, compile_ms, "
+         "ct3d_ms, ct3d_compile_ms) are timed in 'rounds' interleaved rounds, the order "
+         "rotated per round: each is the median of its round medians (model_round_ms: the "
+         "round medians, ms), and speedup_vs_eager, speedup_vs_compile and "
+         "ct3d_compile_speedup_vs_compile are the median of the rounds' ratios, so that a "
+         "drift of the machine's speed during the row cancels; rounds 1: one timing per model "
+         "in turn, ratios of the medians (as before v29). op_speedup is the ratio of the "
+         "medians. eager_ms: the model in eager mode; compile_ms: "
          "torch.compile(model), default mode (compile_s: its first call, compilation included, "
          "in s); ct3d_ms: ct3d_fx.optimize(model); fused_op_ms: the fused op calls alone; "
          "eager_conv_epilogue_ms: the same calls run as F.conv_transpose3d plus the replaced "
@@ -121,7 +137,8 @@ ABOUT = ("ct3d_fx benchmark (python -m ct3d_fx.bench). Times in ms: median of ru
          "decisions of the kernels after a site (norm_tail, pool_tail: kernel or reference, "
          "with their medians) made while ct3d_ms was timed, and tail_kernel_ran: whether "
          "each tail's last timed call ran its kernel (true) or PyTorch's ops (false; absent: "
-         "the call went to PyTorch's ops before the kernel's checks); errors: "
+         "the call went to PyTorch's ops before the kernel's checks; with rounds > 1 the "
+         "call of one more forward of the optimized model after the timings); errors: "
          "{stage: message} of "
          "failed stages. Inputs uniform in [0, 1), eval mode, random BatchNorm statistics. "
          "Compare ratios measured in one run; absolute times vary between machines.")
@@ -569,21 +586,14 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
             except TypeError:  # an old triton without return_mode: use the loop below
                 pass
         return _cuda_event_median(fn, device, warmup_ms, rep_ms)
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    est = (time.perf_counter() - t0) * 1e3
+    est = _cpu_estimate(fn)
     n = int(min(50, max(3, rep_ms / max(est, 1e-3))))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(_cpu_times(fn, n))
 
 
-def _cuda_event_median(fn, device, warmup_ms, rep_ms) -> float:
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device)
+def _cuda_estimate(fn, flush, device) -> float:
+    """ms per call of ``fn``: one untimed call, then three with the L2 flushed between CUDA
+    events (the first call may compile or autotune, so it is not in the estimate)."""
     fn()
     _sync(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -593,10 +603,12 @@ def _cuda_event_median(fn, device, warmup_ms, rep_ms) -> float:
         fn()
     end.record()
     _sync(device)
-    est = max(start.elapsed_time(end) / 3, 1e-3)
-    for _ in range(max(1, int(warmup_ms / est))):
-        fn()
-    n = int(min(1000, max(5, rep_ms / est)))
+    return max(start.elapsed_time(end) / 3, 1e-3)
+
+
+def _cuda_event_times(fn, flush, device, n: int) -> List[float]:
+    """ms of each of ``n`` calls of ``fn``, the L2 flushed before each, CUDA events around it;
+    one synchronisation at the end, so the host runs ahead as it does in a real loop."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
@@ -605,7 +617,144 @@ def _cuda_event_median(fn, device, warmup_ms, rep_ms) -> float:
         fn()
         ends[i].record()
     _sync(device)
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def _cuda_event_median(fn, device, warmup_ms, rep_ms) -> float:
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device)
+    est = _cuda_estimate(fn, flush, device)
+    for _ in range(max(1, int(warmup_ms / est))):
+        fn()
+    n = int(min(1000, max(5, rep_ms / est)))
+    return statistics.median(_cuda_event_times(fn, flush, device, n))
+
+
+def _cpu_estimate(fn) -> float:
+    """ms per call of ``fn`` on the CPU: one untimed call, then one timed."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _cpu_times(fn, n: int) -> List[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, *,
+                     rounds: int = 5, warmup_ms: float = 25.0,
+                     rep_ms: float = 100.0) -> Dict[str, dict]:
+    """Time several functions in alternation, so that a drift of the machine's speed (the
+    host's clock, another process) falls on all of them alike and cancels in their ratios.
+
+    Each ``fn`` is estimated once and warmed up once (``warmup_ms`` of calls; at least one
+    call on CUDA), one after the other, in the order of ``fns``. Then ``rounds`` rounds: in
+    round ``r`` every function is timed in turn, the order rotated by ``r`` places so that no
+    function is always first, with about ``rep_ms / rounds`` of calls (at least one call per
+    round; ``rep_ms`` of timed calls in all, as one :func:`time_ms` call), and the round's
+    median is kept. A call is timed as by :func:`time_ms`'s CUDA event loop: the 256 MiB
+    flush buffer zeroed before it, CUDA events around it; on the CPU ``time.perf_counter``.
+    The call counts are the :func:`time_ms` loop's (5 to 1000 on CUDA, 3 to 50 on the CPU),
+    shared out over the rounds. Compare two functions with :func:`paired_ratio` of their
+    ``rounds_ms``.
+
+    Args:
+        fns: name -> function of no arguments (insertion order: warm-up order and round 0's).
+        device: the device the functions run on (CUDA events on ``cuda``).
+        rounds: number of rounds, >= 1.
+        warmup_ms, rep_ms: warm-up and total timed time per function, in ms.
+
+    Returns:
+        name -> ``{"ms": median over rounds of the round medians (ms), or None when the
+        function raised, "rounds_ms": [round median, ms, ...] (the completed rounds),
+        "rounds": len(rounds_ms), "error": None or "ExceptionType: message"}``. A function
+        that raises is recorded and left out of the later rounds; the others go on.
+
+    Raises:
+        ValueError: ``rounds`` < 1.
+    """
+    if rounds < 1:
+        raise ValueError(f"ct3d bench: rounds must be >= 1, got {rounds}")
+    cuda = device.type == "cuda"
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device) if cuda else None
+    out = {name: {"ms": None, "rounds_ms": [], "rounds": 0, "error": None} for name in fns}
+    calls: Dict[str, int] = {}  # timed calls per round, for the functions still running
+
+    def fail(name, e):
+        out[name]["error"] = _short_error(e)
+        calls.pop(name, None)
+        if cuda:
+            try:  # let the queued work of the failed function finish before the next
+                _sync(device)
+            except Exception:  # noqa: BLE001  (a broken context: the others fail and say so)
+                pass
+
+    for name, fn in fns.items():
+        try:
+            if cuda:
+                est = _cuda_estimate(fn, flush, device)
+                for _ in range(max(1, int(warmup_ms / est))):
+                    fn()
+                _sync(device)
+                total = min(1000, max(5, rep_ms / est))
+            else:
+                est = max(_cpu_estimate(fn), 1e-3)
+                for _ in range(int(warmup_ms / est)):
+                    fn()
+                total = min(50, max(3, rep_ms / est))
+            calls[name] = max(1, int(total / rounds))
+        except Exception as e:  # noqa: BLE001  (recorded; the other functions go on)
+            fail(name, e)
+    names = list(fns)
+    for r in range(rounds if names else 0):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            if name not in calls:
+                continue
+            try:
+                if cuda:
+                    times = _cuda_event_times(fns[name], flush, device, calls[name])
+                else:
+                    times = _cpu_times(fns[name], calls[name])
+            except Exception as e:  # noqa: BLE001
+                fail(name, e)
+                continue
+            out[name]["rounds_ms"].append(statistics.median(times))
+    for res in out.values():
+        res["rounds"] = len(res["rounds_ms"])
+        if res["error"] is None and res["rounds_ms"]:
+            res["ms"] = statistics.median(res["rounds_ms"])
+    return out
+
+
+def paired_ratio(num_rounds_ms: Sequence[float], den_rounds_ms: Sequence[float]) -> float:
+    """Median over rounds of ``num / den`` of the same round (of :func:`time_interleaved`).
+
+    Unitless. With the two timed close together in every round, a slow or fast stretch of the
+    machine scales both and cancels in the ratio, which the ratio of the two medians does not
+    guarantee.
+
+    Raises:
+        ValueError: the lists are empty or differ in length (one function failed mid-way).
+    """
+    if not num_rounds_ms or len(num_rounds_ms) != len(den_rounds_ms):
+        raise ValueError(f"ct3d bench: paired_ratio needs rounds of equal, non-zero count, got "
+                         f"{len(num_rounds_ms)} and {len(den_rounds_ms)}")
+    return statistics.median(n / d for n, d in zip(num_rounds_ms, den_rounds_ms))
+
+
+def _paired_speedup(model_round_ms: Optional[dict], num: str, den: str) -> Optional[float]:
+    """:func:`paired_ratio` of two models' round medians (a row's ``model_round_ms``); None
+    when either model has none (not timed, failed, a row from before v29) or a zero time."""
+    a, b = (model_round_ms or {}).get(num), (model_round_ms or {}).get(den)
+    if a and b and len(a) == len(b) and all(a) and all(b):
+        return paired_ratio(a, b)
+    return None
 
 
 def _matmul_tflops(device, dtype, sizes, tf32: bool, warmup_ms, rep_ms) -> float:
@@ -739,6 +888,7 @@ def _measure(case: Case, opts, ceilings: dict, device: torch.device, log) -> dic
               for s in shapes]
 
     conv_calls: list = []
+    model_round_ms: Dict[str, List[float]] = {}  # the whole models' round medians, ms
 
     def conv_hook(mod, inp, out):
         conv_calls.append((tuple(inp[0].shape), tuple(mod.weight.shape), tuple(out.shape),
@@ -838,27 +988,68 @@ def _measure(case: Case, opts, ceilings: dict, device: torch.device, log) -> dic
             except Exception as e:  # noqa: BLE001
                 errors[key] = _short_error(e)
 
-        timed("eager_ms", lambda: model(*inputs))
+        # The whole models, by the prefix of their keys (eager_ms, ...; model_round_ms).
+        models = {"eager": lambda: model(*inputs)}
         if compiled is not None:
-            timed("compile_ms", lambda: compiled(*inputs))
+            models["compile"] = lambda: compiled(*inputs)
+        if opt is not None:
+            models["ct3d"] = lambda: opt(*inputs)
+        if compiled_opt is not None:
+            models["ct3d_compile"] = lambda: compiled_opt(*inputs)
+        tails: dict = {}
         if opt is not None:
             from . import norm_tail, pool_tail
 
             tails = {"norm_tail": norm_tail, "pool_tail": pool_tail}
-            before = {name: set(m._choices) for name, m in tails.items()}
-            for m in tails.values():
-                m.LAST_KERNEL = None
-            timed("ct3d_ms", lambda: opt(*inputs))
+        # The tails' autotune decides on the optimized model's first timed calls (the warm-up):
+        # what their memos gain from here on are this row's decisions.
+        before = {name: set(m._choices) for name, m in tails.items()}
+        for m in tails.values():
+            m.LAST_KERNEL = None
+        last_kernel: dict = {}
+        if opts.rounds == 1:
+            # one time_ms per model, in turn (the runner before v29)
+            for name, fn in models.items():
+                timed(f"{name}_ms", fn)
+                if name == "ct3d":
+                    last_kernel = {n: m.LAST_KERNEL for n, m in tails.items()}
+                if row[f"{name}_ms"] is not None:
+                    model_round_ms[name] = [row[f"{name}_ms"]]
+        else:
+            # Interleaved rounds: a drift of the host's speed during the row (these models
+            # are host bound at small batches) falls on every model alike.
+            try:
+                res = time_interleaved(models, device, rounds=opts.rounds, **tkw)
+            except Exception as e:  # noqa: BLE001  (e.g. no memory for the flush buffer)
+                res = {name: {"ms": None, "rounds_ms": [], "error": _short_error(e)}
+                       for name in models}
+            for name, r in res.items():
+                if r["error"] is not None:
+                    errors[f"{name}_ms"] = r["error"]
+                elif r["ms"] is not None:
+                    row[f"{name}_ms"] = round(r["ms"], 4)
+                    model_round_ms[name] = [round(t, 4) for t in r["rounds_ms"]]
+            if tails and row["ct3d_ms"] is not None:
+                # torch.compile's calls of the optimized model come between the optimized
+                # model's own in the rounds and may run the same tails: one more forward
+                # says what the optimized model's calls ran (its autotune choices are kept).
+                for m in tails.values():
+                    m.LAST_KERNEL = None
+                try:
+                    opt(*inputs)
+                    _sync(device)
+                except Exception as e:  # noqa: BLE001
+                    errors["tail_kernel_ran"] = _short_error(e)
+            last_kernel = {n: m.LAST_KERNEL for n, m in tails.items()}
+        row["model_round_ms"] = model_round_ms
+        if tails:
             # the tails' autotune decisions made by this row's first timed calls, and whether
             # each tail's last call ran its kernel (True) or PyTorch's ops (False)
             row["tail_autotune"] = [
                 {"tail": name, "choice": m._choices[k],
                  "ms": {c: round(t, 4) for c, t in m._timings.get(k, {}).items()}}
                 for name, m in tails.items() for k in m._choices if k not in before[name]]
-            row["tail_kernel_ran"] = {name: m.LAST_KERNEL for name, m in tails.items()
-                                      if m.LAST_KERNEL is not None}
-        if compiled_opt is not None:
-            timed("ct3d_compile_ms", lambda: compiled_opt(*inputs))
+            row["tail_kernel_ran"] = {n: v for n, v in last_kernel.items() if v is not None}
         if fused_calls:
             from .ops import reference
 
@@ -905,12 +1096,16 @@ def _measure(case: Case, opts, ceilings: dict, device: torch.device, log) -> dic
                                         nbytes / (ceilings["copy_TBps"] * 1e12)) * 1e3, 4)
     if row["floor_ms"] and row["fused_op_ms"]:
         row["floor_ratio"] = round(row["fused_op_ms"] / row["floor_ms"], 2)
-    for key, num, den in (("speedup_vs_eager", "eager_ms", "ct3d_ms"),
-                          ("speedup_vs_compile", "compile_ms", "ct3d_ms"),
-                          ("ct3d_compile_speedup_vs_compile", "compile_ms", "ct3d_compile_ms"),
-                          ("op_speedup", "eager_conv_epilogue_ms", "fused_op_ms")):
-        if row.get(num) and row.get(den):
-            row[key] = round(row[num] / row[den], 3)
+    # Whole models: the median of the rounds' ratios (with one round, the ratio of the two
+    # medians); the op timings were taken apart, so theirs is the ratio of the medians.
+    for key, num, den in (("speedup_vs_eager", "eager", "ct3d"),
+                          ("speedup_vs_compile", "compile", "ct3d"),
+                          ("ct3d_compile_speedup_vs_compile", "compile", "ct3d_compile")):
+        x = _paired_speedup(model_round_ms, num, den)
+        if x is not None:
+            row[key] = round(x, 3)
+    if row.get("eager_conv_epilogue_ms") and row.get("fused_op_ms"):
+        row["op_speedup"] = round(row["eager_conv_epilogue_ms"] / row["fused_op_ms"], 3)
     if compiled is not None:
         torch._dynamo.reset()  # drop the compiled graphs and what they hold
     del model, inputs, opt, compiled, fused_calls
@@ -1027,12 +1222,23 @@ def _environment(device: torch.device, opts) -> dict:
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "scale": opts.scale,
-        "timer": ("triton.testing.do_bench median" if device.type == "cuda"
-                  and _triton_testing is not None else
-                  "CUDA events median, L2 flushed" if device.type == "cuda"
-                  else "time.perf_counter median (CPU smoke run)"),
+        "timer": _timer_text(device, opts.rounds),
+        "rounds": opts.rounds,
         "argv": sys.argv[1:],
     }
+
+
+def _timer_text(device: torch.device, rounds: int) -> str:
+    """The results' ``timer``: how the rows were timed (model rows differ since v29)."""
+    cuda = device.type == "cuda"
+    one = ("triton.testing.do_bench median" if cuda and _triton_testing is not None else
+           "CUDA events median, L2 flushed" if cuda else "time.perf_counter median")
+    each = "CUDA events around each call, L2 flushed before it" if cuda else \
+        "time.perf_counter around each call"
+    text = one if rounds == 1 else (
+        f"whole models: {rounds} interleaved rounds ({each}), median of the round medians, "
+        f"speedups the median of the rounds' ratios; fused op and conv+epilogue: {one}")
+    return text if cuda else text + " (CPU smoke run)"
 
 
 def _jsonable(x):
@@ -1146,8 +1352,11 @@ def write_plot(results: dict, path: str) -> bool:
         vals = []
         for r in rows:
             if key is None:
-                ok = r.get("eager_ms") and r.get("compile_ms")
-                vals.append(r["eager_ms"] / r["compile_ms"] if ok else float("nan"))
+                # paired like the row's speedups where the rounds are there (v29 on)
+                x = _paired_speedup(r.get("model_round_ms"), "eager", "compile")
+                if x is None and r.get("eager_ms") and r.get("compile_ms"):
+                    x = r["eager_ms"] / r["compile_ms"]
+                vals.append(float("nan") if x is None else x)
             else:
                 vals.append(r.get(key) or float("nan"))
         ax.barh([i + (j - 1) * h for i in range(len(rows))], vals, height=h, label=label)
@@ -1216,6 +1425,14 @@ def _parse_args(argv):
                    help="warm-up per timing in ms (default: %(default)s)")
     p.add_argument("--rep-ms", type=float, default=100.0,
                    help="timed runs per timing in ms (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=5, metavar="N",
+                   help="time the whole models of a row (eager, torch.compile, ct3d_fx, "
+                        "ct3d_fx + torch.compile) in N interleaved rounds of about "
+                        "rep-ms / N each, the order rotated per round; *_ms is the median of "
+                        "the round medians (model_round_ms in the JSON), speedup_vs_* the "
+                        "median of the rounds' ratios, so a drift of the machine's speed "
+                        "cancels; 1: one time_ms per model in turn and ratios of the medians "
+                        "(the runner before v29) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="base random seed (default: 0)")
     p.add_argument("--budget-s", type=float, default=None, metavar="SECONDS",
                    help="start no new row once the run has used SECONDS minus the slowest row "
@@ -1229,6 +1446,8 @@ def _parse_args(argv):
         opts.scale = TINY_SCALE
     if opts.scale is not None and not 0 < opts.scale <= 1:
         p.error(f"--scale must be in (0, 1], got {opts.scale}")
+    if opts.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {opts.rounds}")
     nets = [n.strip() for n in opts.networks.split(",") if n.strip()]
     if nets == ["all"]:
         nets = list(NETWORKS)
@@ -1260,7 +1479,7 @@ def _merge(paths: Sequence[str]) -> dict:
             merged = {k: v for k, v in data.items() if k != "rows"}
             merged["merged_from"] = []
         else:
-            for key in ("device", "torch", "cudnn", "dtype"):
+            for key in ("device", "torch", "cudnn", "dtype", "rounds"):
                 if data.get(key) != merged.get(key):
                     warnings.warn(f"ct3d bench: {path} has {key}={data.get(key)!r}, the first "
                                   f"file {merged.get(key)!r}; ratios across runs are not "
@@ -1268,7 +1487,9 @@ def _merge(paths: Sequence[str]) -> dict:
         merged["merged_from"].append({"file": str(path), "date": data.get("date"),
                                       "ceilings": data.get("ceilings")})
         for r in data.get("rows", []):
-            rows[r["id"]] = r
+            # rows of older files lack the newer keys (model_round_ms before v29): null, as a
+            # skipped stage's, so every merged row has ROW_KEYS
+            rows[r["id"]] = dict({k: None for k in ROW_KEYS}, **r)
     merged["rows"] = list(rows.values())
     missing = [i for path in paths for i in json.loads(Path(path).read_text()).get("not_run", [])
                if i not in rows]

@@ -11,8 +11,10 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,7 @@ def test_help_runs_as_a_module():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     for flag in ("--only", "--dtype", "--no-compile", "--json", "--plot", "--device", "--tiny",
-                 "--networks", "--merge"):
+                 "--networks", "--merge", "--rounds"):
         assert flag in r.stdout
 
 
@@ -116,6 +118,102 @@ def test_max_rel_err():
         bench.max_rel_err(ref[:2], ref)
 
 
+class _FakeClock:
+    """Stands in for ``time.perf_counter`` in bench: time passes only while a fake function
+    'runs', by the amount it asks for, so drift is exact and the tests do not sleep."""
+
+    def __init__(self):
+        self.t = 0.0  # s
+        self.log = []
+
+    def perf_counter(self):
+        return self.t
+
+    def fn(self, name, ms, speed=lambda t_ms: 1.0):
+        """A function that takes ``ms * speed(now in ms)``: the machine's speed drifts."""
+        def run():
+            self.log.append(name)
+            self.t += ms * speed(self.t * 1e3) / 1e3
+        return run
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = _FakeClock()
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=c.perf_counter))
+    return c
+
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("speed", [lambda t: 1 + t / 400,  # the host slows down steadily
+                                   lambda t: 1.6 if t > 60 else 1.0],  # or all at once
+                         ids=["ramp", "step"])
+def test_interleaved_paired_ratio_cancels_drift(clock, speed):
+    # b takes twice a's time at every moment; the machine gets slower as the test goes on
+    a, b = clock.fn("a", 1.0, speed), clock.fn("b", 2.0, speed)
+    apart = bench.time_ms(b, CPU, warmup_ms=0, rep_ms=50) / bench.time_ms(a, CPU, warmup_ms=0,
+                                                                          rep_ms=50)
+    clock.t = 0.0
+    res = bench.time_interleaved({"a": a, "b": b}, CPU, rounds=5, warmup_ms=0, rep_ms=50)
+    paired = bench.paired_ratio(res["b"]["rounds_ms"], res["a"]["rounds_ms"])
+    assert abs(apart / 2 - 1) > 0.1, apart  # timed one after the other: the drift is in it
+    assert abs(paired / 2 - 1) < 0.03, (paired, res)
+    for r in res.values():
+        assert r["rounds"] == 5 == len(r["rounds_ms"]) and r["error"] is None
+        assert r["ms"] == statistics.median(r["rounds_ms"])
+
+
+def test_interleaved_rotates_the_order_and_keeps_the_budget(clock):
+    fns = {n: clock.fn(n, 0.999) for n in "abc"}  # a hair under 1 ms: counts round down exactly
+    res = bench.time_interleaved(fns, CPU, rounds=3, warmup_ms=2, rep_ms=30)
+    # runs of one function: estimate + warm-up of each in order, then the rotated rounds
+    blocks = [n for i, n in enumerate(clock.log) if i == 0 or clock.log[i - 1] != n]
+    assert blocks == list("abc") + list("abc") + list("bca") + list("cab")
+    # per function: 2 calls to estimate, 2 to warm up, 30 ms of timed calls (10 a round)
+    assert all(clock.log.count(n) == 2 + 2 + 30 for n in "abc")
+    assert all(r["rounds_ms"] == pytest.approx([0.999] * 3) for r in res.values())
+    with pytest.raises(ValueError, match="rounds"):
+        bench.time_interleaved(fns, CPU, rounds=0)
+
+
+def test_interleaved_records_a_failure_and_times_the_others(clock):
+    calls = {"n": 0}
+
+    def flaky():  # fails in the second round
+        calls["n"] += 1
+        clock.t += 1e-3
+        if calls["n"] > 2 + 2:
+            raise RuntimeError("boom")
+
+    def broken():
+        raise ValueError("no such kernel")
+
+    fns = {"a": clock.fn("a", 1.0), "flaky": flaky, "broken": broken, "b": clock.fn("b", 2.0)}
+    res = bench.time_interleaved(fns, CPU, rounds=4, warmup_ms=0, rep_ms=8)
+    assert res["broken"] == {"ms": None, "rounds_ms": [], "rounds": 0,
+                             "error": "ValueError: no such kernel"}
+    assert res["flaky"]["ms"] is None and res["flaky"]["error"] == "RuntimeError: boom"
+    assert res["flaky"]["rounds"] == 1
+    for n, ms in (("a", 1.0), ("b", 2.0)):
+        assert res[n]["error"] is None and res[n]["rounds"] == 4
+        assert res[n]["ms"] == pytest.approx(ms)
+
+
+def test_interleaved_one_round_is_the_sequential_timing(clock):
+    # rounds=1 times each function once, with time_ms's call count and its median
+    f = clock.fn("f", 1.5, lambda t: 1 + t / 100)
+    seq = bench.time_ms(f, CPU, warmup_ms=0, rep_ms=20)
+    n_seq, clock.t = len(clock.log), 0.0
+    res = bench.time_interleaved({"f": f}, CPU, rounds=1, warmup_ms=0, rep_ms=20)
+    assert len(clock.log) == 2 * n_seq
+    assert res["f"]["rounds"] == 1 and res["f"]["ms"] == pytest.approx(seq)
+    assert bench.paired_ratio([3.0], [2.0]) == 1.5
+    with pytest.raises(ValueError, match="equal"):
+        bench.paired_ratio([1.0, 2.0], [1.0])
+
+
 def test_runner_on_cpu_writes_json_rows_and_merges(tmp_path, capsys):
     out = tmp_path / "cpu.json"
     rc = bench.main(FAST + ["--only", "^(l2_100|l2_74|gan_generator_b1)$",
@@ -139,19 +237,84 @@ def test_runner_on_cpu_writes_json_rows_and_merges(tmp_path, capsys):
         assert r["n_fused_calls"] == len(r["fused"])
         assert r["max_rel_err_vs_eager"] < 1e-5
         assert r["max_rel_err_vs_fp64"] < 1e-5
+        # the models in 5 interleaved rounds (the default): medians of the round medians,
+        # the speedup paired round by round
+        rounds = r["model_round_ms"]
+        assert set(rounds) == {"eager", "ct3d"} and all(len(v) == 5 for v in rounds.values())
+        assert r["ct3d_ms"] == statistics.median(rounds["ct3d"])
+        assert r["speedup_vs_eager"] == round(bench.paired_ratio(rounds["eager"],
+                                                                 rounds["ct3d"]), 3)
+    assert data["rounds"] == 5 and "interleaved" in data["timer"]
     assert rows["gan_generator_b1"]["n_fused_calls"] == 5
     text = capsys.readouterr().out
     assert "l2_100" in text and "err fp64" in text
     assert "| l2_74" in (tmp_path / "t.md").read_text()
 
-    # --merge joins runs; later files win for repeated ids
-    other = dict(data, rows=[dict(rows["l2_74"], eager_ms=123.0)])
+    # --merge joins runs; later files win for repeated ids. b.json is from before v29: no
+    # rounds, no model_round_ms; its row still merges, prints, and gets the key as null.
+    old_row = {k: v for k, v in dict(rows["l2_74"], eager_ms=123.0).items()
+               if k != "model_round_ms"}
+    other = {k: v for k, v in dict(data, rows=[old_row]).items() if k != "rounds"}
     (tmp_path / "b.json").write_text(json.dumps(other))
-    rc = bench.main(["--merge", str(out), str(tmp_path / "b.json"),
-                     "--json", str(tmp_path / "m.json")])
+    with pytest.warns(UserWarning, match="rounds=None"):
+        rc = bench.main(["--merge", str(out), str(tmp_path / "b.json"),
+                         "--json", str(tmp_path / "m.json")])
     assert rc == 0
     merged = {r["id"]: r for r in json.loads((tmp_path / "m.json").read_text())["rows"]}
     assert set(merged) == set(rows) and merged["l2_74"]["eager_ms"] == 123.0
+    assert merged["l2_74"]["model_round_ms"] is None
+    assert merged["l2_100"]["model_round_ms"] == rows["l2_100"]["model_round_ms"]
+    assert "123.000" in capsys.readouterr().out
+    rc = bench.main(["--merge", str(tmp_path / "b.json")])  # an old file alone
+    assert rc == 0 and "l2_74" in capsys.readouterr().out
+
+
+def test_runner_rounds_1_times_the_models_in_turn(tmp_path, monkeypatch):
+    calls = []
+
+    def time_ms(fn, device, **kw):
+        calls.append(fn)
+        return real(fn, device, **kw)
+
+    def no_interleaving(*a, **kw):
+        raise AssertionError("--rounds 1 must not interleave")
+
+    real = bench.time_ms
+    monkeypatch.setattr(bench, "time_ms", time_ms)
+    monkeypatch.setattr(bench, "time_interleaved", no_interleaving)
+    out = tmp_path / "r1.json"
+    assert bench.main(FAST + ["--only", "^l2_100$", "--networks", "none", "--rounds", "1",
+                              "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    r = data["rows"][0]
+    # ceilings (2 matmuls, 1 copy), then eager, ct3d, the fused op, conv + epilogue
+    assert len(calls) == 3 + 4
+    assert r["model_round_ms"] == {"eager": [r["eager_ms"]], "ct3d": [r["ct3d_ms"]]}
+    assert r["speedup_vs_eager"] == round(r["eager_ms"] / r["ct3d_ms"], 3)
+    assert data["rounds"] == 1 and data["timer"] == "time.perf_counter median (CPU smoke run)"
+
+
+def test_runner_records_a_failed_model_timing_and_times_the_rest(tmp_path, monkeypatch):
+    real = bench.time_interleaved
+
+    def ct3d_fails(fns, device, **kw):
+        assert list(fns) == ["eager", "ct3d"] and kw["rounds"] == 3
+
+        def boom():
+            raise RuntimeError("launch failed")
+        return real(dict(fns, ct3d=boom), device, **kw)
+
+    monkeypatch.setattr(bench, "time_interleaved", ct3d_fails)
+    out = tmp_path / "f.json"
+    rc = bench.main(FAST + ["--only", "^l2_100$", "--networks", "none", "--rounds", "3",
+                            "--json", str(out)])
+    assert rc == 1  # a failed stage other than torch.compile
+    r = json.loads(out.read_text())["rows"][0]
+    assert r["errors"] == {"ct3d_ms": "RuntimeError: launch failed"}
+    assert r["eager_ms"] > 0 and len(r["model_round_ms"]["eager"]) == 3
+    assert r["ct3d_ms"] is None and "ct3d" not in r["model_round_ms"]
+    assert r.get("speedup_vs_eager") is None
+    assert r["fused_op_ms"] > 0 and r["op_speedup"] > 0  # the op timings go on
 
 
 def test_runner_reports_bad_usage(capsys):
@@ -161,6 +324,8 @@ def test_runner_reports_bad_usage(capsys):
     assert bench.main(["--device", "cpu", "--only", "no_such_id", "--networks", "none"]) == 2
     with pytest.raises(SystemExit):
         bench.main(["--networks", "resnet"])
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--rounds", "0"])
 
 
 @pytest.mark.parametrize("name", ["unet_decoder", "gan_generator"])
