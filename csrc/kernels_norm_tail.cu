@@ -7,7 +7,9 @@
 //   1. norm_stats_kernel: one CTA per (row, chunk), a row being one (n, c) plane of S = D * H * W
 //      contiguous elements and a chunk norm_chunk(dtype) of them (8192 float32, 16384 16-bit
 //      elements). Each thread reads four (float32) or eight (16-bit) 8-element vectors, 128
-//      bytes, all before any arithmetic (16-byte loads where S % 8 == 0), computes each
+//      bytes, all before any arithmetic (16-byte loads where S % 8 == 0; otherwise a vector's
+//      elements lie kNormThreads apart, so that each scalar load of a warp reads 32 consecutive
+//      elements: see norm_vec_start), computes each
 //      vector's mean and sum of squared deviations (M2) in float and merges them into its
 //      running (count, mean, M2) by Chan's rule; the warp and then the CTA merge the same way;
 //      the CTA writes its (count, mean, M2) to p.partial. No atomics: the result does not
@@ -92,13 +94,35 @@ __device__ __forceinline__ uint32_t norm_bits(T v) {
   }
 }
 
-// The vector of this thread at element `start` of the row; `cnt` of its 8 elements lie inside
-// the row (0 .. 8), the others read as 0.
+// Where this thread's vector j of the chunk at `base` starts, and the distance between its
+// elements (norm_step). VEC (S % 8 == 0, 16-byte aligned rows): 8 consecutive elements, one
+// 16-byte access (two for float32) per vector. Otherwise (rows not 16-byte aligned, e.g. l2_60's
+// S = 31 x 63 x 63) the vectors are strided: element k of thread t's vector j is base +
+// j * kNormThreads * 8 + k * kNormThreads + t, so that a warp's scalar load or store of element
+// k covers 32 consecutive elements. With consecutive elements per thread there, lanes 32 bytes
+// apart, each scalar access of a warp touched 32 sectors and each store wrote 32 partial
+// sectors. Both forms cover the chunk's kNormThreads * vectors * 8 elements once.
+template <bool VEC>
+constexpr int64_t norm_step() {
+  return VEC ? 1 : kNormThreads;
+}
+template <bool VEC>
+__device__ __forceinline__ int64_t norm_vec_start(int64_t base, int j) {
+  return VEC ? base + (static_cast<int64_t>(j) * kNormThreads + threadIdx.x) * kLiteE
+             : base + static_cast<int64_t>(j) * kNormThreads * kLiteE + threadIdx.x;
+}
+
+// The vector of this thread at element `start` of the row (elements start + k * norm_step,
+// k < 8); `cnt` of them lie inside the row (0 .. 8, always the first ones), the others read
+// as 0.
 template <typename T, bool VEC>
 __device__ __forceinline__ void norm_load(const T* row, int64_t start, int64_t S, NormRaw<T>& r,
                                           int& cnt) {
-  const int64_t left = S - start;
-  cnt = left <= 0 ? 0 : (left >= kLiteE ? kLiteE : static_cast<int>(left));
+  constexpr int64_t kStep = norm_step<VEC>();
+  const int64_t left = S - start;  // k < cnt  <=>  start + k * kStep < S
+  cnt = left <= 0                           ? 0
+        : left > kStep * (kLiteE - 1)       ? kLiteE
+                                            : static_cast<int>((left + kStep - 1) / kStep);
   if (VEC && cnt == kLiteE) {
     const uint4* q = reinterpret_cast<const uint4*>(row + start);
 #pragma unroll
@@ -112,7 +136,7 @@ __device__ __forceinline__ void norm_load(const T* row, int64_t start, int64_t S
   } else {
 #pragma unroll
     for (int k = 0; k < kLiteE; ++k) {
-      const uint32_t b = k < cnt ? norm_bits<T>(row[start + k]) : 0u;
+      const uint32_t b = k < cnt ? norm_bits<T>(row[start + k * kStep]) : 0u;
       if constexpr (sizeof(T) == 4) {
         r.w[k] = b;
       } else if (k & 1) {
@@ -148,8 +172,7 @@ __global__ void __launch_bounds__(kNormThreads)
   int cnt[kVpt];
 #pragma unroll
   for (int j = 0; j < kVpt; ++j) {  // all loads in flight before any arithmetic
-    norm_load<T, VEC>(x, base + (static_cast<int64_t>(j) * kNormThreads + threadIdx.x) * kLiteE,
-                      p.S, raw[j], cnt[j]);
+    norm_load<T, VEC>(x, norm_vec_start<VEC>(base, j), p.S, raw[j], cnt[j]);
   }
   float n = 0.0f, mean = 0.0f, m2 = 0.0f;
 #pragma unroll
@@ -258,12 +281,11 @@ __global__ void __launch_bounds__(kNormThreads)
   int cnt[kVpt];
 #pragma unroll
   for (int j = 0; j < kVpt; ++j) {
-    norm_load<T, VEC>(x, base + (static_cast<int64_t>(j) * kNormThreads + threadIdx.x) * kLiteE,
-                      p.S, raw[j], cnt[j]);
+    norm_load<T, VEC>(x, norm_vec_start<VEC>(base, j), p.S, raw[j], cnt[j]);
   }
 #pragma unroll
   for (int j = 0; j < kVpt; ++j) {
-    const int64_t start = base + (static_cast<int64_t>(j) * kNormThreads + threadIdx.x) * kLiteE;
+    const int64_t start = norm_vec_start<VEC>(base, j);
     float v[kLiteE];
     norm_unpack<T>(raw[j], v);
 #pragma unroll
@@ -280,7 +302,7 @@ __global__ void __launch_bounds__(kNormThreads)
     } else {
 #pragma unroll
       for (int k = 0; k < kLiteE; ++k) {
-        if (k < cnt[j]) out[start + k] = elem_from_float<T>(v[k]);
+        if (k < cnt[j]) out[start + k * norm_step<VEC>()] = elem_from_float<T>(v[k]);
       }
     }
   }

@@ -24,7 +24,11 @@ from ct3d_fx.bench import time_ms
 
 CASES = [  # name, shape, groups (None: InstanceNorm), activation
     ("l2_61 relu->group_norm(8) output", (16, 128, 34, 34, 34), 8, None),
-    ("l2_60 group_norm(4)->hardswish", (128, 16, 32, 64, 64), 4, "hardswish"),
+    # l2_60's conv output is (128, 16, 31, 63, 63): rows of S = 123,039 elements, not a multiple
+    # of 8, so the kernels run their strided scalar form there (v28 timed the aligned shape
+    # below under l2_60's name; the model's tail did not speed up, v29 found why)
+    ("l2_60 group_norm(4)->hardswish", (128, 16, 31, 63, 63), 4, "hardswish"),
+    ("group_norm(4)->hardswish (128, 16, 32, 64, 64)", (128, 16, 32, 64, 64), 4, "hardswish"),
     ("instance_norm->leaky_relu (2, 32, 64^3)", (2, 32, 64, 64, 64), None, "leaky_relu"),
     ("group_norm(8)->relu (1, 64, 96^3)", (1, 64, 96, 96, 96), 8, "relu"),
 ]

@@ -52,17 +52,23 @@ inline void __syncthreads() { emu_bar->arrive_and_wait(); }
 // not checked.
 struct EmuWarp {
   std::barrier<> bar{32};
-  float slot[32];
+  double slot[32];  // float values are exact in double
 };
 inline EmuWarp* emu_warps = nullptr;
-inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
+inline double emu_shfl_xor(double v, int lane_mask) {
   EmuWarp& w = emu_warps[emu_tid.x / 32];
   const unsigned lane = emu_tid.x % 32;
   w.slot[lane] = v;
   w.bar.arrive_and_wait();
-  const float r = w.slot[(lane ^ static_cast<unsigned>(lane_mask)) % 32];
+  const double r = w.slot[(lane ^ static_cast<unsigned>(lane_mask)) % 32];
   w.bar.arrive_and_wait();
   return r;
+}
+inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
+  return static_cast<float>(emu_shfl_xor(v, lane_mask));
+}
+inline double __shfl_xor_sync(unsigned /*mask*/, double v, int lane_mask) {
+  return emu_shfl_xor(v, lane_mask);
 }
 alignas(16) inline unsigned char emu_smem[232448];
 // Dynamic shared memory the launch asked for: run_grid (emu_io.h) marks the rest of emu_smem
