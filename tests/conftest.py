@@ -8,6 +8,10 @@ float64 reference.
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
@@ -232,3 +236,41 @@ def optimize_checked(model: nn.Module, inputs: Sequence, *, chain: Optional[List
     assert anchor_nodes(opt) == [], opt.code
     assert fused_calls(opt, *inputs) == sites
     return opt
+
+
+# The CPU emulator's harnesses (scripts/emulate/*_harness.cpp): built with g++ under
+# AddressSanitizer against CUDA's headers (for the half types), run on a stride through their
+# case grid (CT3D_EMULATE_EVERY overrides it; 1 runs every case).
+EMU_ROOT = Path(__file__).resolve().parent.parent
+EMU_CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+#: skipif mark for the emulated tests: they need g++ and CUDA's include folder
+needs_emulator = pytest.mark.skipif(
+    shutil.which("g++") is None or not (EMU_CUDA_INCLUDE / "cuda_bf16.h").exists(),
+    reason="needs g++ and CUDA's include folder")
+
+
+def run_emulated(tmp_path, harness: str, every: str, timeout: int = 1200,
+                 include: Sequence = ()) -> subprocess.CompletedProcess:
+    """Builds scripts/emulate/``harness`` into ``tmp_path`` (extra ``include`` folders first)
+    and runs it with the stride ``every`` (or CT3D_EMULATE_EVERY); returns the finished run
+    (stdout, stderr text). Raises CalledProcessError when g++ fails."""
+    exe = tmp_path / harness.replace(".cpp", "")
+    subprocess.run(["g++", "-std=c++20", "-O1", "-g", "-fsanitize=address", "-w",
+                    f"-I{EMU_CUDA_INCLUDE}", f"-I{EMU_ROOT / 'csrc'}",
+                    f"-I{EMU_ROOT / 'scripts/emulate'}", *[f"-I{d}" for d in include],
+                    str(EMU_ROOT / "scripts/emulate" / harness), "-o", str(exe), "-lpthread"],
+                   check=True)
+    return subprocess.run([str(exe), os.environ.get("CT3D_EMULATE_EVERY", every)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0"))
+
+
+def emulated_summary(run, name: str, min_cases: int) -> str:
+    """Asserts that an emulator run passed: exit 0, its last line "``name``: N cases, 0 failed"
+    (layernorm_lines / norm_tail), N >= ``min_cases`` (the stride still ran a real sample).
+    Returns its stdout."""
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert summary.startswith(f"{name}:") and " 0 failed" in summary, summary
+    assert int(summary.split()[1]) >= min_cases, summary
+    return run.stdout

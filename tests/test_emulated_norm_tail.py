@@ -15,15 +15,11 @@ case grid keeps CI short (the two l2_60-sized cases and about 40 others);
 """
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
+from conftest import emulated_summary, needs_emulator, run_emulated
 
 ROOT = Path(__file__).resolve().parent.parent
-CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 LAUNCH = "template <typename T>\ncudaError_t launch_typed"
 
 
@@ -36,25 +32,9 @@ def cut_kernels(workdir: Path, source: Path = ROOT / "csrc" / "kernels_norm_tail
         "#pragma once\n" + head + "}  // namespace\n}  // namespace ct3d\n")
 
 
-def build(workdir: Path) -> Path:
-    exe = workdir / "norm_tail_harness"
-    subprocess.run(["g++", "-std=c++20", "-O1", "-g", "-fsanitize=address", "-w",
-                    f"-I{CUDA_INCLUDE}", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'scripts/emulate'}",
-                    f"-I{workdir}", str(ROOT / "scripts/emulate/norm_tail_harness.cpp"), "-o",
-                    str(exe), "-lpthread"], check=True)
-    return exe
-
-
-@pytest.mark.skipif(shutil.which("g++") is None or not (CUDA_INCLUDE / "cuda_bf16.h").exists(),
-                    reason="needs g++ and CUDA's include folder")
+@needs_emulator
 def test_norm_tail_kernels_against_float64(tmp_path):
     cut_kernels(tmp_path)
-    exe = build(tmp_path)
-    every = os.environ.get("CT3D_EMULATE_EVERY", "53")
-    run = subprocess.run([str(exe), every], capture_output=True, text=True, timeout=3000,
-                         env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0"))
-    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert summary.startswith("norm_tail:") and " 0 failed" in summary, summary
-    assert int(summary.split()[1]) >= 40, summary  # the stride still ran a real sample
-    assert "S 123039" in run.stdout, run.stdout[-2000:]  # l2_60's rows ran
+    run = run_emulated(tmp_path, "norm_tail_harness.cpp", "53", timeout=3000, include=[tmp_path])
+    out = emulated_summary(run, "norm_tail", 40)  # >= 40: the stride still ran a real sample
+    assert "S 123039" in out, out[-2000:]  # l2_60's rows ran
