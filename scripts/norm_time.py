@@ -59,15 +59,18 @@ def main() -> None:
                 r_ms = time_ms(lambda: nt.reference(x, groups, w, b, 1e-5, act, 0.01), dev,
                                rep_ms=args.rep_ms)
             nbytes = 3 * x.numel() * x.element_size()
+            # the binding's rule (csrc/binding.cpp norm_tail): 16-byte vectors where a row's
+            # elements are a multiple of 8 (fresh tensors are 16-byte aligned), else strided
+            form = "16-byte" if (shape[2] * shape[3] * shape[4]) % 8 == 0 else "strided"
             row = {"case": name, "shape": list(shape), "groups": groups, "act": act,
-                   "dtype": str(dtype).replace("torch.", ""), "kernel_ran": ran,
+                   "dtype": str(dtype).replace("torch.", ""), "form": form, "kernel_ran": ran,
                    "kernel_ms": round(k_ms, 4), "reference_ms": round(r_ms, 4),
                    "speedup": round(r_ms / k_ms, 3),
                    "kernel_TBps": round(nbytes / k_ms / 1e9, 3), "max_abs_diff": diff}
             rows.append(row)
             print(f"{name:45s} {row['dtype']:9s} kernel {k_ms:.4f} ms "
                   f"({row['kernel_TBps']:.2f} TB/s, 2 reads + 1 write)  PyTorch {r_ms:.4f} ms  "
-                  f"x{row['speedup']:.2f}  max|diff| {diff:.2e}  ran={ran}")
+                  f"x{row['speedup']:.2f}  max|diff| {diff:.2e}  ran={ran} ({form})")
             del x, got, want
     if args.json:
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
