@@ -248,22 +248,68 @@ __global__ void __launch_bounds__(kFinalizeWarps * 32)
   }
 }
 
-__device__ __forceinline__ float norm_act(float x, int act, int flag, float alpha) {
-  switch (act) {
-    case OP_RELU: return op_relu(x);
-    case OP_LEAKY_RELU: return op_leaky_relu(x, alpha);
-    case OP_GELU: return flag ? op_gelu_tanh(x) : op_gelu_erf(x);
-    case OP_SILU: return op_silu(x);
-    case OP_SIGMOID: return op_sigmoid(x);
-    case OP_TANH: return tanhf(x);
-    case OP_HARDSWISH: return op_hardswish(x);
-    default: return x;
+// The activation after the norm, a template argument of the apply kernel. With the opcode read
+// at run time (v28), every one of a thread's 32 (float32) or 64 (16-bit) unrolled elements
+// carried the switch over all seven activations: the bfloat16 apply kernel was 200 KB of SASS
+// (16.5 KB without an activation), larger than the instruction caches, which is the suspect for
+// v28's bf16 Hardswish and LeakyReLU losing when the elements per thread doubled. Each instance
+// now holds its own activation's code only.
+enum NormAct : int {
+  kNaNone = 0,
+  kNaRelu,
+  kNaLeakyRelu,
+  kNaGeluErf,
+  kNaGeluTanh,
+  kNaSilu,
+  kNaSigmoid,
+  kNaTanh,
+  kNaHardswish
+};
+
+// NormTailParams.act / act_flag -> NormAct; -1 for an opcode the tail does not take.
+__host__ __device__ constexpr int norm_act_code(int act, int flag) {
+  return act == 0               ? kNaNone
+         : act == OP_RELU       ? kNaRelu
+         : act == OP_LEAKY_RELU ? kNaLeakyRelu
+         : act == OP_GELU       ? (flag ? kNaGeluTanh : kNaGeluErf)
+         : act == OP_SILU       ? kNaSilu
+         : act == OP_SIGMOID    ? kNaSigmoid
+         : act == OP_TANH       ? kNaTanh
+         : act == OP_HARDSWISH  ? kNaHardswish
+                                : -1;
+}
+
+template <int A>
+__device__ __forceinline__ float norm_act(float x, float alpha) {
+  if constexpr (A == kNaRelu) {
+    return op_relu(x);
+  } else if constexpr (A == kNaLeakyRelu) {
+    return op_leaky_relu(x, alpha);
+  } else if constexpr (A == kNaGeluErf) {
+    return op_gelu_erf(x);
+  } else if constexpr (A == kNaGeluTanh) {
+    return op_gelu_tanh(x);
+  } else if constexpr (A == kNaSilu) {
+    return op_silu(x);
+  } else if constexpr (A == kNaSigmoid) {
+    return op_sigmoid(x);
+  } else if constexpr (A == kNaTanh) {
+    return tanhf(x);
+  } else if constexpr (A == kNaHardswish) {
+    return op_hardswish(x);
+  } else {
+    return x;
   }
 }
 
-// ACT false: no activation (the store rounds a * x + b once, as the round trip would).
-template <typename T, bool VEC, bool ACT>
-__global__ void __launch_bounds__(kNormThreads)
+// A: a NormAct; kNaNone stores a * x + b rounded once, as the round trip would.
+// At most 168 registers (launched with kNormThreads threads): with the activation known at
+// compile time and only __launch_bounds__(kNormThreads), ptxas took all 255 registers for the
+// 16-bit Hardswish (its 64 elements' divisions interleaved) and still spilled; under this cap
+// every instance uses at most 90 registers, no spills (nvcc 13.0, sm_90a). The two qualifiers
+// cannot be combined.
+template <typename T, bool VEC, int A>
+__global__ void __maxnreg__(168)
     norm_apply_kernel(const NormTailParams p) {
   constexpr int kVpt = norm_vpt<T>();
   const int64_t row = blockIdx.x / p.chunks;
@@ -291,8 +337,8 @@ __global__ void __launch_bounds__(kNormThreads)
 #pragma unroll
     for (int k = 0; k < kLiteE; ++k) {
       const float y = fmaf(v[k], a, b);
-      if constexpr (ACT) {
-        v[k] = norm_act(elem_to_float<T>(elem_from_float<T>(y)), p.act, p.act_flag, p.alpha);
+      if constexpr (A != kNaNone) {
+        v[k] = norm_act<A>(elem_to_float<T>(elem_from_float<T>(y)), p.alpha);
       } else {
         v[k] = y;
       }
@@ -308,6 +354,23 @@ __global__ void __launch_bounds__(kNormThreads)
   }
 }
 
+// The apply kernel of an activation (a NormAct; kNaNone for any other value).
+using NormKernel = void (*)(NormTailParams);
+template <typename T, bool VEC>
+NormKernel norm_apply_for(int code) {
+  switch (code) {
+    case kNaRelu: return norm_apply_kernel<T, VEC, kNaRelu>;
+    case kNaLeakyRelu: return norm_apply_kernel<T, VEC, kNaLeakyRelu>;
+    case kNaGeluErf: return norm_apply_kernel<T, VEC, kNaGeluErf>;
+    case kNaGeluTanh: return norm_apply_kernel<T, VEC, kNaGeluTanh>;
+    case kNaSilu: return norm_apply_kernel<T, VEC, kNaSilu>;
+    case kNaSigmoid: return norm_apply_kernel<T, VEC, kNaSigmoid>;
+    case kNaTanh: return norm_apply_kernel<T, VEC, kNaTanh>;
+    case kNaHardswish: return norm_apply_kernel<T, VEC, kNaHardswish>;
+    default: return norm_apply_kernel<T, VEC, kNaNone>;
+  }
+}
+
 template <typename T>
 cudaError_t launch_typed(const NormTailParams& p, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(p.rows * p.chunks);
@@ -319,15 +382,9 @@ cudaError_t launch_typed(const NormTailParams& p, cudaStream_t stream) {
     norm_stats_kernel<T, false><<<grid, kNormThreads, 0, stream>>>(p);
   }
   norm_finalize_kernel<<<fgrid, kFinalizeWarps * 32, 0, stream>>>(p, n_groups);
-  auto apply = [&](auto act_tag) {
-    constexpr bool kAct = decltype(act_tag)::value;
-    if (p.vec) {
-      norm_apply_kernel<T, true, kAct><<<grid, kNormThreads, 0, stream>>>(p);
-    } else {
-      norm_apply_kernel<T, false, kAct><<<grid, kNormThreads, 0, stream>>>(p);
-    }
-  };
-  p.act != 0 ? apply(std::true_type{}) : apply(std::false_type{});
+  const int code = norm_act_code(p.act, p.act_flag);
+  const NormKernel apply = p.vec ? norm_apply_for<T, true>(code) : norm_apply_for<T, false>(code);
+  apply<<<grid, kNormThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -339,10 +396,7 @@ cudaError_t launch_norm_tail(const NormTailParams& p, cudaStream_t stream) {
       p.rows * p.chunks >= (int64_t{1} << 31)) {
     return cudaErrorInvalidValue;
   }
-  if (p.act != 0 && p.act != OP_RELU && p.act != OP_LEAKY_RELU && p.act != OP_GELU &&
-      p.act != OP_SILU && p.act != OP_SIGMOID && p.act != OP_TANH && p.act != OP_HARDSWISH) {
-    return cudaErrorInvalidValue;
-  }
+  if (norm_act_code(p.act, p.act_flag) < 0) return cudaErrorInvalidValue;
   switch (p.dtype) {
     case kF32: return launch_typed<float>(p, stream);
     case kF16: return launch_typed<__half>(p, stream);

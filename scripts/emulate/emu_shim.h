@@ -23,6 +23,7 @@
 #undef __forceinline__
 #undef __launch_bounds__
 #undef __grid_constant__
+#undef __maxnreg__
 #undef __shared__
 #undef __align__
 #define __global__
@@ -31,6 +32,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __grid_constant__
+#define __maxnreg__(...)
 #define __shared__ static
 #define __align__(n) alignas(n)
 

@@ -91,19 +91,10 @@ void launch(const NormTailParams& p) {
   }
   run_grid<kFinalizeWarps * 32>((n_groups + kFinalizeWarps - 1) / kFinalizeWarps, 1,
                                 [&] { norm_finalize_kernel(p, n_groups); });
-  if (p.vec) {
-    if (p.act) {
-      run_grid<kNormThreads>(grid, 1, [&] { norm_apply_kernel<T, true, true>(p); });
-    } else {
-      run_grid<kNormThreads>(grid, 1, [&] { norm_apply_kernel<T, true, false>(p); });
-    }
-  } else {
-    if (p.act) {
-      run_grid<kNormThreads>(grid, 1, [&] { norm_apply_kernel<T, false, true>(p); });
-    } else {
-      run_grid<kNormThreads>(grid, 1, [&] { norm_apply_kernel<T, false, false>(p); });
-    }
-  }
+  // the apply kernel of the activation, picked as launch_typed picks it
+  const int code = norm_act_code(p.act, p.act_flag);
+  const NormKernel apply = p.vec ? norm_apply_for<T, true>(code) : norm_apply_for<T, false>(code);
+  run_grid<kNormThreads>(grid, 1, [&] { apply(p); });
 }
 
 // Runs one case; returns the worst error over the bound (<= 1 passes), or 1e30 for an element
