@@ -306,7 +306,8 @@ __device__ __forceinline__ float norm_act(float x, float alpha) {
 // At most 168 registers (launched with kNormThreads threads): with the activation known at
 // compile time and only __launch_bounds__(kNormThreads), ptxas took all 255 registers for the
 // 16-bit Hardswish (its 64 elements' divisions interleaved) and still spilled; under this cap
-// every instance uses at most 90 registers, no spills (nvcc 13.0, sm_90a). The two qualifiers
+// no instance spills and all use at most 94 registers except the 16-bit GELUs of the strided
+// form, 152-157 (nvcc 13.0, sm_80 / sm_90a; a cap of 128 made those spill). The two qualifiers
 // cannot be combined.
 template <typename T, bool VEC, int A>
 __global__ void __maxnreg__(168)
