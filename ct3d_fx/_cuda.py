@@ -948,8 +948,9 @@ CUDNN_PASS = os.environ.get("CT3D_FX_CUDNN_PASS", "0") == "1"
 # at 38x its roofline floor both in cuDNN's transposed-conv kernel and in ours, with 8 output
 # channels per group; the conv3d form (one F.conv3d with groups=4) gives cuDNN 8x as many, 64
 # per group, for E_D * E_H * E_W * 8 / (3 * 5 * 7) = 2 * 3 * 4 * 8 / 105 = 1.8x the
-# multiply-adds. Not yet measured on a GPU: the autotune times it against the other candidates
-# and keeps it only where it is faster. Off with CT3D_FX_SUBPIXEL=0 or
+# multiply-adds. Measured in v28 (H200): the autotune kept it for bf16 l1_72 (0.508 ms against
+# the fused kernel's 0.608), not in TF32 or exact FP32; it is timed against the other
+# candidates and kept only where it is faster. Off with CT3D_FX_SUBPIXEL=0 or
 # ``_cuda.SUBPIXEL = False``.
 SUBPIXEL = os.environ.get("CT3D_FX_SUBPIXEL", "1") != "0"
 _SUBPIXEL_MAX_COUT = 4
